@@ -1,0 +1,281 @@
+//! The control port: one task per worker connection, feeding the [`Membership`] state machine and
+//! carrying out its actions.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use sundial_protocol::{body_len, decode, encode, parse_handshake, CoordMsg, FrameError, Reply, Request, WorkerMsg};
+
+use crate::membership::{Action, ConnId, Membership, Persisted};
+use crate::store;
+
+/// How long a new connection has to send its registration.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a write to a worker may take before the connection is given up.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+enum Out {
+    Msg(CoordMsg),
+    Close,
+}
+
+struct Inner {
+    membership: Membership,
+    conns: HashMap<ConnId, mpsc::UnboundedSender<Out>>,
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    next_conn: ConnId,
+    next_request: u64,
+}
+
+/// State shared by the control port, the ticker and the HTTP API.
+pub struct Shared {
+    inner: Mutex<Inner>,
+    membership_file: PathBuf,
+}
+
+/// Why a request to the computation could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The cluster is not running.
+    #[error("{0}")]
+    NotReady(String),
+    /// No reply came in time.
+    #[error("no reply from the computation within {0:?}")]
+    Timeout(Duration),
+    /// The generation ended before the reply.
+    #[error("the generation ended before the computation replied")]
+    Abandoned,
+}
+
+impl Shared {
+    /// Shared state around a membership; `membership_file` is where assignments are persisted.
+    pub fn new(membership: Membership, membership_file: PathBuf) -> Arc<Self> {
+        Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                membership,
+                conns: HashMap::new(),
+                pending: HashMap::new(),
+                next_conn: 1,
+                next_request: 1,
+            }),
+            membership_file,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; the data stays usable either way.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the membership, carries out the actions it returns, and persists changes.
+    fn with_membership<R>(&self, f: impl FnOnce(&mut Membership) -> (R, Vec<Action>)) -> R {
+        let mut inner = self.lock();
+        let (result, actions) = f(&mut inner.membership);
+        apply(&mut inner, actions);
+        if let Some(p) = inner.membership.take_dirty() {
+            self.persist(&p);
+        }
+        result
+    }
+
+    fn persist(&self, p: &Persisted) {
+        if let Err(e) = store::write_json_atomic(&self.membership_file, &crate::MembershipFile::new(p.clone())) {
+            tracing::error!(file = %self.membership_file.display(), "cannot persist the membership: {e}");
+        }
+    }
+
+    /// The cluster status.
+    pub fn status(&self) -> crate::membership::ClusterStatus {
+        self.lock().membership.status(Instant::now())
+    }
+
+    /// Sends `request` to process 0 of the running generation and waits for its reply.
+    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Reply, RequestError> {
+        let (id, rx) = {
+            let mut inner = self.lock();
+            let (generation, conn) = inner.membership.ready().map_err(RequestError::NotReady)?;
+            let id = inner.next_request;
+            inner.next_request += 1;
+            let (tx, rx) = oneshot::channel();
+            inner.pending.insert(id, tx);
+            let sent = inner
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.send(Out::Msg(CoordMsg::Request { id, generation, request })).is_ok());
+            if !sent {
+                inner.pending.remove(&id);
+                return Err(RequestError::NotReady("process 0 is not connected".into()));
+            }
+            (id, rx)
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RequestError::Abandoned),
+            Err(_) => {
+                self.lock().pending.remove(&id);
+                Err(RequestError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Advances the membership's clock; called every few tens of milliseconds.
+    pub fn tick(&self) {
+        self.with_membership(|m| ((), m.tick(Instant::now())));
+    }
+}
+
+fn apply(inner: &mut Inner, actions: Vec<Action>) {
+    for action in actions {
+        match action {
+            Action::Send(conn, msg) => {
+                if let Some(tx) = inner.conns.get(&conn) {
+                    let _ = tx.send(Out::Msg(msg));
+                }
+            }
+            Action::Close(conn) => {
+                if let Some(tx) = inner.conns.remove(&conn) {
+                    let _ = tx.send(Out::Close);
+                }
+            }
+        }
+    }
+}
+
+/// Accepts worker connections forever.
+pub async fn serve_control(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move { handle_conn(shared, stream, peer).await });
+            }
+            Err(e) => {
+                tracing::warn!("accepting a control connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn read_frame(rd: &mut OwnedReadHalf) -> Result<Vec<u8>, FrameError> {
+    let mut prefix = [0u8; 4];
+    match rd.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = body_len(prefix)?;
+    let mut body = vec![0u8; len];
+    rd.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn write_frame(wr: &mut OwnedWriteHalf, msg: &CoordMsg) -> Result<(), FrameError> {
+    let frame = encode(msg)?;
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())),
+    }
+}
+
+async fn refuse(wr: &mut OwnedWriteHalf, peer: SocketAddr, reason: String) {
+    tracing::warn!(%peer, "refused a control connection: {reason}");
+    let _ = write_frame(wr, &CoordMsg::Refused { reason }).await;
+    let _ = wr.shutdown().await;
+}
+
+async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let body = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd)).await {
+        Err(_) => return refuse(&mut wr, peer, format!("no registration within {HANDSHAKE_TIMEOUT:?}")).await,
+        Ok(Err(FrameError::Closed)) => return,
+        Ok(Err(e)) => return refuse(&mut wr, peer, format!("bad handshake: {e}")).await,
+        Ok(Ok(body)) => body,
+    };
+    let register = match parse_handshake(&body) {
+        Ok(r) => r,
+        Err(reason) => return refuse(&mut wr, peer, reason).await,
+    };
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    let registered = {
+        let mut inner = shared.lock();
+        let conn = inner.next_conn;
+        inner.next_conn += 1;
+        let (result, actions) = inner.membership.register(conn, &register, Instant::now());
+        match result {
+            Ok(index) => {
+                let timing = inner.membership.timing();
+                let _ = tx.send(Out::Msg(CoordMsg::Welcome {
+                    index,
+                    heartbeat_interval_ms: timing.heartbeat_interval.as_millis() as u64,
+                    heartbeat_timeout_ms: timing.heartbeat_timeout.as_millis() as u64,
+                }));
+                inner.conns.insert(conn, tx);
+                apply(&mut inner, actions);
+                if let Some(p) = inner.membership.take_dirty() {
+                    shared.persist(&p);
+                }
+                Ok((conn, index))
+            }
+            Err(reason) => Err(reason),
+        }
+    };
+    let (conn, index) = match registered {
+        Ok(r) => r,
+        Err(reason) => return refuse(&mut wr, peer, reason).await,
+    };
+
+    // Frames from the worker arrive through a channel, so that a half-read frame is never lost
+    // to a cancelled read.
+    let (in_tx, mut in_rx) = mpsc::channel::<Result<Vec<u8>, FrameError>>(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let frame = read_frame(&mut rd).await;
+            let end = frame.is_err();
+            if in_tx.send(frame).await.is_err() || end {
+                return;
+            }
+        }
+    });
+
+    let reason = loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(Out::Msg(msg)) => {
+                    if let Err(e) = write_frame(&mut wr, &msg).await {
+                        break format!("writing to the worker: {e}");
+                    }
+                }
+                Some(Out::Close) | None => break "closed by the coordinator".to_string(),
+            },
+            frame = in_rx.recv() => match frame {
+                Some(Ok(body)) => match decode::<WorkerMsg>(&body) {
+                    Ok(WorkerMsg::Reply { id, reply }) => {
+                        if let Some(waiter) = shared.lock().pending.remove(&id) {
+                            let _ = waiter.send(reply);
+                        }
+                    }
+                    Ok(msg) => shared.with_membership(|m| ((), m.on_message(conn, &msg, Instant::now()))),
+                    Err(e) => break format!("malformed message: {e}"),
+                },
+                Some(Err(FrameError::Closed)) | None => break "connection closed".to_string(),
+                Some(Err(e)) => break e.to_string(),
+            },
+        }
+    };
+    reader.abort();
+    let _ = wr.shutdown().await;
+    tracing::info!(%peer, index, "control connection ended: {reason}");
+    shared.with_membership(|m| ((), m.disconnected(conn, &reason, Instant::now())));
+    shared.lock().conns.remove(&conn);
+}

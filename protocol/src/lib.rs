@@ -1,0 +1,503 @@
+//! The wire contract between the sundial coordinator and its worker processes.
+//!
+//! This crate has no timely and no async runtime in it, so that the coordinator, the worker and
+//! the client all agree on one definition of every message.
+//!
+//! # Transport
+//!
+//! The control connection is one TCP stream per worker process, opened by the worker. Every
+//! message is a *frame*: a 4-byte big-endian length followed by that many bytes of JSON (one
+//! [`WorkerMsg`] or [`CoordMsg`]). Frames larger than [`MAX_FRAME_BYTES`] are a protocol error
+//! and end the connection. JSON keeps the control plane debuggable; it carries a few messages a
+//! second, never events.
+//!
+//! # Stages
+//!
+//! 1. **Handshake.** The worker's first frame must be [`WorkerMsg::Register`], carrying
+//!    [`MAGIC`] and [`PROTOCOL_VERSION`]. The coordinator answers [`CoordMsg::Welcome`] with the
+//!    worker's process index, or [`CoordMsg::Refused`] with a reason and closes the connection.
+//!    Refusals: another protocol version, a worker id that is already connected, a thread count
+//!    that differs from the cluster's, or a cluster that already has all its workers.
+//! 2. **Membership.** The worker sends [`WorkerMsg::Heartbeat`] every `heartbeat_interval_ms`;
+//!    the coordinator sends [`CoordMsg::Ping`] at the same rate. Either side treats silence for
+//!    the heartbeat timeout, or a closed stream, as the loss of the other.
+//! 3. **Formation.** When every expected worker is connected, the coordinator sends every worker
+//!    a [`CoordMsg::Form`] for a new generation, with the full address list. Each worker starts
+//!    (or restarts) its timely computation for that generation and replies
+//!    [`WorkerMsg::Started`] once the mesh between processes is connected, or
+//!    [`WorkerMsg::Failed`]. A worker that had a computation of an older generation ends it
+//!    first. A generation ends with the loss of any of its processes: the coordinator sends
+//!    [`CoordMsg::Stop`] to the others, and forms generation + 1 when all workers are back.
+//! 4. **Computation.** Requests ([`CoordMsg::Request`]) go to the process that serves them (the
+//!    diagnostic exchange check goes to process 0, whose worker 0 injects it into the dataflow);
+//!    each request is answered by exactly one [`WorkerMsg::Reply`] with the same id, unless the
+//!    generation ends first.
+//!
+//! A coordinator that restarts learns the running generation back from the `running` field of
+//! each worker's `Register`, so the computation survives the coordinator's absence.
+
+use std::io::{self, Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// The version of this protocol; both sides must speak the same one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The magic string at the start of every handshake, so that a stray client is told apart from
+/// a worker of another version.
+pub const MAGIC: &str = "sundial";
+
+/// The largest frame either side accepts.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// What a worker process tells the coordinator when it connects.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Register {
+    /// Always [`MAGIC`].
+    pub magic: String,
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// The stable identity kept in the worker's data dir.
+    pub worker_id: String,
+    /// The host name the worker runs on (for display).
+    pub host: String,
+    /// The address other processes reach this worker's timely computation at (`host:port`).
+    pub data_addr: String,
+    /// Timely worker threads in this process.
+    pub threads: usize,
+    /// The supervisor's process id (for display and for tests that look at the process table).
+    pub pid: u32,
+    /// The computation this worker still runs from before it (re)connected, if any.
+    pub running: Option<Running>,
+}
+
+/// A generation a worker is currently running.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Running {
+    /// The generation's number.
+    pub generation: u64,
+    /// This worker's process index in it.
+    pub index: usize,
+    /// Whether the mesh is connected and the computation started.
+    pub started: bool,
+}
+
+/// The order to start one generation's timely computation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Formation {
+    /// The generation this computation belongs to.
+    pub generation: u64,
+    /// The receiving process's index, `0..addresses.len()`.
+    pub index: usize,
+    /// Timely data address of every process, by index.
+    pub addresses: Vec<String>,
+    /// Worker threads per process (the same in every process).
+    pub threads: usize,
+    /// A random value shared by the processes of this generation; the mesh handshake checks it
+    /// so that a process of another cluster or generation cannot join.
+    pub token: u64,
+}
+
+/// The state of a worker's computation, as reported in heartbeats.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputationState {
+    /// No computation runs.
+    Idle,
+    /// The computation is connecting to its peers.
+    Starting,
+    /// The computation runs.
+    Running,
+}
+
+/// Messages from a worker process to the coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMsg {
+    /// The handshake; must be the first frame.
+    Register(Register),
+    /// Liveness, with what the worker is doing.
+    Heartbeat {
+        /// The generation of the worker's computation (0 when none ever ran).
+        generation: u64,
+        /// What the computation is doing.
+        state: ComputationState,
+        /// The computation child's process id, if one runs.
+        computation_pid: Option<u32>,
+    },
+    /// The computation of `generation` has connected to all peers and runs.
+    Started {
+        /// The generation that started.
+        generation: u64,
+        /// The computation child's process id.
+        computation_pid: u32,
+    },
+    /// The computation of `generation` could not start or has died.
+    Failed {
+        /// The generation that failed.
+        generation: u64,
+        /// What happened, for the log and the cluster status.
+        reason: String,
+    },
+    /// The answer to [`CoordMsg::Request`] `id`.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The answer.
+        reply: Reply,
+    },
+}
+
+/// Messages from the coordinator to a worker process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CoordMsg {
+    /// The handshake succeeded.
+    Welcome {
+        /// The index this worker holds in the cluster.
+        index: usize,
+        /// How often the worker should send heartbeats.
+        heartbeat_interval_ms: u64,
+        /// After how much silence either side gives the other up.
+        heartbeat_timeout_ms: u64,
+    },
+    /// The handshake failed; the connection is closed after this frame.
+    Refused {
+        /// Why, in words for the operator.
+        reason: String,
+    },
+    /// Liveness of the coordinator.
+    Ping,
+    /// Start the computation of a new generation (ending any older one first).
+    Form(Formation),
+    /// End the computation of `generation`.
+    Stop {
+        /// The generation to end.
+        generation: u64,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// A request for the running computation.
+    Request {
+        /// Identifies the reply.
+        id: u64,
+        /// The generation the request is meant for; a worker running another one fails it.
+        generation: u64,
+        /// What to do.
+        request: Request,
+    },
+}
+
+/// Requests the coordinator makes of a running computation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Run the diagnostic exchange: every worker thread sends `records_per_pair` records to every
+    /// worker thread, and worker 0 counts what each received from each.
+    Check {
+        /// Records each worker sends to each worker.
+        records_per_pair: u32,
+    },
+}
+
+/// Replies of a computation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// The result of [`Request::Check`].
+    Check(CheckReport),
+    /// The request could not be served.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// What the diagnostic exchange measured.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The generation that ran it.
+    pub generation: u64,
+    /// Worker processes in the cluster.
+    pub processes: usize,
+    /// Timely worker threads per process.
+    pub threads: usize,
+    /// Records each worker sent to each worker.
+    pub records_per_pair: u32,
+    /// `received[to][from]`: records that worker thread `to` received from worker thread `from`
+    /// (global timely worker indices; worker `w` runs in process `w / threads`).
+    pub received: Vec<Vec<u64>>,
+}
+
+impl CheckReport {
+    /// True when every worker thread received exactly the expected records from every other.
+    pub fn all_to_all(&self) -> bool {
+        let peers = self.processes * self.threads;
+        self.received.len() == peers
+            && self.received.iter().all(|row| {
+                row.len() == peers && row.iter().all(|&n| n == u64::from(self.records_per_pair))
+            })
+    }
+}
+
+/// Commands sequenced through the control dataflow, applied by every timely worker in the same
+/// order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Command {
+    /// Run the diagnostic exchange for request `id`.
+    Check {
+        /// The coordinator's request id.
+        id: u64,
+        /// Records each worker sends to each worker.
+        records_per_pair: u32,
+    },
+}
+
+/// Errors of the framing layer.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended cleanly before a frame began.
+    #[error("connection closed")]
+    Closed,
+    /// Reading or writing failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The length prefix is over the limit (often: the peer does not speak this protocol).
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME_BYTES} bytes (is the peer a sundial process?)")]
+    TooLarge(usize),
+    /// The frame is not a message of this protocol.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a message as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge(body.len()))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Checks a frame's length prefix and returns the body length.
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Writes one message as a frame to a blocking writer, and flushes it.
+pub fn write_msg<W: Write, T: Serialize>(writer: &mut W, msg: &T) -> Result<(), FrameError> {
+    let frame = encode(msg)?;
+    writer.write_all(&frame)?;
+    writer.flush()?;
+    Ok(())
+}
+
+/// Reads one message from a blocking reader. A stream that ends before the first byte of a frame
+/// is [`FrameError::Closed`]; one that ends inside a frame is an i/o error.
+pub fn read_msg<R: Read, T: DeserializeOwned>(reader: &mut R) -> Result<T, FrameError> {
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match reader.read(&mut prefix[got..]) {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = body_len(prefix)?;
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    decode(&body)
+}
+
+/// The part of a handshake that every version shares: used to explain why a `Register` that does
+/// not parse was refused.
+#[derive(Debug, Deserialize)]
+struct HandshakeProbe {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    magic: Option<String>,
+    protocol_version: Option<u32>,
+}
+
+/// Validates the first frame of a connection. Returns the registration, or the reason to refuse
+/// it in words for the peer and the log.
+pub fn parse_handshake(body: &[u8]) -> Result<Register, String> {
+    let probe: HandshakeProbe = serde_json::from_slice(body)
+        .map_err(|e| format!("handshake is not a sundial message ({e})"))?;
+    if probe.kind.as_deref() != Some("register") {
+        return Err(format!(
+            "the first message must be a registration, got {:?}",
+            probe.kind.unwrap_or_default()
+        ));
+    }
+    if probe.magic.as_deref() != Some(MAGIC) {
+        return Err("handshake has no sundial magic".to_string());
+    }
+    match probe.protocol_version {
+        Some(PROTOCOL_VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "protocol version {v} is not supported; this coordinator speaks version {PROTOCOL_VERSION}"
+            ))
+        }
+        None => return Err("handshake has no protocol version".to_string()),
+    }
+    match decode::<WorkerMsg>(body) {
+        Ok(WorkerMsg::Register(reg)) => validate_register(reg),
+        Ok(_) => Err("the first message must be a registration".to_string()),
+        Err(e) => Err(format!("registration does not parse: {e}")),
+    }
+}
+
+fn validate_register(reg: Register) -> Result<Register, String> {
+    if reg.worker_id.is_empty() || reg.worker_id.len() > 128 {
+        return Err("worker id must be 1 to 128 characters".to_string());
+    }
+    if reg.threads == 0 || reg.threads > 1024 {
+        return Err(format!("thread count {} is out of range 1..=1024", reg.threads));
+    }
+    if reg.data_addr.is_empty() || reg.data_addr.len() > 256 {
+        return Err("data address must be 1 to 256 characters".to_string());
+    }
+    Ok(reg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register() -> Register {
+        Register {
+            magic: MAGIC.into(),
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: "w-1".into(),
+            host: "h".into(),
+            data_addr: "127.0.0.1:1".into(),
+            threads: 2,
+            pid: 7,
+            running: None,
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() -> Result<(), FrameError> {
+        let msg = WorkerMsg::Register(register());
+        let frame = encode(&msg)?;
+        let back: WorkerMsg = read_msg(&mut &frame[..])?;
+        assert_eq!(back, msg);
+        Ok(())
+    }
+
+    #[test]
+    fn empty_stream_is_closed_and_torn_frame_is_an_error() {
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[][..]), Err(FrameError::Closed)));
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[0, 0][..]), Err(FrameError::Io(_))));
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[0, 0, 0, 9, b'{'][..]), Err(FrameError::Io(_))));
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused() {
+        let bytes = [0xff, 0xff, 0xff, 0xff, 0];
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &bytes[..]), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn handshake_names_what_is_wrong() -> Result<(), FrameError> {
+        let ok = encode(&WorkerMsg::Register(register()))?;
+        assert!(parse_handshake(&ok[4..]).is_ok());
+
+        let mut other = register();
+        other.protocol_version = 99;
+        let frame = encode(&WorkerMsg::Register(other))?;
+        let err = parse_handshake(&frame[4..]).err().unwrap_or_default();
+        assert!(err.contains("protocol version 99"), "{err}");
+
+        let err = parse_handshake(b"GET / HTTP/1.1").err().unwrap_or_default();
+        assert!(err.contains("not a sundial message"), "{err}");
+
+        let hb = encode(&WorkerMsg::Heartbeat { generation: 0, state: ComputationState::Idle, computation_pid: None })?;
+        let err = parse_handshake(&hb[4..]).err().unwrap_or_default();
+        assert!(err.contains("must be a registration"), "{err}");
+
+        let mut zero = register();
+        zero.threads = 0;
+        let frame = encode(&WorkerMsg::Register(zero))?;
+        let err = parse_handshake(&frame[4..]).err().unwrap_or_default();
+        assert!(err.contains("thread count 0"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn check_report_all_to_all() {
+        let mut report = CheckReport {
+            generation: 1,
+            processes: 2,
+            threads: 1,
+            records_per_pair: 3,
+            received: vec![vec![3, 3], vec![3, 3]],
+        };
+        assert!(report.all_to_all());
+        report.received[1][0] = 0;
+        assert!(!report.all_to_all());
+    }
+}
+
+/// The pipe protocol between a worker supervisor and the computation child it spawns for one
+/// generation: frames as above, on the child's stdin (supervisor to child) and stdout (child to
+/// supervisor). The child exits as soon as its stdin closes, so it never outlives its supervisor.
+pub mod child {
+    use serde::{Deserialize, Serialize};
+
+    use crate::{Formation, Reply, Request};
+
+    /// Supervisor to computation.
+    #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum ToChild {
+        /// The first message: the generation to run.
+        Form(Formation),
+        /// A request to serve; answered with [`FromChild::Reply`].
+        Request {
+            /// Identifies the reply.
+            id: u64,
+            /// What to do.
+            request: Request,
+        },
+    }
+
+    /// Computation to supervisor.
+    #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum FromChild {
+        /// The mesh is connected and the timely workers run.
+        Started,
+        /// The computation could not start; it exits after this.
+        Failed {
+            /// Why.
+            reason: String,
+        },
+        /// The answer to a request.
+        Reply {
+            /// The request's id.
+            id: u64,
+            /// The answer.
+            reply: Reply,
+        },
+    }
+}

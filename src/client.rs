@@ -1,0 +1,158 @@
+//! Client commands: talk to the coordinator's HTTP API and print for people (or `--json`).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::Value;
+
+/// `sundial status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print the coordinator's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also run the diagnostic exchange, which proves that every worker thread of every process
+    /// exchanges data with every other; exits non-zero if it does not.
+    #[arg(long)]
+    check: bool,
+}
+
+/// A response of the API: status code and parsed JSON body.
+pub struct ApiResponse {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// GETs `path` from the coordinator at `server`.
+pub fn get(server: &str, path: &str, timeout: Duration) -> anyhow::Result<ApiResponse> {
+    let base = server.trim_end_matches('/');
+    let url = format!("{base}{path}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .get(&url)
+        .call()
+        .with_context(|| format!("cannot reach the coordinator at {base} (is `sundial local` running? --server or SUNDIAL_SERVER selects another)"))?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().with_context(|| format!("reading the answer of {url}"))?;
+    let body = serde_json::from_str(&text).with_context(|| format!("{url} answered {status} with something that is not JSON"))?;
+    Ok(ApiResponse { status, body })
+}
+
+fn expect_ok(response: ApiResponse, what: &str) -> anyhow::Result<Value> {
+    if (200..300).contains(&response.status) {
+        return Ok(response.body);
+    }
+    let message = response.body.get("error").and_then(Value::as_str).unwrap_or("no error message");
+    bail!("{what}: the coordinator answered {}: {message}", response.status)
+}
+
+/// Prints the cluster's health; with `--check`, also runs the diagnostic exchange.
+pub fn status(server: &str, args: &StatusArgs) -> anyhow::Result<()> {
+    let cluster = expect_ok(get(server, "/v1/cluster", Duration::from_secs(10))?, "cluster status")?;
+    let check = if args.check {
+        Some(expect_ok(get(server, "/v1/cluster/check", Duration::from_secs(30))?, "exchange check")?)
+    } else {
+        None
+    };
+    let check_ok = check.as_ref().map(|c| c.get("ok").and_then(Value::as_bool) == Some(true));
+    if args.json {
+        let out = match check {
+            Some(check) => serde_json::json!({"cluster": cluster, "check": check}),
+            None => cluster,
+        };
+        emit(&format!("{}\n", serde_json::to_string_pretty(&out)?));
+    } else {
+        let mut out = String::new();
+        print_cluster(&mut out, &cluster);
+        if let Some(check) = &check {
+            print_check(&mut out, check);
+        }
+        emit(&out);
+    }
+    if check_ok == Some(false) {
+        bail!("the exchange check failed: some worker thread did not receive every record");
+    }
+    Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`sundial status | head`) is not an error.
+pub fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+}
+
+fn text(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn print_cluster(out: &mut String, c: &Value) {
+    let _ = writeln!(out, 
+        "cluster {} · generation {} · {}/{} workers · {} threads each",
+        text(c, "state"),
+        text(c, "generation"),
+        text(c, "registered_workers"),
+        text(c, "expected_workers"),
+        text(c, "threads_per_worker"),
+    );
+    if let Some(reason) = c.get("reason").and_then(Value::as_str) {
+        let _ = writeln!(out, "reason: {reason}");
+    }
+    let _ = writeln!(out, "{:<6} {:<9} {:<16} {:<22} {:<8} {:<10} ID", "INDEX", "STATE", "HOST", "DATA ADDR", "PID", "HEARTBEAT");
+    for w in c.get("workers").and_then(Value::as_array).into_iter().flatten() {
+        let heartbeat = w
+            .get("last_heartbeat_ms_ago")
+            .and_then(Value::as_u64)
+            .map_or("-".to_string(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0));
+        let _ = writeln!(out, 
+            "{:<6} {:<9} {:<16} {:<22} {:<8} {:<10} {}",
+            text(w, "index"),
+            text(w, "state"),
+            text(w, "host"),
+            text(w, "data_addr"),
+            text(w, "pid"),
+            heartbeat,
+            text(w, "id"),
+        );
+        if let Some(reason) = w.get("lost_reason").and_then(Value::as_str) {
+            let _ = writeln!(out, "       lost: {reason}");
+        }
+    }
+}
+
+fn print_check(out: &mut String, check: &Value) {
+    let rows: Vec<Vec<u64>> = check
+        .get("received")
+        .and_then(Value::as_array)
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r.as_array().map(|r| r.iter().filter_map(Value::as_u64).collect()).unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default();
+    let ok = check.get("ok").and_then(Value::as_bool) == Some(true);
+    let _ = writeln!(out);
+    let _ = writeln!(out, 
+        "exchange check (generation {}): {} · {} processes × {} threads · {} records per pair",
+        text(check, "generation"),
+        if ok { "OK, all-to-all" } else { "FAILED" },
+        text(check, "processes"),
+        text(check, "threads"),
+        text(check, "records_per_pair"),
+    );
+    let _ = writeln!(out, "records received by worker (row) from worker (column):");
+    for (to, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|n| format!("{n:>5}")).collect();
+        let _ = writeln!(out, "  w{to:<3}{}", cells.join(""));
+    }
+}

@@ -1,0 +1,202 @@
+//! `sundial`: the one binary. Server roles (`coordinator`, `worker`, `local`) and client commands
+//! that talk to the coordinator's HTTP API.
+
+mod client;
+mod local;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use sundial_coordinator::membership::Timing;
+use sundial_coordinator::CoordinatorConfig;
+use sundial_worker::SupervisorConfig;
+
+/// A distributed streaming feature engine on timely and differential dataflow.
+#[derive(Parser, Debug)]
+#[command(name = "sundial", version, about)]
+struct Cli {
+    /// The coordinator's HTTP API, for client commands.
+    #[arg(long, global = true, env = "SUNDIAL_SERVER", value_name = "URL", default_value = "http://127.0.0.1:7700")]
+    server: String,
+
+    /// Log format on stderr (levels come from RUST_LOG, default info).
+    #[arg(long, global = true, env = "SUNDIAL_LOG_FORMAT", value_name = "FORMAT", default_value = "human")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+impl LogFormat {
+    fn as_arg(self) -> &'static str {
+        match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the coordinator: membership, catalog and the HTTP API.
+    Coordinator(CoordinatorArgs),
+    /// Run a worker process that joins the coordinator's cluster.
+    Worker(WorkerArgs),
+    /// Start a coordinator and N workers on this machine, and stop them all on Ctrl-C.
+    Local(local::LocalArgs),
+    /// Show the cluster's health.
+    Status(client::StatusArgs),
+    /// Internal: one generation's timely computation, spawned by `sundial worker`.
+    #[command(hide = true)]
+    Computation {
+        /// The local address to bind for timely data.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CoordinatorArgs {
+    /// Control port that workers connect to.
+    #[arg(long, env = "SUNDIAL_COORDINATOR_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:7701")]
+    listen: String,
+    /// HTTP API address.
+    #[arg(long, env = "SUNDIAL_HTTP", value_name = "ADDR", default_value = "127.0.0.1:7700")]
+    http: String,
+    /// Number of worker processes in the cluster.
+    #[arg(long, env = "SUNDIAL_WORKERS", value_name = "N", default_value_t = 2)]
+    workers: usize,
+    /// Where the coordinator keeps its state.
+    #[arg(long, env = "SUNDIAL_COORDINATOR_DATA_DIR", value_name = "DIR", default_value = "sundial-data/coordinator")]
+    data_dir: PathBuf,
+    /// How often workers send heartbeats (and the coordinator pings).
+    #[arg(long, env = "SUNDIAL_HEARTBEAT_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// Silence after which a worker counts as lost.
+    #[arg(long, env = "SUNDIAL_HEARTBEAT_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    /// The coordinator's control address (host:port; host names are resolved).
+    #[arg(long, env = "SUNDIAL_COORDINATOR", value_name = "ADDR", default_value = "127.0.0.1:7701")]
+    coordinator: String,
+    /// Timely worker threads in this process (the same on every worker).
+    #[arg(long, env = "SUNDIAL_THREADS", value_name = "T", default_value_t = 2)]
+    threads: usize,
+    /// Where the worker keeps its identity, log and checkpoints.
+    #[arg(long, env = "SUNDIAL_WORKER_DATA_DIR", value_name = "DIR", default_value = "sundial-data/worker")]
+    data_dir: PathBuf,
+    /// Local address for timely data between processes (port 0 picks a free port).
+    #[arg(long, env = "SUNDIAL_WORKER_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: String,
+    /// The address other processes use to reach --listen (HOST or HOST:PORT), when it differs.
+    #[arg(long, env = "SUNDIAL_ADVERTISE", value_name = "HOST[:PORT]")]
+    advertise: Option<String>,
+}
+
+/// Parses durations such as `500ms`, `1s`, `2m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration such as 500ms or 5s: {e}"))?;
+    if d.is_zero() {
+        return Err("the duration must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = run(cli);
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Coordinator(args) => {
+            init_logging(cli.log_format);
+            run_coordinator(args)
+        }
+        Command::Worker(args) => {
+            init_logging(cli.log_format);
+            let config = SupervisorConfig {
+                coordinator: args.coordinator,
+                threads: args.threads,
+                data_dir: args.data_dir,
+                listen: args.listen,
+                advertise: args.advertise,
+                child_program: std::env::current_exe().context("locating the sundial binary")?,
+                child_args: vec!["--log-format".into(), cli.log_format.as_arg().into()],
+            };
+            sundial_worker::run(config)?;
+            Ok(())
+        }
+        Command::Computation { listen } => {
+            init_logging(cli.log_format);
+            sundial_worker::computation::run(&listen)
+        }
+        Command::Local(args) => local::run(args, cli.log_format.as_arg()),
+        Command::Status(args) => client::status(&cli.server, &args),
+    }
+}
+
+fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let config = CoordinatorConfig {
+        listen: args.listen,
+        http: args.http,
+        workers: args.workers,
+        data_dir: args.data_dir,
+        timing: Timing {
+            heartbeat_interval: args.heartbeat_interval,
+            heartbeat_timeout: args.heartbeat_timeout,
+            ..Timing::default()
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+            tracing::info!("shutting down");
+        };
+        sundial_coordinator::run(config, shutdown).await
+    })?;
+    Ok(())
+}
