@@ -40,8 +40,12 @@ pub fn get(server: &str, path: &str, timeout: Duration) -> anyhow::Result<ApiRes
         .call()
         .with_context(|| format!("cannot reach the coordinator at {base} (is `sundial local` running? --server or SUNDIAL_SERVER selects another)"))?;
     let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().with_context(|| format!("reading the answer of {url}"))?;
-    let body = serde_json::from_str(&text).with_context(|| format!("{url} answered {status} with something that is not JSON"))?;
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the answer of {url}"))?;
+    let body = serde_json::from_str(&text)
+        .with_context(|| format!("{url} answered {status} with something that is not JSON"))?;
     Ok(ApiResponse { status, body })
 }
 
@@ -49,19 +53,34 @@ fn expect_ok(response: ApiResponse, what: &str) -> anyhow::Result<Value> {
     if (200..300).contains(&response.status) {
         return Ok(response.body);
     }
-    let message = response.body.get("error").and_then(Value::as_str).unwrap_or("no error message");
-    bail!("{what}: the coordinator answered {}: {message}", response.status)
+    let message = response
+        .body
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("no error message");
+    bail!(
+        "{what}: the coordinator answered {}: {message}",
+        response.status
+    )
 }
 
 /// Prints the cluster's health; with `--check`, also runs the diagnostic exchange.
 pub fn status(server: &str, args: &StatusArgs) -> anyhow::Result<()> {
-    let cluster = expect_ok(get(server, "/v1/cluster", Duration::from_secs(10))?, "cluster status")?;
+    let cluster = expect_ok(
+        get(server, "/v1/cluster", Duration::from_secs(10))?,
+        "cluster status",
+    )?;
     let check = if args.check {
-        Some(expect_ok(get(server, "/v1/cluster/check", Duration::from_secs(30))?, "exchange check")?)
+        Some(expect_ok(
+            get(server, "/v1/cluster/check", Duration::from_secs(30))?,
+            "exchange check",
+        )?)
     } else {
         None
     };
-    let check_ok = check.as_ref().map(|c| c.get("ok").and_then(Value::as_bool) == Some(true));
+    let check_ok = check
+        .as_ref()
+        .map(|c| c.get("ok").and_then(Value::as_bool) == Some(true));
     if args.json {
         let out = match check {
             Some(check) => serde_json::json!({"cluster": cluster, "check": check}),
@@ -85,7 +104,9 @@ pub fn status(server: &str, args: &StatusArgs) -> anyhow::Result<()> {
 /// Writes to stdout; a closed pipe (`sundial status | head`) is not an error.
 pub fn emit(text: &str) {
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 fn text(v: &Value, key: &str) -> String {
@@ -97,7 +118,8 @@ fn text(v: &Value, key: &str) -> String {
 }
 
 fn print_cluster(out: &mut String, c: &Value) {
-    let _ = writeln!(out, 
+    let _ = writeln!(
+        out,
         "cluster {} · generation {} · {}/{} workers · {} threads each",
         text(c, "state"),
         text(c, "generation"),
@@ -108,13 +130,25 @@ fn print_cluster(out: &mut String, c: &Value) {
     if let Some(reason) = c.get("reason").and_then(Value::as_str) {
         let _ = writeln!(out, "reason: {reason}");
     }
-    let _ = writeln!(out, "{:<6} {:<9} {:<16} {:<22} {:<8} {:<10} ID", "INDEX", "STATE", "HOST", "DATA ADDR", "PID", "HEARTBEAT");
-    for w in c.get("workers").and_then(Value::as_array).into_iter().flatten() {
+    let _ = writeln!(
+        out,
+        "{:<6} {:<9} {:<16} {:<22} {:<8} {:<10} ID",
+        "INDEX", "STATE", "HOST", "DATA ADDR", "PID", "HEARTBEAT"
+    );
+    for w in c
+        .get("workers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let heartbeat = w
             .get("last_heartbeat_ms_ago")
             .and_then(Value::as_u64)
-            .map_or("-".to_string(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0));
-        let _ = writeln!(out, 
+            .map_or("-".to_string(), |ms| {
+                format!("{:.1}s ago", ms as f64 / 1000.0)
+            });
+        let _ = writeln!(
+            out,
             "{:<6} {:<9} {:<16} {:<22} {:<8} {:<10} {}",
             text(w, "index"),
             text(w, "state"),
@@ -136,13 +170,18 @@ fn print_check(out: &mut String, check: &Value) {
         .and_then(Value::as_array)
         .map(|rows| {
             rows.iter()
-                .map(|r| r.as_array().map(|r| r.iter().filter_map(Value::as_u64).collect()).unwrap_or_default())
+                .map(|r| {
+                    r.as_array()
+                        .map(|r| r.iter().filter_map(Value::as_u64).collect())
+                        .unwrap_or_default()
+                })
                 .collect()
         })
         .unwrap_or_default();
     let ok = check.get("ok").and_then(Value::as_bool) == Some(true);
     let _ = writeln!(out);
-    let _ = writeln!(out, 
+    let _ = writeln!(
+        out,
         "exchange check (generation {}): {} · {} processes × {} threads · {} records per pair",
         text(check, "generation"),
         if ok { "OK, all-to-all" } else { "FAILED" },
@@ -150,7 +189,10 @@ fn print_check(out: &mut String, check: &Value) {
         text(check, "threads"),
         text(check, "records_per_pair"),
     );
-    let _ = writeln!(out, "records received by worker (row) from worker (column):");
+    let _ = writeln!(
+        out,
+        "records received by worker (row) from worker (column):"
+    );
     for (to, row) in rows.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|n| format!("{n:>5}")).collect();
         let _ = writeln!(out, "  w{to:<3}{}", cells.join(""));

@@ -10,7 +10,10 @@ use serde::{de::DeserializeOwned, Serialize};
 /// Writes `value` as JSON to `path` atomically.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     {
@@ -47,7 +50,9 @@ mod tests {
         write_json_atomic(&path, &vec![3u32]).unwrap();
         assert_eq!(read_json::<Vec<u32>>(&path), Ok(Some(vec![3])));
         fs::write(&path, b"{").unwrap();
-        assert!(read_json::<Vec<u32>>(&path).unwrap_err().contains("corrupt"));
+        assert!(read_json::<Vec<u32>>(&path)
+            .unwrap_err()
+            .contains("corrupt"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,9 +6,9 @@
 //! stamps the n-th command with time n and the stream is broadcast. A worker applies the
 //! commands of time t once its probe has passed t, in time order, so all agree.
 
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::Input;
-use timely::container::CapacityContainerBuilder;
 use timely::dataflow::{InputHandle, ProbeHandle, Scope, StreamVec};
 
 use sundial_protocol::Command;

@@ -370,7 +370,10 @@ fn validate_register(reg: Register) -> Result<Register, String> {
         return Err("worker id must be 1 to 128 characters".to_string());
     }
     if reg.threads == 0 || reg.threads > 1024 {
-        return Err(format!("thread count {} is out of range 1..=1024", reg.threads));
+        return Err(format!(
+            "thread count {} is out of range 1..=1024",
+            reg.threads
+        ));
     }
     if reg.data_addr.is_empty() || reg.data_addr.len() > 256 {
         return Err("data address must be 1 to 256 characters".to_string());
@@ -406,15 +409,27 @@ mod tests {
 
     #[test]
     fn empty_stream_is_closed_and_torn_frame_is_an_error() {
-        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[][..]), Err(FrameError::Closed)));
-        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[0, 0][..]), Err(FrameError::Io(_))));
-        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[0, 0, 0, 9, b'{'][..]), Err(FrameError::Io(_))));
+        assert!(matches!(
+            read_msg::<_, WorkerMsg>(&mut &[][..]),
+            Err(FrameError::Closed)
+        ));
+        assert!(matches!(
+            read_msg::<_, WorkerMsg>(&mut &[0, 0][..]),
+            Err(FrameError::Io(_))
+        ));
+        assert!(matches!(
+            read_msg::<_, WorkerMsg>(&mut &[0, 0, 0, 9, b'{'][..]),
+            Err(FrameError::Io(_))
+        ));
     }
 
     #[test]
     fn oversized_prefix_is_refused() {
         let bytes = [0xff, 0xff, 0xff, 0xff, 0];
-        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &bytes[..]), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_msg::<_, WorkerMsg>(&mut &bytes[..]),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -431,7 +446,11 @@ mod tests {
         let err = parse_handshake(b"GET / HTTP/1.1").err().unwrap_or_default();
         assert!(err.contains("not a sundial message"), "{err}");
 
-        let hb = encode(&WorkerMsg::Heartbeat { generation: 0, state: ComputationState::Idle, computation_pid: None })?;
+        let hb = encode(&WorkerMsg::Heartbeat {
+            generation: 0,
+            state: ComputationState::Idle,
+            computation_pid: None,
+        })?;
         let err = parse_handshake(&hb[4..]).err().unwrap_or_default();
         assert!(err.contains("must be a registration"), "{err}");
 

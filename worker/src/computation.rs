@@ -26,7 +26,9 @@ use timely::WorkerConfig;
 use sundial_dataflows::control::{control_probe, control_stream, Seq};
 use sundial_dataflows::diagnostic::exchange_check;
 use sundial_protocol::child::{FromChild, ToChild};
-use sundial_protocol::{read_msg, write_msg, CheckReport, Command, FrameError, Formation, Reply, Request};
+use sundial_protocol::{
+    read_msg, write_msg, CheckReport, Command, Formation, FrameError, Reply, Request,
+};
 
 use crate::mesh;
 
@@ -67,7 +69,10 @@ pub fn run(listen: &str) -> ! {
     };
 
     let (request_tx, request_rx) = mpsc::channel::<(u64, Request)>();
-    let worker0 = Arc::new(Worker0 { requests: Mutex::new(Some(request_rx)), thread: OnceLock::new() });
+    let worker0 = Arc::new(Worker0 {
+        requests: Mutex::new(Some(request_rx)),
+        thread: OnceLock::new(),
+    });
     let guards = match start_timely(&formation, sockets, Arc::clone(&worker0)) {
         Ok(g) => g,
         Err(e) => fail(&format!("generation {generation}: starting timely: {e}")),
@@ -80,7 +85,10 @@ pub fn run(listen: &str) -> ! {
         .name("sundial:watch".into())
         .spawn(move || loop {
             if guards.guards().iter().any(|g| g.is_finished()) {
-                tracing::error!(generation, "a timely worker stopped (a peer process died?); ending this computation");
+                tracing::error!(
+                    generation,
+                    "a timely worker stopped (a peer process died?); ending this computation"
+                );
                 let _ = io::stderr().flush();
                 std::process::exit(EXIT_WORKERS_ENDED);
             }
@@ -93,7 +101,9 @@ pub fn run(listen: &str) -> ! {
 
 fn fail(reason: &str) -> ! {
     tracing::error!("{reason}");
-    tell(&FromChild::Failed { reason: reason.to_string() });
+    tell(&FromChild::Failed {
+        reason: reason.to_string(),
+    });
     std::process::exit(EXIT_START_FAILED)
 }
 
@@ -103,21 +113,29 @@ struct Worker0 {
     thread: OnceLock<Thread>,
 }
 
-fn serve_stdin(mut stdin: io::StdinLock<'_>, requests: &Sender<(u64, Request)>, worker0: &Worker0) -> ! {
+fn serve_stdin(
+    mut stdin: io::StdinLock<'_>,
+    requests: &Sender<(u64, Request)>,
+    worker0: &Worker0,
+) -> ! {
     loop {
         match read_msg::<_, ToChild>(&mut stdin) {
             Ok(ToChild::Request { id, request }) => {
                 if requests.send((id, request)).is_err() {
                     tell(&FromChild::Reply {
                         id,
-                        reply: Reply::Error { message: "this process runs no timely worker 0".into() },
+                        reply: Reply::Error {
+                            message: "this process runs no timely worker 0".into(),
+                        },
                     });
                 }
                 if let Some(t) = worker0.thread.get() {
                     t.unpark();
                 }
             }
-            Ok(ToChild::Form(_)) => tracing::warn!("ignored a second formation; a child runs one generation"),
+            Ok(ToChild::Form(_)) => {
+                tracing::warn!("ignored a second formation; a child runs one generation")
+            }
             Err(FrameError::Closed) => std::process::exit(0),
             Err(e) => {
                 tracing::error!(error = %e, "the supervisor pipe broke; exiting");
@@ -134,60 +152,77 @@ fn start_timely(
 ) -> Result<timely::communication::WorkerGuards<()>, String> {
     let threads = formation.threads;
     let hooks = Hooks::default();
-    let process = ProcessBuilder::new_typed_vector(threads, hooks.refill.clone(), hooks.spill.clone());
-    let (builders, comms) = initialize_networking_from_sockets(process, sockets, formation.index, threads, hooks)
-        .map_err(|e| e.to_string())?;
+    let process =
+        ProcessBuilder::new_typed_vector(threads, hooks.refill.clone(), hooks.spill.clone());
+    let (builders, comms) =
+        initialize_networking_from_sockets(process, sockets, formation.index, threads, hooks)
+            .map_err(|e| e.to_string())?;
     let builders = builders.into_iter().map(AllocatorBuilder::Tcp).collect();
     let generation = formation.generation;
     let processes = formation.addresses.len();
-    timely::execute::execute_from(builders, Box::new(comms), WorkerConfig::default(), move |worker| {
-        let index = worker.index();
-        let peers = worker.peers();
-        let probe = control_probe();
-        let (mut input, counts) = worker.dataflow::<Seq, _, _>(|scope| {
-            let (input, commands) = control_stream(scope);
-            (input, exchange_check(commands, index, peers, &probe))
-        });
-        let requests = if index == 0 { worker0.requests.lock().ok().and_then(|mut r| r.take()) } else { None };
-        let Some(requests) = requests else {
-            // Only worker 0 sends commands; the others follow the broadcast stream.
-            input.close();
-            loop {
-                worker.step_or_park(None);
-            }
-        };
-        let _ = worker0.thread.set(thread::current());
-        // Checks injected and not yet complete: (time, request id, records per pair).
-        let mut pending: Vec<(Seq, u64, u32)> = Vec::new();
-        loop {
-            while let Ok((id, request)) = requests.try_recv() {
-                let time = *input.time();
-                match request {
-                    Request::Check { records_per_pair } => {
-                        input.send(Command::Check { id, records_per_pair });
-                        pending.push((time, id, records_per_pair));
-                    }
-                }
-                input.advance_to(time + 1);
-            }
-            worker.step_or_park(Some(Duration::from_millis(100)));
-            pending.retain(|&(time, id, records_per_pair)| {
-                if probe.less_equal(&time) {
-                    return true;
-                }
-                let received = counts.borrow_mut().remove(&id).unwrap_or_else(|| vec![vec![0; peers]; peers]);
-                tell(&FromChild::Reply {
-                    id,
-                    reply: Reply::Check(CheckReport {
-                        generation,
-                        processes,
-                        threads: peers / processes.max(1),
-                        records_per_pair,
-                        received,
-                    }),
-                });
-                false
+    timely::execute::execute_from(
+        builders,
+        Box::new(comms),
+        WorkerConfig::default(),
+        move |worker| {
+            let index = worker.index();
+            let peers = worker.peers();
+            let probe = control_probe();
+            let (mut input, counts) = worker.dataflow::<Seq, _, _>(|scope| {
+                let (input, commands) = control_stream(scope);
+                (input, exchange_check(commands, index, peers, &probe))
             });
-        }
-    })
+            let requests = if index == 0 {
+                worker0.requests.lock().ok().and_then(|mut r| r.take())
+            } else {
+                None
+            };
+            let Some(requests) = requests else {
+                // Only worker 0 sends commands; the others follow the broadcast stream.
+                input.close();
+                loop {
+                    worker.step_or_park(None);
+                }
+            };
+            let _ = worker0.thread.set(thread::current());
+            // Checks injected and not yet complete: (time, request id, records per pair).
+            let mut pending: Vec<(Seq, u64, u32)> = Vec::new();
+            loop {
+                while let Ok((id, request)) = requests.try_recv() {
+                    let time = *input.time();
+                    match request {
+                        Request::Check { records_per_pair } => {
+                            input.send(Command::Check {
+                                id,
+                                records_per_pair,
+                            });
+                            pending.push((time, id, records_per_pair));
+                        }
+                    }
+                    input.advance_to(time + 1);
+                }
+                worker.step_or_park(Some(Duration::from_millis(100)));
+                pending.retain(|&(time, id, records_per_pair)| {
+                    if probe.less_equal(&time) {
+                        return true;
+                    }
+                    let received = counts
+                        .borrow_mut()
+                        .remove(&id)
+                        .unwrap_or_else(|| vec![vec![0; peers]; peers]);
+                    tell(&FromChild::Reply {
+                        id,
+                        reply: Reply::Check(CheckReport {
+                            generation,
+                            processes,
+                            threads: peers / processes.max(1),
+                            records_per_pair,
+                            received,
+                        }),
+                    });
+                    false
+                });
+            }
+        },
+    )
 }

@@ -1,0 +1,312 @@
+//! Harness for end-to-end tests: runs the real `sundial` binary as separate processes on
+//! loopback with ephemeral ports in a temporary folder, and kills them when dropped.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sundial"))
+}
+
+/// Heartbeat flags that make membership changes quick to observe.
+pub const FAST_HEARTBEATS: [&str; 4] =
+    ["--heartbeat-interval", "200ms", "--heartbeat-timeout", "1s"];
+
+/// A child process that is killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, through the OS.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A temporary folder for one test's processes.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts a process of the binary with `args`, logging stdout and stderr to `<name>.log`.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+        let log = self.path(&format!("{name}.log"));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap();
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// Starts a coordinator for `workers` workers with fast heartbeats; `control` and `http` may
+    /// use port 0.
+    pub fn coordinator(&self, workers: usize, control: &str, http: &str) -> Proc {
+        let data = self.path("coordinator");
+        let workers = workers.to_string();
+        let mut args = vec![
+            "coordinator",
+            "--listen",
+            control,
+            "--http",
+            http,
+            "--workers",
+            &workers,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend(FAST_HEARTBEATS);
+        self.spawn("coordinator", &args)
+    }
+
+    /// The control and HTTP addresses the coordinator bound (waits for it to write them).
+    pub fn coordinator_addresses(&self) -> (String, String) {
+        let file = self.path("coordinator").join("addresses.json");
+        let v: Value = wait_for(Duration::from_secs(20), "coordinator addresses", || {
+            let text = fs::read_to_string(&file).ok()?;
+            serde_json::from_str(&text).ok()
+        });
+        (
+            v["control"].as_str().unwrap().to_string(),
+            v["http"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Starts a worker whose data dir is `<dir>/<name>`.
+    pub fn worker(&self, name: &str, coordinator: &str, threads: usize) -> Proc {
+        let data = self.path(name);
+        let threads = threads.to_string();
+        self.spawn(
+            name,
+            &[
+                "worker",
+                "--coordinator",
+                coordinator,
+                "--threads",
+                &threads,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+/// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `http://{http}{path}`: status and JSON body; `None` when the server cannot be reached.
+pub fn get(http: &str, path: &str) -> Option<(u16, Value)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(15)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent.get(&format!("http://{http}{path}")).call().ok()?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().ok()?;
+    Some((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+/// The cluster status, once the coordinator answers.
+pub fn cluster(http: &str) -> Value {
+    wait_for(Duration::from_secs(20), "GET /v1/cluster", || {
+        get(http, "/v1/cluster")
+    })
+    .1
+}
+
+/// Waits until the cluster is in `state` and returns its status.
+pub fn wait_state(http: &str, state: &str, timeout: Duration) -> Value {
+    wait_for(timeout, &format!("cluster state {state}"), || {
+        let (_, v) = get(http, "/v1/cluster")?;
+        (v["state"] == state).then_some(v)
+    })
+}
+
+/// Runs the exchange check and asserts it proves all-to-all exchange over `peers` threads.
+pub fn assert_all_to_all(http: &str, peers: usize) -> Value {
+    let (status, body) = get(http, "/v1/cluster/check").expect("coordinator reachable");
+    assert_eq!(status, 200, "check failed: {body}");
+    assert_eq!(body["ok"], true, "{body}");
+    let rows = body["received"].as_array().unwrap();
+    assert_eq!(rows.len(), peers, "{body}");
+    for row in rows {
+        let row = row.as_array().unwrap();
+        assert_eq!(row.len(), peers);
+        assert!(row.iter().all(|n| n.as_u64() == Some(16)), "{body}");
+    }
+    body
+}
+
+/// True while the process exists and is not a zombie.
+pub fn alive(pid: u64) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Pids of live processes whose command line contains `needle`.
+pub fn pids_with_arg(needle: &str) -> Vec<u64> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(needle) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Sends raw bytes to a control port and returns the coordinator's answer frame, if any.
+pub fn raw_control_exchange(addr: &str, bytes: &[u8]) -> Option<Value> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    read_frame(&mut stream)
+}
+
+/// Reads one length-prefixed JSON frame.
+pub fn read_frame(stream: &mut TcpStream) -> Option<Value> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut body).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// A frame around a JSON value.
+pub fn frame(value: &Value) -> Vec<u8> {
+    let body = serde_json::to_vec(value).unwrap();
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// Reads the worker ids by index from a status.
+pub fn ids(status: &Value) -> Vec<String> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Reads a per-worker numeric field by index from a status.
+pub fn field(status: &Value, index: usize, name: &str) -> u64 {
+    status["workers"][index][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} for worker {index}: {status}"))
+}
+
+/// Asserts the log at `path` eventually contains `needle`.
+pub fn wait_log(path: &Path, needle: &str, timeout: Duration) {
+    wait_for(
+        timeout,
+        &format!("{needle:?} in {}", path.display()),
+        || {
+            fs::read_to_string(path)
+                .ok()
+                .filter(|t| t.contains(needle))
+                .map(|_| ())
+        },
+    );
+}
