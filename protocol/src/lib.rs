@@ -477,6 +477,8 @@ mod tests {
     }
 }
 
+pub mod plan;
+
 /// The pipe protocol between a worker supervisor and the computation child it spawns for one
 /// generation: frames as above, on the child's stdin (supervisor to child) and stdout (child to
 /// supervisor). The child exits as soon as its stdin closes, so it never outlives its supervisor.
