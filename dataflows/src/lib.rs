@@ -9,5 +9,10 @@
 //!   commands in the same order.
 //! * [`diagnostic`]: the exchange check that proves the processes form one computation.
 
+pub mod acc;
 pub mod control;
 pub mod diagnostic;
+pub mod eval;
+pub mod features;
+pub mod read;
+pub mod row;

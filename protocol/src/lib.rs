@@ -478,6 +478,7 @@ mod tests {
 }
 
 pub mod plan;
+pub mod value;
 
 /// The pipe protocol between a worker supervisor and the computation child it spawns for one
 /// generation: frames as above, on the child's stdin (supervisor to child) and stdout (child to

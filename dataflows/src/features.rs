@@ -1,0 +1,805 @@
+//! A dataflow definition rendered as a timely/differential dataflow.
+//!
+//! ```text
+//! rows (this worker's ingest partition) ──filter, key, project──▶ exchange by key hash ─┐
+//! partition reports (max event time, idle) ──▶ broadcast ───────────────────────────────┤
+//!                                                                                        ▼
+//!                         WindowAggregate: panes / sessions / global, per epoch in order
+//!                                                                                        │
+//!              ((key, slot), epoch, ±1) ──▶ arrangement by key (pipeline: already sharded)
+//! ```
+//!
+//! Times are *epochs* (wall-clock milliseconds at which a batch entered). The aggregate stashes
+//! what arrives for an epoch and applies it only once the frontiers of both inputs have passed
+//! that epoch, in epoch order; so the arrangement at epoch `e` reflects exactly the events that
+//! entered at epochs `<= e`, and a read at `e` is one consistent snapshot.
+//!
+//! **Panes.** Features are grouped by the length of their panes: a tumbling window is one pane,
+//! a hopping window of size S and hop H is S/H panes of length H. An event updates one pane per
+//! group, not S/H windows; a read merges the panes of each window. **Sessions** of one gap share
+//! a group; an event that bridges two sessions merges them. **Global** features share a group.
+//!
+//! **Arrangement.** The operator keeps the live accumulators (the only way to maintain min, max,
+//! first, last and distinct under eviction) and, per epoch, emits a replacement for each slot it
+//! changed: the old slot retracted, the new one inserted. Differential consolidates them, so the
+//! arrangement holds one record per live (key, slot) plus the history since the compaction
+//! frontier, and can be read at any epoch in that range.
+//!
+//! **Watermark.** Every worker reports, per epoch, the largest event time its partition has seen
+//! and whether it is idle; the reports are broadcast, so every worker computes the same watermark
+//! for every epoch: `max(previous, min over active partitions - allowed_lateness)`. Windows close
+//! when the watermark passes their end, and are evicted (retracted) once their end is more than
+//! `retention` behind it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use differential_dataflow::operators::arrange::arrangement::arrange_core;
+use differential_dataflow::operators::arrange::TraceAgent;
+use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::{Exchange as ExchangePact, Pipeline};
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::{Capability, Input, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle, Scope};
+
+use sundial_protocol::plan::{Agg, DataflowPlan, FieldType, Window};
+use sundial_protocol::value::{Datum, Key};
+
+use crate::acc::Acc;
+use crate::eval;
+use crate::row::Row;
+
+/// The time of data dataflows: wall-clock milliseconds at which a batch entered.
+pub type Epoch = u64;
+
+/// A partition's state, reported every epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The reporting worker.
+    pub partition: u32,
+    /// The largest event time it has accepted.
+    pub max_ts: Option<i64>,
+    /// No events for the source's idle timeout.
+    pub idle: bool,
+}
+
+/// An event on its way to the worker that owns its key: the key, the event time, and the values
+/// of the fields the features aggregate.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ev {
+    /// The key.
+    pub key: Key,
+    /// The key's hash (routes the event).
+    pub hash: u64,
+    /// Event time, ms.
+    pub time: i64,
+    /// One value per input of the layout.
+    pub values: Box<[Datum]>,
+}
+
+/// A maintained partial aggregate: one pane, session or global group of one key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Slot {
+    /// The group (index into [`Layout::groups`]).
+    pub group: u32,
+    /// Start of the pane or session (`i64::MIN` for the global group).
+    pub start: i64,
+    /// End (exclusive) of the pane, or of the session (last event + gap).
+    pub end: i64,
+    /// One accumulator per feature of the group.
+    pub accs: Vec<Acc>,
+}
+
+/// How a group's slots are formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    /// Aligned panes of this length.
+    Pane(u64),
+    /// Sessions with this gap.
+    Session(u64),
+    /// One slot per key.
+    Global,
+}
+
+/// Features sharing a slot structure.
+#[derive(Clone, Debug)]
+pub struct Group {
+    /// How slots are formed.
+    pub kind: GroupKind,
+    /// The features, as indices into the plan's features.
+    pub features: Vec<usize>,
+    /// For each feature of the group, its input (index into [`Ev::values`]), if it has a field.
+    pub inputs: Vec<Option<usize>>,
+    /// How long after a slot's start the last window using it ends (pane groups), or 0.
+    pub span_ms: u64,
+}
+
+/// The static shape of a rendered dataflow: which fields are projected and how features group.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// The plan.
+    pub plan: DataflowPlan,
+    /// Source field index of each projected input.
+    pub inputs: Vec<usize>,
+    /// The groups.
+    pub groups: Vec<Group>,
+}
+
+impl Layout {
+    /// Groups the features of `plan`.
+    pub fn new(plan: DataflowPlan) -> Layout {
+        let mut inputs: Vec<usize> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, f) in plan.features.iter().enumerate() {
+            let input = f
+                .field
+                .map(|field| match inputs.iter().position(|&x| x == field) {
+                    Some(p) => p,
+                    None => {
+                        inputs.push(field);
+                        inputs.len() - 1
+                    }
+                });
+            let kind = match f.window {
+                Window::Tumbling { size_ms } => GroupKind::Pane(size_ms),
+                Window::Hopping { hop_ms, .. } => GroupKind::Pane(hop_ms),
+                Window::Session { gap_ms } => GroupKind::Session(gap_ms),
+                Window::Global => GroupKind::Global,
+            };
+            let span = match f.window {
+                Window::Tumbling { size_ms } | Window::Hopping { size_ms, .. } => size_ms,
+                _ => 0,
+            };
+            match groups.iter_mut().find(|g| g.kind == kind) {
+                Some(g) => {
+                    g.features.push(i);
+                    g.inputs.push(input);
+                    g.span_ms = g.span_ms.max(span);
+                }
+                None => groups.push(Group {
+                    kind,
+                    features: vec![i],
+                    inputs: vec![input],
+                    span_ms: span,
+                }),
+            }
+        }
+        Layout {
+            plan,
+            inputs,
+            groups,
+        }
+    }
+
+    fn empty_accs(&self, group: &Group) -> Vec<Acc> {
+        let source = &self.plan.source;
+        group
+            .features
+            .iter()
+            .map(|&f| {
+                let feature = &self.plan.features[f];
+                Acc::new(feature.agg, feature.field.map(|i| source.fields[i].ty))
+            })
+            .collect()
+    }
+
+    /// Prepares a row for aggregation; `None` when the filter rejects it or a key field is null.
+    pub fn prepare(&self, row: &Row) -> Option<Ev> {
+        if let Some(filter) = &self.plan.filter {
+            if !eval::matches(filter, row) {
+                return None;
+            }
+        }
+        let key = match self.plan.key.as_slice() {
+            [one] => Key::One(row.values[*one].clone()),
+            many => Key::Many(many.iter().map(|&i| row.values[i].clone()).collect()),
+        };
+        if key.parts().contains(&Datum::Null) {
+            return None;
+        }
+        let values = self.inputs.iter().map(|&i| row.values[i].clone()).collect();
+        Some(Ev {
+            hash: key.hash64(),
+            key,
+            time: row.time,
+            values,
+        })
+    }
+
+    /// The types of the key fields.
+    pub fn key_types(&self) -> Vec<FieldType> {
+        self.plan
+            .key
+            .iter()
+            .map(|&i| self.plan.source.fields[i].ty)
+            .collect()
+    }
+}
+
+/// The arrangement a dataflow maintains: key → slots, at epochs.
+pub type SlotSpine = ValSpine<Key, Slot, Epoch, isize>;
+/// A handle on it.
+pub type SlotTrace = TraceAgent<SlotSpine>;
+
+/// The watermark of each completed epoch (on this worker; every worker computes the same).
+#[derive(Default)]
+pub struct Watermarks {
+    /// Epoch → watermark in force after it, for epochs where it changed.
+    pub history: BTreeMap<Epoch, i64>,
+    /// The newest.
+    pub current: Option<i64>,
+}
+
+impl Watermarks {
+    /// The watermark in force at `epoch`.
+    pub fn at(&self, epoch: Epoch) -> Option<i64> {
+        self.history.range(..=epoch).next_back().map(|(_, w)| *w)
+    }
+
+    /// Forgets history before `epoch` (keeping the value in force at it).
+    pub fn compact(&mut self, epoch: Epoch) {
+        if let Some(w) = self.at(epoch) {
+            self.history = self.history.split_off(&epoch);
+            self.history.entry(epoch).or_insert(w);
+        }
+    }
+}
+
+/// Counters a dataflow keeps about itself.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Stats {
+    /// Live slots in the aggregate's state.
+    pub live_slots: u64,
+    /// Events that reached the aggregate after their slot was evicted (they are applied anyway,
+    /// and evicted again at the next watermark).
+    pub reopened: u64,
+}
+
+/// What a rendered dataflow gives the worker.
+pub struct Rendered {
+    /// Rows of this worker's ingest partition.
+    pub rows: InputHandle<Epoch, CapacityContainerBuilder<Vec<Row>>>,
+    /// This partition's reports.
+    pub reports: InputHandle<Epoch, CapacityContainerBuilder<Vec<Report>>>,
+    /// The maintained arrangement.
+    pub trace: SlotTrace,
+    /// Passed an epoch once the arrangement is complete through it.
+    pub probe: ProbeHandle<Epoch>,
+    /// Watermarks by epoch.
+    pub watermarks: Rc<RefCell<Watermarks>>,
+    /// Counters.
+    pub stats: Rc<Cell<Stats>>,
+    /// The layout.
+    pub layout: Rc<Layout>,
+}
+
+/// Builds the dataflow of `plan` in `scope`.
+pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan) -> Rendered {
+    let layout = Rc::new(Layout::new(plan));
+    let name = layout.plan.name.clone();
+    let (rows, row_stream) = scope.new_input::<Vec<Row>>();
+    let (reports, report_stream) = scope.new_input::<Vec<Report>>();
+    let watermarks = Rc::new(RefCell::new(Watermarks::default()));
+    let stats = Rc::new(Cell::new(Stats::default()));
+
+    let prep = Rc::clone(&layout);
+    let events = row_stream.flat_map(move |row| prep.prepare(&row));
+    let mut state = AggregateState::new(Rc::clone(&layout));
+    let (wm_out, stats_out) = (Rc::clone(&watermarks), Rc::clone(&stats));
+    let updates = events.binary_frontier::<_, CapacityContainerBuilder<Vec<((Key, Slot), Epoch, isize)>>, _, _, _, _>(
+        report_stream.broadcast(),
+        ExchangePact::new(|ev: &Ev| ev.hash),
+        Pipeline,
+        &format!("WindowAggregate({name})"),
+        move |_capability, _info| {
+            let mut pending_events: BTreeMap<Epoch, Vec<Ev>> = BTreeMap::new();
+            let mut pending_reports: BTreeMap<Epoch, Vec<Report>> = BTreeMap::new();
+            let mut caps: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
+            let mut out: Vec<((Key, Slot), isize)> = Vec::new();
+            move |(events, events_frontier), (reports, reports_frontier), output| {
+                let port = output.output_index();
+                events.for_each(|cap, data| {
+                    if let Some(&t) = cap.least() {
+                        caps.entry(t).or_insert_with(|| cap.delayed(&t, port));
+                        pending_events.entry(t).or_default().append(data);
+                    }
+                });
+                reports.for_each(|cap, data| {
+                    if let Some(&t) = cap.least() {
+                        caps.entry(t).or_insert_with(|| cap.delayed(&t, port));
+                        pending_reports.entry(t).or_default().append(data);
+                    }
+                });
+                while let Some((&epoch, _)) = caps.first_key_value() {
+                    if events_frontier.less_equal(&epoch) || reports_frontier.less_equal(&epoch) {
+                        break;
+                    }
+                    let Some((_, cap)) = caps.pop_first() else { break };
+                    let evs = pending_events.remove(&epoch).unwrap_or_default();
+                    let reps = pending_reports.remove(&epoch).unwrap_or_default();
+                    state.apply_epoch(evs, &reps, &mut out);
+                    if let Some(w) = state.watermark {
+                        let mut marks = wm_out.borrow_mut();
+                        if marks.current != Some(w) {
+                            marks.history.insert(epoch, w);
+                            marks.current = Some(w);
+                        }
+                    }
+                    stats_out.set(state.stats);
+                    if !out.is_empty() {
+                        let mut session = output.session(&cap);
+                        session.give_iterator(out.drain(..).map(|(d, r)| (d, epoch, r)));
+                    }
+                }
+            }
+        },
+    );
+    let arranged = arrange_core::<_, _, ValBatcher<Key, Slot, Epoch, isize>, SlotSpine>(
+        updates,
+        Pipeline,
+        &format!("Features({name})"),
+        ValBatcher::new,
+    );
+    let probe = ProbeHandle::new();
+    let _ = arranged.stream.clone().probe_with(&probe);
+    Rendered {
+        rows,
+        reports,
+        trace: arranged.trace,
+        probe,
+        watermarks,
+        stats,
+        layout,
+    }
+}
+
+struct Session {
+    start: i64,
+    end: i64,
+    accs: Vec<Acc>,
+}
+
+enum GroupState {
+    Panes(BTreeMap<i64, HashMap<Key, Vec<Acc>>>),
+    Sessions {
+        by_key: HashMap<Key, Vec<Session>>,
+        by_end: BTreeMap<i64, Vec<Key>>,
+    },
+    Global(HashMap<Key, Vec<Acc>>),
+}
+
+/// The aggregate's state on one worker: live slots of every group, and the partitions' reports.
+struct AggregateState {
+    layout: Rc<Layout>,
+    groups: Vec<GroupState>,
+    partitions: HashMap<u32, (Option<i64>, bool)>,
+    watermark: Option<i64>,
+    stats: Stats,
+}
+
+impl AggregateState {
+    fn new(layout: Rc<Layout>) -> Self {
+        let groups = layout
+            .groups
+            .iter()
+            .map(|g| match g.kind {
+                GroupKind::Pane(_) => GroupState::Panes(BTreeMap::new()),
+                GroupKind::Session(_) => GroupState::Sessions {
+                    by_key: HashMap::new(),
+                    by_end: BTreeMap::new(),
+                },
+                GroupKind::Global => GroupState::Global(HashMap::new()),
+            })
+            .collect();
+        AggregateState {
+            layout,
+            groups,
+            partitions: HashMap::new(),
+            watermark: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Applies one epoch's events, then its watermark; pushes the slot updates to `out`.
+    fn apply_epoch(
+        &mut self,
+        events: Vec<Ev>,
+        reports: &[Report],
+        out: &mut Vec<((Key, Slot), isize)>,
+    ) {
+        let layout = Rc::clone(&self.layout);
+        for (g, group) in layout.groups.iter().enumerate() {
+            let gid = g as u32;
+            match (&mut self.groups[g], group.kind) {
+                (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) => {
+                    // Old values of the slots this epoch changes, taken at their first change.
+                    let mut before: HashMap<(i64, Key), Option<Vec<Acc>>> = HashMap::new();
+                    let evicted_before = match (self.watermark, layout.plan.retention_ms) {
+                        (Some(w), Some(r)) => Some(
+                            w.saturating_sub(r as i64)
+                                .saturating_sub(group.span_ms as i64),
+                        ),
+                        _ => None,
+                    };
+                    for ev in &events {
+                        let start = ev.time.div_euclid(pane_ms as i64) * pane_ms as i64;
+                        if evicted_before.is_some_and(|limit| start <= limit) {
+                            self.stats.reopened += 1;
+                        }
+                        let slots = panes.entry(start).or_default();
+                        let accs = match slots.get_mut(&ev.key) {
+                            Some(accs) => {
+                                before
+                                    .entry((start, ev.key.clone()))
+                                    .or_insert_with(|| Some(accs.clone()));
+                                accs
+                            }
+                            None => {
+                                before.insert((start, ev.key.clone()), None);
+                                self.stats.live_slots += 1;
+                                slots
+                                    .entry(ev.key.clone())
+                                    .or_insert_with(|| layout.empty_accs(group))
+                            }
+                        };
+                        for (acc, input) in accs.iter_mut().zip(&group.inputs) {
+                            acc.add(ev.time, input.map(|i| &ev.values[i]));
+                        }
+                    }
+                    for ((start, key), old) in before {
+                        let end = start + pane_ms as i64;
+                        if let Some(old) = old {
+                            out.push((
+                                (
+                                    key.clone(),
+                                    Slot {
+                                        group: gid,
+                                        start,
+                                        end,
+                                        accs: old,
+                                    },
+                                ),
+                                -1,
+                            ));
+                        }
+                        if let Some(new) = panes.get(&start).and_then(|s| s.get(&key)) {
+                            out.push((
+                                (
+                                    key,
+                                    Slot {
+                                        group: gid,
+                                        start,
+                                        end,
+                                        accs: new.clone(),
+                                    },
+                                ),
+                                1,
+                            ));
+                        }
+                    }
+                }
+                (GroupState::Sessions { by_key, by_end }, GroupKind::Session(gap_ms)) => {
+                    let gap = gap_ms as i64;
+                    let mut before: HashMap<Key, Vec<Slot>> = HashMap::new();
+                    for ev in &events {
+                        let sessions = by_key.entry(ev.key.clone()).or_default();
+                        before.entry(ev.key.clone()).or_insert_with(|| {
+                            sessions
+                                .iter()
+                                .map(|s| Slot {
+                                    group: gid,
+                                    start: s.start,
+                                    end: s.end,
+                                    accs: s.accs.clone(),
+                                })
+                                .collect()
+                        });
+                        // The event's own session [t, t + gap) absorbs every session it intersects.
+                        let mut merged = Session {
+                            start: ev.time,
+                            end: ev.time + gap,
+                            accs: layout.empty_accs(group),
+                        };
+                        for (acc, input) in merged.accs.iter_mut().zip(&group.inputs) {
+                            acc.add(ev.time, input.map(|i| &ev.values[i]));
+                        }
+                        let mut kept = Vec::with_capacity(sessions.len() + 1);
+                        for s in sessions.drain(..) {
+                            if s.start < merged.end && merged.start < s.end {
+                                merged.start = merged.start.min(s.start);
+                                merged.end = merged.end.max(s.end);
+                                for (a, b) in merged.accs.iter_mut().zip(&s.accs) {
+                                    a.merge(b);
+                                }
+                            } else {
+                                kept.push(s);
+                            }
+                        }
+                        by_end.entry(merged.end).or_default().push(ev.key.clone());
+                        kept.push(merged);
+                        kept.sort_by_key(|s| s.start);
+                        *sessions = kept;
+                    }
+                    for (key, old) in before {
+                        for slot in old {
+                            out.push(((key.clone(), slot), -1));
+                        }
+                        for s in by_key.get(&key).into_iter().flatten() {
+                            out.push((
+                                (
+                                    key.clone(),
+                                    Slot {
+                                        group: gid,
+                                        start: s.start,
+                                        end: s.end,
+                                        accs: s.accs.clone(),
+                                    },
+                                ),
+                                1,
+                            ));
+                        }
+                    }
+                }
+                (GroupState::Global(slots), GroupKind::Global) => {
+                    let mut before: HashMap<Key, Option<Vec<Acc>>> = HashMap::new();
+                    for ev in &events {
+                        let accs = match slots.get_mut(&ev.key) {
+                            Some(accs) => {
+                                before
+                                    .entry(ev.key.clone())
+                                    .or_insert_with(|| Some(accs.clone()));
+                                accs
+                            }
+                            None => {
+                                before.insert(ev.key.clone(), None);
+                                self.stats.live_slots += 1;
+                                slots
+                                    .entry(ev.key.clone())
+                                    .or_insert_with(|| layout.empty_accs(group))
+                            }
+                        };
+                        for (acc, input) in accs.iter_mut().zip(&group.inputs) {
+                            acc.add(ev.time, input.map(|i| &ev.values[i]));
+                        }
+                    }
+                    for (key, old) in before {
+                        if let Some(old) = old {
+                            out.push((
+                                (
+                                    key.clone(),
+                                    Slot {
+                                        group: gid,
+                                        start: i64::MIN,
+                                        end: i64::MAX,
+                                        accs: old,
+                                    },
+                                ),
+                                -1,
+                            ));
+                        }
+                        if let Some(new) = slots.get(&key) {
+                            out.push((
+                                (
+                                    key,
+                                    Slot {
+                                        group: gid,
+                                        start: i64::MIN,
+                                        end: i64::MAX,
+                                        accs: new.clone(),
+                                    },
+                                ),
+                                1,
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.update_watermark(reports);
+        self.evict(out);
+    }
+
+    fn update_watermark(&mut self, reports: &[Report]) {
+        for r in reports {
+            let entry = self.partitions.entry(r.partition).or_insert((None, true));
+            entry.0 = entry.0.max(r.max_ts);
+            entry.1 = r.idle;
+        }
+        let active_min = self
+            .partitions
+            .values()
+            .filter(|(max, idle)| max.is_some() && !idle)
+            .filter_map(|(m, _)| *m)
+            .min();
+        if let Some(min) = active_min {
+            let candidate = min.saturating_sub(self.layout.plan.source.allowed_lateness_ms as i64);
+            self.watermark = Some(self.watermark.map_or(candidate, |w| w.max(candidate)));
+        }
+    }
+
+    fn evict(&mut self, out: &mut Vec<((Key, Slot), isize)>) {
+        let (Some(w), Some(retention)) = (self.watermark, self.layout.plan.retention_ms) else {
+            return;
+        };
+        let limit = w.saturating_sub(retention as i64);
+        let layout = Rc::clone(&self.layout);
+        for (g, group) in layout.groups.iter().enumerate() {
+            let gid = g as u32;
+            match (&mut self.groups[g], group.kind) {
+                (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) => {
+                    // A pane is evicted once the last window using it (starting at the pane)
+                    // ended more than `retention` before the watermark.
+                    while let Some((&start, _)) = panes.first_key_value() {
+                        if start + group.span_ms as i64 > limit {
+                            break;
+                        }
+                        let Some((_, slots)) = panes.pop_first() else {
+                            break;
+                        };
+                        self.stats.live_slots -= slots.len() as u64;
+                        let end = start + pane_ms as i64;
+                        out.extend(slots.into_iter().map(|(key, accs)| {
+                            (
+                                (
+                                    key,
+                                    Slot {
+                                        group: gid,
+                                        start,
+                                        end,
+                                        accs,
+                                    },
+                                ),
+                                -1,
+                            )
+                        }));
+                    }
+                }
+                (GroupState::Sessions { by_key, by_end }, GroupKind::Session(_)) => {
+                    while let Some((&end, _)) = by_end.first_key_value() {
+                        if end > limit {
+                            break;
+                        }
+                        let Some((_, keys)) = by_end.pop_first() else {
+                            break;
+                        };
+                        for key in keys {
+                            let Some(sessions) = by_key.get_mut(&key) else {
+                                continue;
+                            };
+                            let (gone, kept): (Vec<Session>, Vec<Session>) =
+                                sessions.drain(..).partition(|s| s.end <= limit);
+                            *sessions = kept;
+                            for s in gone {
+                                out.push((
+                                    (
+                                        key.clone(),
+                                        Slot {
+                                            group: gid,
+                                            start: s.start,
+                                            end: s.end,
+                                            accs: s.accs,
+                                        },
+                                    ),
+                                    -1,
+                                ));
+                            }
+                            if sessions.is_empty() {
+                                by_key.remove(&key);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One window of one feature, as reads show it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WindowValue {
+    /// Window start (ms), or null for the global window.
+    pub start: Option<i64>,
+    /// Window end (ms, exclusive), or null for the global window.
+    pub end: Option<i64>,
+    /// The feature's value.
+    pub value: serde_json::Value,
+    /// The watermark has passed the window's end.
+    pub closed: bool,
+}
+
+/// Assembles the windows of every feature from one key's slots, as of watermark `watermark`.
+/// Windows evicted by retention are left out; hopping windows merge their panes.
+pub fn assemble(
+    layout: &Layout,
+    slots: &[Slot],
+    watermark: Option<i64>,
+) -> Vec<(String, Vec<WindowValue>)> {
+    let plan = &layout.plan;
+    let retained = |end: i64| match (watermark, plan.retention_ms) {
+        (Some(w), Some(r)) => end > w.saturating_sub(r as i64),
+        _ => true,
+    };
+    let closed = |end: i64| watermark.is_some_and(|w| w >= end);
+    let mut result = Vec::with_capacity(plan.features.len());
+    for (f, feature) in plan.features.iter().enumerate() {
+        let Some((g, group)) = layout
+            .groups
+            .iter()
+            .enumerate()
+            .find(|(_, g)| g.features.contains(&f))
+        else {
+            continue;
+        };
+        let Some(pos) = group.features.iter().position(|&x| x == f) else {
+            continue;
+        };
+        let mine: Vec<&Slot> = slots.iter().filter(|s| s.group == g as u32).collect();
+        let agg: Agg = feature.agg;
+        let mut windows = Vec::new();
+        match feature.window {
+            Window::Tumbling { .. } | Window::Session { .. } => {
+                for s in &mine {
+                    if retained(s.end) {
+                        windows.push(WindowValue {
+                            start: Some(s.start),
+                            end: Some(s.end),
+                            value: s.accs[pos].value(agg),
+                            closed: closed(s.end),
+                        });
+                    }
+                }
+            }
+            Window::Global => {
+                for s in &mine {
+                    windows.push(WindowValue {
+                        start: None,
+                        end: None,
+                        value: s.accs[pos].value(agg),
+                        closed: false,
+                    });
+                }
+            }
+            Window::Hopping { size_ms, hop_ms } => {
+                let (size, hop) = (size_ms as i64, hop_ms as i64);
+                let panes: BTreeMap<i64, &Acc> =
+                    mine.iter().map(|s| (s.start, &s.accs[pos])).collect();
+                let mut starts: Vec<i64> = panes
+                    .keys()
+                    .flat_map(|&p| (0..size / hop).map(move |k| p - k * hop))
+                    .collect();
+                starts.sort_unstable();
+                starts.dedup();
+                for start in starts {
+                    let end = start + size;
+                    if !retained(end) {
+                        continue;
+                    }
+                    let mut acc: Option<Acc> = None;
+                    for (_, pane) in panes.range(start..end) {
+                        match &mut acc {
+                            None => acc = Some((*pane).clone()),
+                            Some(a) => a.merge(pane),
+                        }
+                    }
+                    if let Some(acc) = acc {
+                        windows.push(WindowValue {
+                            start: Some(start),
+                            end: Some(end),
+                            value: acc.value(agg),
+                            closed: closed(end),
+                        });
+                    }
+                }
+            }
+        }
+        windows.sort_by_key(|w| w.start);
+        result.push((feature.name.clone(), windows));
+    }
+    result
+}

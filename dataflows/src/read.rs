@@ -1,0 +1,99 @@
+//! Reading a feature arrangement at one epoch: a cursor over the local trace, accumulating each
+//! slot's updates at times not after `as_of`. Nothing is copied out of the arrangement but the
+//! slots that are live at `as_of`.
+
+use differential_dataflow::trace::cursor::{cursor_list, Cursor};
+use differential_dataflow::trace::TraceReader;
+use timely::progress::Antichain;
+
+use sundial_protocol::value::Key;
+
+use crate::features::{Epoch, Slot, SlotTrace};
+
+/// Why a read cannot be served from this trace.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// History before the compaction frontier has been merged away.
+    #[error(
+        "epoch {as_of} is no longer readable: history before epoch {since} has been compacted"
+    )]
+    Compacted {
+        /// The requested epoch.
+        as_of: Epoch,
+        /// The oldest readable epoch.
+        since: Epoch,
+    },
+}
+
+fn check(trace: &mut SlotTrace, as_of: Epoch) -> Result<(), ReadError> {
+    let since = trace
+        .get_logical_compaction()
+        .iter()
+        .next()
+        .copied()
+        .unwrap_or(0);
+    if as_of < since {
+        return Err(ReadError::Compacted { as_of, since });
+    }
+    Ok(())
+}
+
+fn live_slots<C: Cursor<Time = Epoch, Diff = isize>>(
+    cursor: &mut C,
+    storage: &C::Storage,
+    as_of: Epoch,
+) -> Vec<Slot>
+where
+    for<'a> C::Val<'a>: Into<&'a Slot>,
+{
+    let mut slots = Vec::new();
+    while let Some(val) = cursor.get_val(storage) {
+        let mut count = 0isize;
+        cursor.map_times(storage, |t, r| {
+            if C::owned_time(t) <= as_of {
+                count += C::owned_diff(r);
+            }
+        });
+        if count > 0 {
+            slots.push(val.into().clone());
+        }
+        cursor.step_val(storage);
+    }
+    slots
+}
+
+/// The live slots of `key` at `as_of` (empty when the key has none).
+pub fn read_key(trace: &mut SlotTrace, key: &Key, as_of: Epoch) -> Result<Vec<Slot>, ReadError> {
+    check(trace, as_of)?;
+    let Some(batches) = trace.batches_through(Antichain::new().borrow()) else {
+        return Ok(Vec::new());
+    };
+    let (mut cursor, storage) = cursor_list(batches);
+    cursor.seek_key(&storage, key);
+    match cursor.get_key(&storage) {
+        Some(k) if k == key => Ok(live_slots(&mut cursor, &storage, as_of)),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Calls `f` with every key that has live slots at `as_of`, in key order.
+pub fn read_all(
+    trace: &mut SlotTrace,
+    as_of: Epoch,
+    mut f: impl FnMut(&Key, Vec<Slot>),
+) -> Result<(), ReadError> {
+    check(trace, as_of)?;
+    let Some(batches) = trace.batches_through(Antichain::new().borrow()) else {
+        return Ok(());
+    };
+    let (mut cursor, storage) = cursor_list(batches);
+    while let Some(key) = cursor.get_key(&storage) {
+        let key = key.clone();
+        let slots = live_slots(&mut cursor, &storage, as_of);
+        if !slots.is_empty() {
+            f(&key, slots);
+        }
+        cursor.step_key(&storage);
+    }
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! Property test of the windowed aggregates against a naive model.
+//!
+//! Random definitions (every aggregation, tumbling / hopping / session / global windows, a
+//! filter, finite or infinite retention) and random event streams — out of order, in random
+//! batches, spread over the ingest partitions of 1 or 3 worker threads, with events behind the
+//! watermark — run through the real rendered dataflow in one process. The result, read from the
+//! arrangement at the last epoch, must equal what a plain recomputation over the accepted events
+//! gives: windows and values per key and feature, `closed` flags and retention included. The
+//! model computes the watermark itself (Flink's rule) and decides which events are late.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use serde_json::Value;
+
+use sundial_dataflows::features::{assemble, render, Epoch, Report};
+use sundial_dataflows::read::read_all;
+use sundial_dataflows::row::Row;
+use sundial_protocol::plan::{
+    Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window,
+};
+use sundial_protocol::value::{Datum, F64};
+
+const LATENESS: i64 = 50;
+
+fn source() -> SourcePlan {
+    let f = |n: &str, ty| Field { name: n.into(), ty };
+    SourcePlan {
+        name: "tx".into(),
+        fields: vec![
+            f("user", FieldType::U64),
+            f("ts", FieldType::I64),
+            f("amount", FieldType::I64),
+            f("score", FieldType::F64),
+        ],
+        time: 1,
+        time_unit: TimeUnit::Ms,
+        allowed_lateness_ms: LATENESS as u64,
+        idle_timeout_ms: 10_000,
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Event {
+    user: u64,
+    ts: i64,
+    amount: Option<i64>,
+    score: f64,
+}
+
+fn row(e: &Event) -> Row {
+    Row {
+        time: e.ts,
+        values: vec![
+            Datum::UInt(e.user),
+            Datum::Int(e.ts),
+            e.amount.map_or(Datum::Null, Datum::Int),
+            Datum::Float(F64(e.score)),
+        ]
+        .into_boxed_slice(),
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    plan: DataflowPlan,
+    threads: usize,
+    /// epochs[e][partition] = events
+    epochs: Vec<Vec<Vec<Event>>>,
+}
+
+fn window() -> impl Strategy<Value = Window> {
+    prop_oneof![
+        (1u64..4).prop_map(|k| Window::Tumbling { size_ms: k * 100 }),
+        (1u64..4, 1u64..4).prop_map(|(h, m)| Window::Hopping {
+            size_ms: h * m * 50,
+            hop_ms: h * 50
+        }),
+        (1u64..4).prop_map(|g| Window::Session { gap_ms: g * 40 }),
+        Just(Window::Global),
+    ]
+}
+
+fn feature() -> impl Strategy<Value = (Agg, Option<usize>, Window)> {
+    let agg = prop_oneof![
+        Just(Agg::Count),
+        Just(Agg::Sum),
+        Just(Agg::Avg),
+        Just(Agg::Min),
+        Just(Agg::Max),
+        Just(Agg::Stddev),
+        Just(Agg::Variance),
+        Just(Agg::CountDistinct),
+        Just(Agg::First),
+        Just(Agg::Last)
+    ];
+    (
+        agg,
+        prop_oneof![Just(2usize), Just(3usize)],
+        any::<bool>(),
+        window(),
+    )
+        .prop_map(|(agg, field, plain, w)| {
+            let field = if agg == Agg::Count && plain {
+                None
+            } else {
+                Some(field)
+            };
+            (agg, field, w)
+        })
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let features = prop::collection::vec(feature(), 1..5);
+    let retention = prop_oneof![Just(None), (0u64..4).prop_map(|k| Some(k * 100))];
+    let filter = any::<bool>();
+    let threads = prop_oneof![Just(1usize), Just(3usize)];
+    let events = prop::collection::vec(
+        (
+            0u64..5,
+            0i64..2_000,
+            prop::option::weighted(0.9, -50i64..200),
+            0u8..4,
+        ),
+        0..160,
+    );
+    (
+        features,
+        retention,
+        filter,
+        threads,
+        events,
+        1usize..8,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(features, retention_ms, filter, threads, raw, nbatches, seed)| {
+                let features = features
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (agg, field, window))| FeaturePlan {
+                        name: format!("f{i}"),
+                        agg,
+                        field,
+                        window,
+                    })
+                    .collect();
+                let filter = filter.then(|| {
+                    sundial_definition::expr::parse_filter(
+                        "amount is null or amount > 0",
+                        &source(),
+                    )
+                    .unwrap()
+                });
+                let plan = DataflowPlan {
+                    name: "p".into(),
+                    source: source(),
+                    key: vec![0],
+                    filter,
+                    retention_ms,
+                    features,
+                };
+                // Event time roughly follows the order of arrival, with jitter: out of order, and
+                // sometimes behind the watermark.
+                let n = raw.len().max(1) as i64;
+                let mut epochs = vec![vec![Vec::new(); threads]; nbatches];
+                for (i, (user, jitter, amount, score)) in raw.into_iter().enumerate() {
+                    let ts = (i as i64 * 2_000 / n) + jitter / 8 - 120;
+                    let batch = (i * nbatches) / (n as usize).max(1);
+                    let part = ((seed >> (i % 60)) as usize + i) % threads;
+                    epochs[batch.min(nbatches - 1)][part].push(Event {
+                        user,
+                        ts,
+                        amount,
+                        score: f64::from(score) * 0.5,
+                    });
+                }
+                Case {
+                    plan,
+                    threads,
+                    epochs,
+                }
+            },
+        )
+}
+
+/// The watermark after each epoch, and which events the ingest accepts (those not behind the
+/// watermark of the epoch before), exactly as the rule says.
+fn model_ingest(case: &Case) -> (Vec<Option<i64>>, Vec<Vec<Vec<bool>>>) {
+    let mut max_ts: Vec<Option<i64>> = vec![None; case.threads];
+    let mut wm: Option<i64> = None;
+    let mut wms = Vec::new();
+    let mut accepted = Vec::new();
+    for epoch in &case.epochs {
+        let mut acc_epoch = Vec::new();
+        for (p, events) in epoch.iter().enumerate() {
+            let flags: Vec<bool> = events
+                .iter()
+                .map(|e| wm.is_none_or(|w| e.ts >= w))
+                .collect();
+            for (e, ok) in events.iter().zip(&flags) {
+                if *ok {
+                    max_ts[p] = max_ts[p].max(Some(e.ts));
+                }
+            }
+            acc_epoch.push(flags);
+        }
+        if let Some(min) = max_ts.iter().flatten().min() {
+            let candidate = min - LATENESS;
+            wm = Some(wm.map_or(candidate, |w| w.max(candidate)));
+        }
+        wms.push(wm);
+        accepted.push(acc_epoch);
+    }
+    (wms, accepted)
+}
+
+/// start, end, value, closed
+type Win = (Option<i64>, Option<i64>, Value, bool);
+type Results = BTreeMap<(u64, String), Vec<Win>>;
+
+fn plain_value(agg: Agg, field: Option<usize>, events: &[&Event]) -> Value {
+    let vals: Vec<(i64, Datum)> = events
+        .iter()
+        .filter_map(|e| match field {
+            None => Some((e.ts, Datum::Null)),
+            Some(2) => e.amount.map(|a| (e.ts, Datum::Int(a))),
+            Some(_) => Some((e.ts, Datum::Float(F64(e.score)))),
+        })
+        .collect();
+    let float = |f: f64| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number);
+    let nums: Vec<f64> = vals.iter().filter_map(|(_, d)| d.as_f64()).collect();
+    if agg != Agg::Count && agg != Agg::CountDistinct && vals.is_empty() {
+        return Value::Null;
+    }
+    match agg {
+        Agg::Count => vals.len().into(),
+        Agg::Sum if field == Some(2) => {
+            let sum: i128 = vals.iter().map(|(_, d)| d.as_i128().unwrap_or(0)).sum();
+            i64::try_from(sum).map_or(Value::Null, Value::from)
+        }
+        Agg::Sum => float(nums.iter().sum()),
+        Agg::Avg => float(nums.iter().sum::<f64>() / nums.len() as f64),
+        Agg::Min => vals
+            .iter()
+            .map(|(_, d)| d.clone())
+            .min()
+            .map_or(Value::Null, |d| d.to_json()),
+        Agg::Max => vals
+            .iter()
+            .map(|(_, d)| d.clone())
+            .max()
+            .map_or(Value::Null, |d| d.to_json()),
+        Agg::Variance | Agg::Stddev => {
+            let n = nums.len() as f64;
+            let mean = nums.iter().sum::<f64>() / n;
+            let var = nums.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+            float(if agg == Agg::Stddev { var.sqrt() } else { var })
+        }
+        Agg::CountDistinct => vals
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect::<BTreeSet<_>>()
+            .len()
+            .into(),
+        Agg::First => vals
+            .iter()
+            .min_by(|a, b| a.cmp(b))
+            .map_or(Value::Null, |(_, d)| d.to_json()),
+        Agg::Last => vals
+            .iter()
+            .max_by(|a, b| a.cmp(b))
+            .map_or(Value::Null, |(_, d)| d.to_json()),
+    }
+}
+
+fn model(case: &Case) -> (Results, Option<i64>) {
+    let (wms, accepted) = model_ingest(case);
+    let wm = wms.last().copied().flatten();
+    let mut events: Vec<&Event> = Vec::new();
+    for (e, epoch) in case.epochs.iter().enumerate() {
+        for (p, evs) in epoch.iter().enumerate() {
+            events.extend(
+                evs.iter()
+                    .zip(&accepted[e][p])
+                    .filter(|(_, ok)| **ok)
+                    .map(|(ev, _)| ev),
+            );
+        }
+    }
+    let plan = &case.plan;
+    events.retain(|e| plan.filter.is_none() || e.amount.is_none_or(|a| a > 0));
+    let retained = |end: i64| match (wm, plan.retention_ms) {
+        (Some(w), Some(r)) => end > w - r as i64,
+        _ => true,
+    };
+    let mut out: Results = BTreeMap::new();
+    let users: BTreeSet<u64> = events.iter().map(|e| e.user).collect();
+    for user in users {
+        let mine: Vec<&Event> = events.iter().copied().filter(|e| e.user == user).collect();
+        for f in &plan.features {
+            let mut windows: Vec<(i64, i64)> = Vec::new();
+            match f.window {
+                Window::Tumbling { size_ms } => {
+                    let s = size_ms as i64;
+                    windows = mine
+                        .iter()
+                        .map(|e| (e.ts.div_euclid(s) * s, e.ts.div_euclid(s) * s + s))
+                        .collect();
+                }
+                Window::Hopping { size_ms, hop_ms } => {
+                    let (s, h) = (size_ms as i64, hop_ms as i64);
+                    for e in &mine {
+                        let last = e.ts.div_euclid(h) * h;
+                        for k in 0..s / h {
+                            windows.push((last - k * h, last - k * h + s));
+                        }
+                    }
+                }
+                Window::Session { gap_ms } => {
+                    let mut ts: Vec<i64> = mine.iter().map(|e| e.ts).collect();
+                    ts.sort_unstable();
+                    for t in ts {
+                        match windows.last_mut() {
+                            Some((_, end)) if t < *end => *end = (*end).max(t + gap_ms as i64),
+                            _ => windows.push((t, t + gap_ms as i64)),
+                        }
+                    }
+                }
+                Window::Global => {}
+            }
+            windows.sort_unstable();
+            windows.dedup();
+            let mut rows = Vec::new();
+            if f.window == Window::Global {
+                rows.push((None, None, plain_value(f.agg, f.field, &mine), false));
+            }
+            for (start, end) in windows {
+                if !retained(end) {
+                    continue;
+                }
+                let inside: Vec<&Event> = mine
+                    .iter()
+                    .copied()
+                    .filter(|e| e.ts >= start && e.ts < end)
+                    .collect();
+                rows.push((
+                    Some(start),
+                    Some(end),
+                    plain_value(f.agg, f.field, &inside),
+                    wm.is_some_and(|w| w >= end),
+                ));
+            }
+            if !rows.is_empty() {
+                out.insert((user, f.name.clone()), rows);
+            }
+        }
+    }
+    (out, wm)
+}
+
+fn run(case: &Case) -> (Results, Option<i64>) {
+    let (wms, accepted) = model_ingest(case);
+    let shared = std::sync::Arc::new((case.clone(), accepted, wms));
+    let guards = timely::execute(timely::Config::process(case.threads), move |worker| {
+        let (case, accepted, _wms) = &*shared;
+        let me = worker.index();
+        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, case.plan.clone()));
+        let mut max_ts: Option<i64> = None;
+        let mut epoch: Epoch = 1;
+        for (e, batch) in case.epochs.iter().enumerate() {
+            r.rows.advance_to(epoch);
+            r.reports.advance_to(epoch);
+            for (ev, ok) in batch[me].iter().zip(&accepted[e][me]) {
+                if *ok {
+                    max_ts = max_ts.max(Some(ev.ts));
+                    r.rows.send(row(ev));
+                }
+            }
+            r.reports.send(Report {
+                partition: me as u32,
+                max_ts,
+                idle: false,
+            });
+            epoch += 1;
+            r.rows.advance_to(epoch);
+            r.reports.advance_to(epoch);
+            // Lockstep: the next batch is checked against this epoch's watermark.
+            worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
+        }
+        let last = epoch - 1;
+        let wm = r.watermarks.borrow().at(last);
+        let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
+        read_all(&mut r.trace, last, |key, slots| {
+            let Datum::UInt(user) = key.parts()[0] else {
+                panic!("u64 keys")
+            };
+            for (name, windows) in assemble(&r.layout, &slots, wm) {
+                if !windows.is_empty() {
+                    results.push((
+                        user,
+                        name,
+                        windows
+                            .into_iter()
+                            .map(|w| (w.start, w.end, w.value, w.closed))
+                            .collect(),
+                    ));
+                }
+            }
+        })
+        .unwrap();
+        (results, wm)
+    })
+    .unwrap();
+    let mut out = BTreeMap::new();
+    let mut wm = None;
+    for result in guards.join() {
+        let (results, w) = result.unwrap();
+        wm = w;
+        for (user, name, windows) in results {
+            assert!(
+                out.insert((user, name), windows).is_none(),
+                "a key lives on one worker only"
+            );
+        }
+    }
+    (out, wm)
+}
+
+fn close(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) if a.is_f64() || b.is_f64() => {
+            (x - y).abs() <= 1e-6 * (1.0 + x.abs().max(y.abs()))
+        }
+        _ => a == b,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn aggregates_match_the_model(case in case()) {
+        let (want, want_wm) = model(&case);
+        let (got, got_wm) = run(&case);
+        prop_assert_eq!(got_wm, want_wm, "watermark");
+        prop_assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "groups");
+        for (k, w) in &want {
+            let g = &got[k];
+            prop_assert_eq!(g.len(), w.len(), "windows of {:?}: got {:?} want {:?}", k, g, w);
+            for (a, b) in g.iter().zip(w) {
+                prop_assert!(a.0 == b.0 && a.1 == b.1 && a.3 == b.3 && close(&a.2, &b.2), "{:?}: got {:?} want {:?}", k, g, w);
+            }
+        }
+    }
+}
