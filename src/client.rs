@@ -30,20 +30,14 @@ pub struct ApiResponse {
 pub fn get(server: &str, path: &str, timeout: Duration) -> anyhow::Result<ApiResponse> {
     let base = server.trim_end_matches('/');
     let url = format!("{base}{path}");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
     let mut response = agent
         .get(&url)
         .call()
         .with_context(|| format!("cannot reach the coordinator at {base} (is `sundial local` running? --server or SUNDIAL_SERVER selects another)"))?;
     let status = response.status().as_u16();
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .with_context(|| format!("reading the answer of {url}"))?;
+    let text = response.body_mut().read_to_string().with_context(|| format!("reading the answer of {url}"))?;
     let body = serde_json::from_str(&text)
         .with_context(|| format!("{url} answered {status} with something that is not JSON"))?;
     Ok(ApiResponse { status, body })
@@ -53,34 +47,19 @@ fn expect_ok(response: ApiResponse, what: &str) -> anyhow::Result<Value> {
     if (200..300).contains(&response.status) {
         return Ok(response.body);
     }
-    let message = response
-        .body
-        .get("error")
-        .and_then(Value::as_str)
-        .unwrap_or("no error message");
-    bail!(
-        "{what}: the coordinator answered {}: {message}",
-        response.status
-    )
+    let message = response.body.get("error").and_then(Value::as_str).unwrap_or("no error message");
+    bail!("{what}: the coordinator answered {}: {message}", response.status)
 }
 
 /// Prints the cluster's health; with `--check`, also runs the diagnostic exchange.
 pub fn status(server: &str, args: &StatusArgs) -> anyhow::Result<()> {
-    let cluster = expect_ok(
-        get(server, "/v1/cluster", Duration::from_secs(10))?,
-        "cluster status",
-    )?;
+    let cluster = expect_ok(get(server, "/v1/cluster", Duration::from_secs(10))?, "cluster status")?;
     let check = if args.check {
-        Some(expect_ok(
-            get(server, "/v1/cluster/check", Duration::from_secs(30))?,
-            "exchange check",
-        )?)
+        Some(expect_ok(get(server, "/v1/cluster/check", Duration::from_secs(30))?, "exchange check")?)
     } else {
         None
     };
-    let check_ok = check
-        .as_ref()
-        .map(|c| c.get("ok").and_then(Value::as_bool) == Some(true));
+    let check_ok = check.as_ref().map(|c| c.get("ok").and_then(Value::as_bool) == Some(true));
     if args.json {
         let out = match check {
             Some(check) => serde_json::json!({"cluster": cluster, "check": check}),
@@ -104,9 +83,7 @@ pub fn status(server: &str, args: &StatusArgs) -> anyhow::Result<()> {
 /// Writes to stdout; a closed pipe (`sundial status | head`) is not an error.
 pub fn emit(text: &str) {
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush());
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
 }
 
 fn text(v: &Value, key: &str) -> String {
@@ -135,18 +112,11 @@ fn print_cluster(out: &mut String, c: &Value) {
         "{:<6} {:<9} {:<16} {:<22} {:<8} {:<10} ID",
         "INDEX", "STATE", "HOST", "DATA ADDR", "PID", "HEARTBEAT"
     );
-    for w in c
-        .get("workers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for w in c.get("workers").and_then(Value::as_array).into_iter().flatten() {
         let heartbeat = w
             .get("last_heartbeat_ms_ago")
             .and_then(Value::as_u64)
-            .map_or("-".to_string(), |ms| {
-                format!("{:.1}s ago", ms as f64 / 1000.0)
-            });
+            .map_or("-".to_string(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0));
         let _ = writeln!(
             out,
             "{:<6} {:<9} {:<16} {:<22} {:<8} {:<10} {}",
@@ -170,11 +140,7 @@ fn print_check(out: &mut String, check: &Value) {
         .and_then(Value::as_array)
         .map(|rows| {
             rows.iter()
-                .map(|r| {
-                    r.as_array()
-                        .map(|r| r.iter().filter_map(Value::as_u64).collect())
-                        .unwrap_or_default()
-                })
+                .map(|r| r.as_array().map(|r| r.iter().filter_map(Value::as_u64).collect()).unwrap_or_default())
                 .collect()
         })
         .unwrap_or_default();
@@ -189,10 +155,7 @@ fn print_check(out: &mut String, check: &Value) {
         text(check, "threads"),
         text(check, "records_per_pair"),
     );
-    let _ = writeln!(
-        out,
-        "records received by worker (row) from worker (column):"
-    );
+    let _ = writeln!(out, "records received by worker (row) from worker (column):");
     for (to, row) in rows.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|n| format!("{n:>5}")).collect();
         let _ = writeln!(out, "  w{to:<3}{}", cells.join(""));

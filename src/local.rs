@@ -24,36 +24,16 @@ use crate::client;
 #[derive(Args, Debug)]
 pub struct LocalArgs {
     /// Worker processes to start.
-    #[arg(
-        long,
-        env = "SUNDIAL_LOCAL_WORKERS",
-        value_name = "N",
-        default_value_t = 2
-    )]
+    #[arg(long, env = "SUNDIAL_LOCAL_WORKERS", value_name = "N", default_value_t = 2)]
     workers: usize,
     /// Timely threads per worker process.
-    #[arg(
-        long,
-        env = "SUNDIAL_LOCAL_THREADS",
-        value_name = "T",
-        default_value_t = 2
-    )]
+    #[arg(long, env = "SUNDIAL_LOCAL_THREADS", value_name = "T", default_value_t = 2)]
     threads: usize,
     /// Data of all processes goes below this folder (and their logs in DIR/logs).
-    #[arg(
-        long,
-        env = "SUNDIAL_LOCAL_DATA_DIR",
-        value_name = "DIR",
-        default_value = "sundial-data"
-    )]
+    #[arg(long, env = "SUNDIAL_LOCAL_DATA_DIR", value_name = "DIR", default_value = "sundial-data")]
     data_dir: PathBuf,
     /// The coordinator's HTTP API.
-    #[arg(
-        long,
-        env = "SUNDIAL_HTTP",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7700"
-    )]
+    #[arg(long, env = "SUNDIAL_HTTP", value_name = "ADDR", default_value = "127.0.0.1:7700")]
     http: String,
     /// How long to wait for the cluster to form.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::parse_duration)]
@@ -77,21 +57,11 @@ fn spawn(exe: &Path, name: &str, args: Vec<String>, log: PathBuf) -> anyhow::Res
         .stderr(file)
         .spawn()
         .with_context(|| format!("starting the {name}"))?;
-    Ok(Proc {
-        name: name.to_string(),
-        args,
-        log,
-        child,
-        restarts: 0,
-    })
+    Ok(Proc { name: name.to_string(), args, log, child, restarts: 0 })
 }
 
 fn open_log(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening log {}", path.display()))
+    OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening log {}", path.display()))
 }
 
 fn log_tail(path: &Path) -> String {
@@ -140,8 +110,7 @@ pub fn run(args: LocalArgs, log_format: &str) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing the signal handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing the signal handler")?;
     }
 
     let started = Instant::now();
@@ -159,12 +128,7 @@ pub fn run(args: LocalArgs, log_format: &str) -> anyhow::Result<()> {
         "--data-dir".into(),
         coordinator_dir.display().to_string(),
     ];
-    procs.push(spawn(
-        &exe,
-        "coordinator",
-        coordinator_args,
-        logs.join("coordinator.log"),
-    )?);
+    procs.push(spawn(&exe, "coordinator", coordinator_args, logs.join("coordinator.log"))?);
 
     let result = (|| -> anyhow::Result<()> {
         let control = wait_for_addresses(&addresses_file, &mut procs[0], &stop)?;
@@ -178,19 +142,11 @@ pub fn run(args: LocalArgs, log_format: &str) -> anyhow::Result<()> {
                 "--threads".into(),
                 args.threads.to_string(),
                 "--data-dir".into(),
-                args.data_dir
-                    .join(format!("worker-{i}"))
-                    .display()
-                    .to_string(),
+                args.data_dir.join(format!("worker-{i}")).display().to_string(),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
             ];
-            procs.push(spawn(
-                &exe,
-                &format!("worker {i}"),
-                worker_args,
-                logs.join(format!("worker-{i}.log")),
-            )?);
+            procs.push(spawn(&exe, &format!("worker {i}"), worker_args, logs.join(format!("worker-{i}.log")))?);
         }
         let server = format!("http://{}", args.http);
         wait_for_running(&server, &mut procs, &stop, args.startup_timeout)?;
@@ -220,46 +176,30 @@ pub fn run(args: LocalArgs, log_format: &str) -> anyhow::Result<()> {
     result
 }
 
-fn wait_for_addresses(
-    file: &Path,
-    coordinator: &mut Proc,
-    stop: &AtomicBool,
-) -> anyhow::Result<String> {
+fn wait_for_addresses(file: &Path, coordinator: &mut Proc, stop: &AtomicBool) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(text) = fs::read_to_string(file) {
-            if let Some(control) = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["control"].as_str().map(String::from))
+            if let Some(control) =
+                serde_json::from_str::<Value>(&text).ok().and_then(|v| v["control"].as_str().map(String::from))
             {
                 return Ok(control);
             }
         }
         if let Ok(Some(status)) = coordinator.child.try_wait() {
-            bail!(
-                "the coordinator exited ({status}):\n{}",
-                log_tail(&coordinator.log)
-            );
+            bail!("the coordinator exited ({status}):\n{}", log_tail(&coordinator.log));
         }
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
         if Instant::now() > deadline {
-            bail!(
-                "the coordinator did not start within 15s; see {}",
-                coordinator.log.display()
-            );
+            bail!("the coordinator did not start within 15s; see {}", coordinator.log.display());
         }
         thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn wait_for_running(
-    server: &str,
-    procs: &mut [Proc],
-    stop: &AtomicBool,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+fn wait_for_running(server: &str, procs: &mut [Proc], stop: &AtomicBool, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(response) = client::get(server, "/v1/cluster", Duration::from_secs(2)) {
@@ -269,11 +209,7 @@ fn wait_for_running(
         }
         for p in procs.iter_mut() {
             if let Ok(Some(status)) = p.child.try_wait() {
-                bail!(
-                    "the {} exited ({status}) before the cluster formed:\n{}",
-                    p.name,
-                    log_tail(&p.log)
-                );
+                bail!("the {} exited ({status}) before the cluster formed:\n{}", p.name, log_tail(&p.log));
             }
         }
         if stop.load(Ordering::Relaxed) {
@@ -282,11 +218,7 @@ fn wait_for_running(
         if Instant::now() > deadline {
             bail!(
                 "the cluster did not form within {timeout:?}; see the logs in {}",
-                procs[0]
-                    .log
-                    .parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
+                procs[0].log.parent().map(|p| p.display().to_string()).unwrap_or_default()
             );
         }
         thread::sleep(Duration::from_millis(50));
@@ -303,18 +235,9 @@ fn supervise(exe: &Path, procs: &mut [Proc], stop: &AtomicBool) -> anyhow::Resul
                 bail!("the coordinator exited ({status}):\n{}", log_tail(&p.log));
             }
             if p.restarts >= 5 {
-                bail!(
-                    "the {} exited ({status}) {} times:\n{}",
-                    p.name,
-                    p.restarts + 1,
-                    log_tail(&p.log)
-                );
+                bail!("the {} exited ({status}) {} times:\n{}", p.name, p.restarts + 1, log_tail(&p.log));
             }
-            eprintln!(
-                "{} exited ({status}); restarting it (see {})",
-                p.name,
-                p.log.display()
-            );
+            eprintln!("{} exited ({status}); restarting it (see {})", p.name, p.log.display());
             thread::sleep(Duration::from_millis(500));
             let file = open_log(&p.log)?;
             p.child = Command::new(exe)

@@ -19,23 +19,11 @@ use sundial_worker::SupervisorConfig;
 #[command(name = "sundial", version, about)]
 struct Cli {
     /// The coordinator's HTTP API, for client commands.
-    #[arg(
-        long,
-        global = true,
-        env = "SUNDIAL_SERVER",
-        value_name = "URL",
-        default_value = "http://127.0.0.1:7700"
-    )]
+    #[arg(long, global = true, env = "SUNDIAL_SERVER", value_name = "URL", default_value = "http://127.0.0.1:7700")]
     server: String,
 
     /// Log format on stderr (levels come from RUST_LOG, default info).
-    #[arg(
-        long,
-        global = true,
-        env = "SUNDIAL_LOG_FORMAT",
-        value_name = "FORMAT",
-        default_value = "human"
-    )]
+    #[arg(long, global = true, env = "SUNDIAL_LOG_FORMAT", value_name = "FORMAT", default_value = "human")]
     log_format: LogFormat,
 
     #[command(subcommand)]
@@ -79,31 +67,16 @@ enum Command {
 #[derive(Args, Debug)]
 struct CoordinatorArgs {
     /// Control port that workers connect to.
-    #[arg(
-        long,
-        env = "SUNDIAL_COORDINATOR_LISTEN",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7701"
-    )]
+    #[arg(long, env = "SUNDIAL_COORDINATOR_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:7701")]
     listen: String,
     /// HTTP API address.
-    #[arg(
-        long,
-        env = "SUNDIAL_HTTP",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7700"
-    )]
+    #[arg(long, env = "SUNDIAL_HTTP", value_name = "ADDR", default_value = "127.0.0.1:7700")]
     http: String,
     /// Number of worker processes in the cluster.
     #[arg(long, env = "SUNDIAL_WORKERS", value_name = "N", default_value_t = 2)]
     workers: usize,
     /// Where the coordinator keeps its state.
-    #[arg(
-        long,
-        env = "SUNDIAL_COORDINATOR_DATA_DIR",
-        value_name = "DIR",
-        default_value = "sundial-data/coordinator"
-    )]
+    #[arg(long, env = "SUNDIAL_COORDINATOR_DATA_DIR", value_name = "DIR", default_value = "sundial-data/coordinator")]
     data_dir: PathBuf,
     /// How often workers send heartbeats (and the coordinator pings).
     #[arg(long, env = "SUNDIAL_HEARTBEAT_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
@@ -116,31 +89,16 @@ struct CoordinatorArgs {
 #[derive(Args, Debug)]
 struct WorkerArgs {
     /// The coordinator's control address (host:port; host names are resolved).
-    #[arg(
-        long,
-        env = "SUNDIAL_COORDINATOR",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7701"
-    )]
+    #[arg(long, env = "SUNDIAL_COORDINATOR", value_name = "ADDR", default_value = "127.0.0.1:7701")]
     coordinator: String,
     /// Timely worker threads in this process (the same on every worker).
     #[arg(long, env = "SUNDIAL_THREADS", value_name = "T", default_value_t = 2)]
     threads: usize,
     /// Where the worker keeps its identity, log and checkpoints.
-    #[arg(
-        long,
-        env = "SUNDIAL_WORKER_DATA_DIR",
-        value_name = "DIR",
-        default_value = "sundial-data/worker"
-    )]
+    #[arg(long, env = "SUNDIAL_WORKER_DATA_DIR", value_name = "DIR", default_value = "sundial-data/worker")]
     data_dir: PathBuf,
     /// Local address for timely data between processes (port 0 picks a free port).
-    #[arg(
-        long,
-        env = "SUNDIAL_WORKER_LISTEN",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:0"
-    )]
+    #[arg(long, env = "SUNDIAL_WORKER_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:0")]
     listen: String,
     /// The address other processes use to reach --listen (HOST or HOST:PORT), when it differs.
     #[arg(long, env = "SUNDIAL_ADVERTISE", value_name = "HOST[:PORT]")]
@@ -149,8 +107,8 @@ struct WorkerArgs {
 
 /// Parses durations such as `500ms`, `1s`, `2m`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration such as 500ms or 5s: {e}"))?;
+    let d =
+        humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration such as 500ms or 5s: {e}"))?;
     if d.is_zero() {
         return Err("the duration must be longer than zero".into());
     }
@@ -161,10 +119,7 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

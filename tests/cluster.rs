@@ -21,9 +21,7 @@ fn one_two_and_three_workers_form_one_computation() {
         let env = Env::new();
         let _coordinator = env.coordinator(n, "127.0.0.1:0", "127.0.0.1:0");
         let (control, http) = env.coordinator_addresses();
-        let _workers: Vec<Proc> = (0..n)
-            .map(|i| env.worker(&format!("w{i}"), &control, 2))
-            .collect();
+        let _workers: Vec<Proc> = (0..n).map(|i| env.worker(&format!("w{i}"), &control, 2)).collect();
         let status = wait_state(&http, "running", FORM);
         assert_eq!(status["generation"], 1);
         assert_eq!(status["expected_workers"], n);
@@ -53,12 +51,7 @@ fn killed_worker_is_detected_and_rejoins_at_its_index() {
     let mut w1 = env.worker("w1", &control, 2);
     let before = wait_state(&http, "running", FORM);
     let ids_before = ids(&before);
-    let victim = before["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|w| w["pid"] == w1.pid())
-        .unwrap();
+    let victim = before["workers"].as_array().unwrap().iter().position(|w| w["pid"] == w1.pid()).unwrap();
     let survivor = 1 - victim;
     let survivor_computation = field(&before, survivor, "computation_pid");
 
@@ -66,18 +59,9 @@ fn killed_worker_is_detected_and_rejoins_at_its_index() {
     w1.kill9();
     let degraded = wait_state(&http, "degraded", Duration::from_secs(5));
     let detected = killed_at.elapsed();
-    assert!(
-        detected < Duration::from_secs(2),
-        "detection took {detected:?}"
-    );
+    assert!(detected < Duration::from_secs(2), "detection took {detected:?}");
     assert_eq!(degraded["workers"][victim]["state"], "lost");
-    assert!(
-        degraded["reason"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("worker {victim} lost")),
-        "{degraded}"
-    );
+    assert!(degraded["reason"].as_str().unwrap().contains(&format!("worker {victim} lost")), "{degraded}");
 
     // Reads of the computation answer 503 with the reason instead of hanging.
     let (code, body) = get(&http, "/v1/cluster/check").unwrap();
@@ -85,21 +69,15 @@ fn killed_worker_is_detected_and_rejoins_at_its_index() {
     assert!(body["error"].as_str().unwrap().contains("lost"), "{body}");
 
     // The survivor's computation of the dead generation ends; its supervisor stays.
-    wait_for(
-        Duration::from_secs(5),
-        "the survivor's old computation to end",
-        || (!alive(survivor_computation)).then_some(()),
-    );
+    wait_for(Duration::from_secs(5), "the survivor's old computation to end", || {
+        (!alive(survivor_computation)).then_some(())
+    });
     assert!(alive(field(&degraded, survivor, "pid")));
 
     let _w1 = env.worker("w1", &control, 2);
     let after = wait_state(&http, "running", FORM);
     assert_eq!(after["generation"], 2);
-    assert_eq!(
-        ids(&after),
-        ids_before,
-        "indices are kept across the restart"
-    );
+    assert_eq!(ids(&after), ids_before, "indices are kept across the restart");
     assert_all_to_all(&http, 4);
 }
 
@@ -112,11 +90,7 @@ fn crashed_computation_makes_the_next_generation() {
     let _w1 = env.worker("w1", &control, 1);
     let before = wait_state(&http, "running", FORM);
     let computation = field(&before, 1, "computation_pid");
-    std::process::Command::new("kill")
-        .arg("-9")
-        .arg(computation.to_string())
-        .status()
-        .unwrap();
+    std::process::Command::new("kill").arg("-9").arg(computation.to_string()).status().unwrap();
     let after = wait_for(FORM, "generation 2 running", || {
         let (_, v) = get(&http, "/v1/cluster")?;
         (v["state"] == "running" && v["generation"] == 2).then_some(v)
@@ -133,32 +107,18 @@ fn workers_wait_for_the_coordinator_and_survive_its_restart() {
     let http = format!("127.0.0.1:{}", free_port());
     let w0 = env.worker("w0", &control, 1);
     let _w1 = env.worker("w1", &control, 1);
-    wait_log(
-        &w0.log,
-        "coordinator not reachable",
-        Duration::from_secs(10),
-    );
-    assert!(
-        w0.log_text().contains("Connection refused"),
-        "{}",
-        w0.log_text()
-    );
+    wait_log(&w0.log, "coordinator not reachable", Duration::from_secs(10));
+    assert!(w0.log_text().contains("Connection refused"), "{}", w0.log_text());
 
     let mut coordinator = env.coordinator(2, &control, &http);
     let before = wait_state(&http, "running", FORM);
     assert_eq!(before["generation"], 1);
-    let computations = [
-        field(&before, 0, "computation_pid"),
-        field(&before, 1, "computation_pid"),
-    ];
+    let computations = [field(&before, 0, "computation_pid"), field(&before, 1, "computation_pid")];
 
     coordinator.kill9();
     let _coordinator = env.coordinator(2, &control, &http);
     let after = wait_state(&http, "running", FORM);
-    assert_eq!(
-        after["generation"], 1,
-        "the running generation is adopted, not re-formed: {after}"
-    );
+    assert_eq!(after["generation"], 1, "the running generation is adopted, not re-formed: {after}");
     assert_eq!(ids(&after), ids(&before));
     for (i, pid) in computations.iter().enumerate() {
         assert!(alive(*pid), "computation {i} kept running");

@@ -18,17 +18,7 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
     let data = env.path("data");
     let http = format!("127.0.0.1:{}", free_port());
     let mut local = Command::new(bin())
-        .args([
-            "local",
-            "--workers",
-            "2",
-            "--threads",
-            "2",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--http",
-            &http,
-        ])
+        .args(["local", "--workers", "2", "--threads", "2", "--data-dir", data.to_str().unwrap(), "--http", &http])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -36,10 +26,7 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
     let mut stdout = BufReader::new(local.stdout.take().unwrap());
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
-    assert!(
-        first.starts_with("sundial is running: 2 workers × 2 threads"),
-        "{first}"
-    );
+    assert!(first.starts_with("sundial is running: 2 workers × 2 threads"), "{first}");
 
     let status = cluster(&http);
     assert_eq!(status["state"], "running");
@@ -54,22 +41,12 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
     }
     assert!(pids.iter().all(|&p| alive(p)));
 
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(local.id().to_string())
-        .status()
-        .unwrap();
-    let exit = wait_for(Duration::from_secs(20), "sundial local to exit", || {
-        local.try_wait().unwrap()
-    });
+    Command::new("kill").arg("-TERM").arg(local.id().to_string()).status().unwrap();
+    let exit = wait_for(Duration::from_secs(20), "sundial local to exit", || local.try_wait().unwrap());
     assert!(exit.success(), "{exit}");
     let rest: Vec<String> = stdout.lines().map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l == "sundial stopped"), "{rest:?}");
     for pid in pids {
-        wait_for(
-            Duration::from_secs(5),
-            &format!("process {pid} to end"),
-            || (!alive(pid)).then_some(()),
-        );
+        wait_for(Duration::from_secs(5), &format!("process {pid} to end"), || (!alive(pid)).then_some(()));
     }
 }

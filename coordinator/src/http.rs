@@ -24,10 +24,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
+        ApiError { status, message: message.into() }
     }
 }
 
@@ -38,18 +35,9 @@ struct ErrorBody<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            Json(ErrorBody {
-                error: &self.message,
-            }),
-        )
-            .into_response();
+        let mut response = (self.status, Json(ErrorBody { error: &self.message })).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
         }
         response
     }
@@ -98,30 +86,17 @@ async fn check(
     State(shared): State<Arc<Shared>>,
     params: Result<Query<CheckParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<CheckBody>, ApiError> {
-    let Query(params) =
-        params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(params) = params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let records_per_pair = params.records_per_pair.unwrap_or(16);
     if !(1..=10_000).contains(&records_per_pair) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "records_per_pair must be between 1 and 10000",
-        ));
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "records_per_pair must be between 1 and 10000"));
     }
-    match shared
-        .request(Request::Check { records_per_pair }, CHECK_TIMEOUT)
-        .await?
-    {
-        Reply::Check(report) => Ok(Json(CheckBody {
-            ok: report.all_to_all(),
-            report,
-        })),
+    match shared.request(Request::Check { records_per_pair }, CHECK_TIMEOUT).await? {
+        Reply::Check(report) => Ok(Json(CheckBody { ok: report.all_to_all(), report })),
         Reply::Error { message } => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)),
     }
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("no such endpoint: {method} {}", uri.path()),
-    )
+    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {}", uri.path()))
 }

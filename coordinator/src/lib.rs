@@ -86,10 +86,7 @@ pub(crate) struct MembershipFile {
 
 impl MembershipFile {
     pub(crate) fn new(persisted: Persisted) -> Self {
-        MembershipFile {
-            format: MEMBERSHIP_FORMAT,
-            persisted,
-        }
+        MembershipFile { format: MEMBERSHIP_FORMAT, persisted }
     }
 }
 
@@ -99,20 +96,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     if config.workers == 0 || config.workers > 1024 {
-        return Err(CoordinatorError::Config(format!(
-            "--workers must be between 1 and 1024, not {}",
-            config.workers
-        )));
+        return Err(CoordinatorError::Config(format!("--workers must be between 1 and 1024, not {}", config.workers)));
     }
     if config.timing.heartbeat_timeout <= config.timing.heartbeat_interval {
-        return Err(CoordinatorError::Config(
-            "--heartbeat-timeout must be longer than --heartbeat-interval".into(),
-        ));
+        return Err(CoordinatorError::Config("--heartbeat-timeout must be longer than --heartbeat-interval".into()));
     }
-    let data_err = |message: String| CoordinatorError::DataDir {
-        path: config.data_dir.clone(),
-        message,
-    };
+    let data_err = |message: String| CoordinatorError::DataDir { path: config.data_dir.clone(), message };
     std::fs::create_dir_all(&config.data_dir).map_err(|e| data_err(e.to_string()))?;
     let membership_file = config.data_dir.join("membership.json");
     let persisted = match store::read_json::<MembershipFile>(&membership_file).map_err(data_err)? {
@@ -133,44 +122,29 @@ pub async fn run(
         );
     }
 
-    let control = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| CoordinatorError::Bind {
-            what: "control",
-            addr: config.listen.clone(),
-            source,
-        })?;
-    let http = tokio::net::TcpListener::bind(&config.http)
-        .await
-        .map_err(|source| CoordinatorError::Bind {
-            what: "HTTP",
-            addr: config.http.clone(),
-            source,
-        })?;
+    let control = tokio::net::TcpListener::bind(&config.listen).await.map_err(|source| CoordinatorError::Bind {
+        what: "control",
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let http = tokio::net::TcpListener::bind(&config.http).await.map_err(|source| CoordinatorError::Bind {
+        what: "HTTP",
+        addr: config.http.clone(),
+        source,
+    })?;
     let bound = BoundAddresses {
-        control: control
-            .local_addr()
-            .map_err(CoordinatorError::Http)?
-            .to_string(),
-        http: http
-            .local_addr()
-            .map_err(CoordinatorError::Http)?
-            .to_string(),
+        control: control.local_addr().map_err(CoordinatorError::Http)?.to_string(),
+        http: http.local_addr().map_err(CoordinatorError::Http)?.to_string(),
     };
-    store::write_json_atomic(&config.data_dir.join("addresses.json"), &bound)
-        .map_err(|e| data_err(e.to_string()))?;
+    store::write_json_atomic(&config.data_dir.join("addresses.json"), &bound).map_err(|e| data_err(e.to_string()))?;
     tracing::info!(control = %bound.control, http = %bound.http, workers = config.workers, generation = persisted.generation, "coordinator listening");
 
     let membership = Membership::new(config.workers, config.timing, persisted);
     let shared = server::Shared::new(membership, membership_file);
-    let control_task = tokio::spawn(server::serve_control(
-        std::sync::Arc::clone(&shared),
-        control,
-    ));
+    let control_task = tokio::spawn(server::serve_control(std::sync::Arc::clone(&shared), control));
     let ticker = {
         let shared = std::sync::Arc::clone(&shared);
-        let every = (config.timing.heartbeat_interval / 4)
-            .clamp(Duration::from_millis(10), Duration::from_millis(100));
+        let every = (config.timing.heartbeat_interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(100));
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(every);
             loop {
@@ -180,10 +154,7 @@ pub async fn run(
         })
     };
     let app = http::router(shared);
-    let result = axum::serve(http, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(CoordinatorError::Http);
+    let result = axum::serve(http, app).with_graceful_shutdown(shutdown).await.map_err(CoordinatorError::Http);
     control_task.abort();
     ticker.abort();
     tracing::info!("coordinator stopped");

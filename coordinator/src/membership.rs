@@ -220,29 +220,19 @@ impl Membership {
     pub fn ready(&self) -> Result<(u64, ConnId), String> {
         match (&self.phase, self.slots.first().and_then(|s| s.conn)) {
             (Phase::Running { .. }, Some(conn)) => Ok((self.generation, conn)),
-            _ => Err(self
-                .reason()
-                .unwrap_or_else(|| "the cluster is not running".into())),
+            _ => Err(self.reason().unwrap_or_else(|| "the cluster is not running".into())),
         }
     }
 
     /// Handles a worker's registration on connection `conn`. Returns the index it holds, or the
     /// reason it is refused.
-    pub fn register(
-        &mut self,
-        conn: ConnId,
-        reg: &Register,
-        now: Instant,
-    ) -> (Result<usize, String>, Vec<Action>) {
+    pub fn register(&mut self, conn: ConnId, reg: &Register, now: Instant) -> (Result<usize, String>, Vec<Action>) {
         let index = match self.pick_slot(reg) {
             Ok(i) => i,
             Err(reason) => return (Err(reason), Vec::new()),
         };
-        if let Some(other) = self
-            .slots
-            .iter()
-            .enumerate()
-            .find(|(i, s)| *i != index && s.conn.is_some() && s.threads != reg.threads)
+        if let Some(other) =
+            self.slots.iter().enumerate().find(|(i, s)| *i != index && s.conn.is_some() && s.threads != reg.threads)
         {
             return (
                 Err(format!(
@@ -285,11 +275,8 @@ impl Membership {
     }
 
     fn pick_slot(&self, reg: &Register) -> Result<usize, String> {
-        if let Some((i, slot)) = self
-            .slots
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.worker_id.as_deref() == Some(reg.worker_id.as_str()))
+        if let Some((i, slot)) =
+            self.slots.iter().enumerate().find(|(_, s)| s.worker_id.as_deref() == Some(reg.worker_id.as_str()))
         {
             if slot.conn.is_some() {
                 return Err(format!(
@@ -307,10 +294,7 @@ impl Membership {
         if let Some(i) = self.slots.iter().position(|s| s.conn.is_none()) {
             return Ok(i);
         }
-        Err(format!(
-            "the cluster already has all of its {} workers connected",
-            self.slots.len()
-        ))
+        Err(format!("the cluster already has all of its {} workers connected", self.slots.len()))
     }
 
     /// Handles a message on a registered connection (not `Reply`, which the server routes).
@@ -319,11 +303,7 @@ impl Membership {
             return Vec::new();
         };
         match msg {
-            WorkerMsg::Heartbeat {
-                generation,
-                state,
-                computation_pid,
-            } => {
+            WorkerMsg::Heartbeat { generation, state, computation_pid } => {
                 let slot = &mut self.slots[index];
                 slot.last_heartbeat = Some((now, SystemTime::now()));
                 slot.computation_pid = *computation_pid;
@@ -331,15 +311,11 @@ impl Membership {
                     && *state == ComputationState::Idle
                     && slot.state == WorkerState::Running
                 {
-                    return self
-                        .end_generation(format!("worker {index} reports no computation"), now);
+                    return self.end_generation(format!("worker {index} reports no computation"), now);
                 }
                 Vec::new()
             }
-            WorkerMsg::Started {
-                generation,
-                computation_pid,
-            } => {
+            WorkerMsg::Started { generation, computation_pid } => {
                 if *generation != self.generation || !matches!(self.phase, Phase::Forming { .. }) {
                     return Vec::new();
                 }
@@ -366,10 +342,7 @@ impl Membership {
                 self.slots[index].state = WorkerState::Idle;
                 self.slots[index].computation_pid = None;
                 if matches!(self.phase, Phase::Forming { .. } | Phase::Running { .. }) {
-                    return self.end_generation(
-                        format!("the computation of worker {index} failed: {reason}"),
-                        now,
-                    );
+                    return self.end_generation(format!("the computation of worker {index} failed: {reason}"), now);
                 }
                 Vec::new()
             }
@@ -410,31 +383,19 @@ impl Membership {
             .collect();
         for (conn, age) in silent {
             actions.push(Action::Close(conn));
-            actions.extend(self.disconnected(
-                conn,
-                &format!("no heartbeat for {:.1}s", age.as_secs_f64()),
-                now,
-            ));
+            actions.extend(self.disconnected(conn, &format!("no heartbeat for {:.1}s", age.as_secs_f64()), now));
         }
         if let Phase::Forming { since } = self.phase {
             if now.saturating_duration_since(since) > self.timing.formation_timeout {
                 actions.extend(self.end_generation(
-                    format!(
-                        "generation {} did not form within {:?}",
-                        self.generation, self.timing.formation_timeout
-                    ),
+                    format!("generation {} did not form within {:?}", self.generation, self.timing.formation_timeout),
                     now,
                 ));
             }
         }
         if self.next_ping.is_none_or(|t| now >= t) {
             self.next_ping = Some(now + self.timing.heartbeat_interval);
-            actions.extend(
-                self.slots
-                    .iter()
-                    .filter_map(|s| s.conn)
-                    .map(|c| Action::Send(c, CoordMsg::Ping)),
-            );
+            actions.extend(self.slots.iter().filter_map(|s| s.conn).map(|c| Action::Send(c, CoordMsg::Ping)));
         }
         actions.extend(self.maybe_form(now));
         actions
@@ -454,13 +415,8 @@ impl Membership {
             if let Some(conn) = slot.conn {
                 slot.state = WorkerState::Idle;
                 slot.computation_pid = None;
-                actions.push(Action::Send(
-                    conn,
-                    CoordMsg::Stop {
-                        generation: self.generation,
-                        reason: reason.clone(),
-                    },
-                ));
+                actions
+                    .push(Action::Send(conn, CoordMsg::Stop { generation: self.generation, reason: reason.clone() }));
             }
         }
         actions
@@ -474,10 +430,7 @@ impl Membership {
             return Vec::new();
         }
         if self.generation > 0 && self.slots.iter().all(|s| s.state == WorkerState::Running) {
-            tracing::info!(
-                generation = self.generation,
-                "adopted the running generation from the workers"
-            );
+            tracing::info!(generation = self.generation, "adopted the running generation from the workers");
             self.phase = Phase::Running { since: now };
             self.last_failure = None;
             return Vec::new();
@@ -491,23 +444,13 @@ impl Membership {
         let addresses: Vec<String> = self.slots.iter().map(|s| s.data_addr.clone()).collect();
         let threads = self.slots.first().map_or(1, |s| s.threads);
         let token = rand::random::<u64>();
-        tracing::info!(
-            generation = self.generation,
-            ?addresses,
-            threads,
-            "forming generation"
-        );
+        tracing::info!(generation = self.generation, ?addresses, threads, "forming generation");
         let mut actions = Vec::new();
         for (index, slot) in self.slots.iter_mut().enumerate() {
             slot.state = WorkerState::Starting;
             if let Some(conn) = slot.conn {
-                let formation = Formation {
-                    generation: self.generation,
-                    index,
-                    addresses: addresses.clone(),
-                    threads,
-                    token,
-                };
+                let formation =
+                    Formation { generation: self.generation, index, addresses: addresses.clone(), threads, token };
                 actions.push(Action::Send(conn, CoordMsg::Form(formation)));
             }
         }
@@ -528,18 +471,11 @@ impl Membership {
         let waiting = if missing.is_empty() {
             None
         } else {
-            Some(format!(
-                "waiting for {} of {} workers: {}",
-                missing.len(),
-                self.slots.len(),
-                missing.join(", ")
-            ))
+            Some(format!("waiting for {} of {} workers: {}", missing.len(), self.slots.len(), missing.join(", ")))
         };
         match (&self.phase, waiting) {
             (Phase::Running { .. }, _) => None,
-            (Phase::Forming { .. }, _) => {
-                Some(format!("generation {} is forming", self.generation))
-            }
+            (Phase::Forming { .. }, _) => Some(format!("generation {} is forming", self.generation)),
             (_, waiting) => {
                 let parts: Vec<String> = self.last_failure.iter().cloned().chain(waiting).collect();
                 if parts.is_empty() {
@@ -565,11 +501,7 @@ impl Membership {
             reason: self.reason(),
             expected_workers: self.slots.len(),
             registered_workers: self.slots.iter().filter(|s| s.conn.is_some()).count(),
-            threads_per_worker: self
-                .slots
-                .iter()
-                .find(|s| s.conn.is_some())
-                .map_or(0, |s| s.threads),
+            threads_per_worker: self.slots.iter().find(|s| s.conn.is_some()).map_or(0, |s| s.threads),
             workers: self
                 .slots
                 .iter()
@@ -632,14 +564,7 @@ mod tests {
     }
 
     fn started(m: &mut Membership, conn: ConnId, generation: u64, now: Instant) {
-        m.on_message(
-            conn,
-            &WorkerMsg::Started {
-                generation,
-                computation_pid: 9,
-            },
-            now,
-        );
+        m.on_message(conn, &WorkerMsg::Started { generation, computation_pid: 9 }, now);
     }
 
     #[test]
@@ -656,10 +581,7 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!(f[0].1.generation, 1);
         assert_eq!(f[1].1.index, 1);
-        assert_eq!(
-            f[0].1.addresses,
-            vec!["127.0.0.1:7001".to_string(), "127.0.0.1:7002".to_string()]
-        );
+        assert_eq!(f[0].1.addresses, vec!["127.0.0.1:7001".to_string(), "127.0.0.1:7002".to_string()]);
         assert_eq!(m.status(now).state, "forming");
         assert!(m.ready().is_err());
         started(&mut m, 1, 1, now);
@@ -679,25 +601,11 @@ mod tests {
         let a = m.disconnected(2, "connection closed", now);
         assert_eq!(
             a,
-            vec![Action::Send(
-                1,
-                CoordMsg::Stop {
-                    generation: 1,
-                    reason: "worker 1 lost: connection closed".into()
-                }
-            )]
+            vec![Action::Send(1, CoordMsg::Stop { generation: 1, reason: "worker 1 lost: connection closed".into() })]
         );
         let status = m.status(now);
         assert_eq!(status.state, "degraded");
-        assert!(
-            status
-                .reason
-                .as_deref()
-                .unwrap_or_default()
-                .contains("worker 1 lost"),
-            "{:?}",
-            status.reason
-        );
+        assert!(status.reason.as_deref().unwrap_or_default().contains("worker 1 lost"), "{:?}", status.reason);
         assert_eq!(status.workers[1].state, WorkerState::Lost);
         let (r, a) = m.register(3, &reg("bb", 1), now);
         assert_eq!(r, Ok(1));
@@ -706,10 +614,7 @@ mod tests {
         let f = forms(&a);
         assert_eq!(f.len(), 2);
         assert!(f.iter().all(|(_, f)| f.generation == 2));
-        assert_eq!(
-            f.iter().find(|(c, _)| *c == 3).map(|(_, f)| f.index),
-            Some(1)
-        );
+        assert_eq!(f.iter().find(|(c, _)| *c == 3).map(|(_, f)| f.index), Some(1));
     }
 
     #[test]
@@ -734,56 +639,33 @@ mod tests {
         m.disconnected(1, "gone", now);
         let (r, _) = m.register(2, &reg("zz", 1), now);
         assert_eq!(r, Ok(0));
-        assert_eq!(
-            m.take_dirty().map(|p| p.workers),
-            Some(vec![Some("zz".to_string())])
-        );
+        assert_eq!(m.take_dirty().map(|p| p.workers), Some(vec![Some("zz".to_string())]));
     }
 
     #[test]
     fn silent_worker_is_lost_after_timeout() {
         let now = Instant::now();
-        let timing = Timing {
-            heartbeat_timeout: Duration::from_secs(2),
-            ..Timing::default()
-        };
+        let timing = Timing { heartbeat_timeout: Duration::from_secs(2), ..Timing::default() };
         let mut m = Membership::new(1, timing, Persisted::default());
         join(&mut m, 7, &reg("a", 1), now);
         started(&mut m, 7, 1, now);
-        assert!(!m
-            .tick(now + Duration::from_secs(1))
-            .contains(&Action::Close(7)));
+        assert!(!m.tick(now + Duration::from_secs(1)).contains(&Action::Close(7)));
         let a = m.tick(now + Duration::from_secs(3));
         assert!(a.contains(&Action::Close(7)));
         let status = m.status(now + Duration::from_secs(3));
         assert_eq!(status.state, "degraded");
-        assert!(status.workers[0]
-            .lost_reason
-            .as_deref()
-            .unwrap_or_default()
-            .starts_with("no heartbeat for"));
+        assert!(status.workers[0].lost_reason.as_deref().unwrap_or_default().starts_with("no heartbeat for"));
     }
 
     #[test]
     fn restarted_coordinator_adopts_running_generation() {
         let now = Instant::now();
-        let persisted = Persisted {
-            generation: 4,
-            workers: vec![Some("a".into()), Some("bb".into())],
-        };
+        let persisted = Persisted { generation: 4, workers: vec![Some("a".into()), Some("bb".into())] };
         let mut m = Membership::new(2, Timing::default(), persisted);
         let mut a = reg("a", 1);
-        a.running = Some(Running {
-            generation: 4,
-            index: 0,
-            started: true,
-        });
+        a.running = Some(Running { generation: 4, index: 0, started: true });
         let mut b = reg("bb", 1);
-        b.running = Some(Running {
-            generation: 4,
-            index: 1,
-            started: true,
-        });
+        b.running = Some(Running { generation: 4, index: 1, started: true });
         join(&mut m, 1, &a, now);
         let (_, actions) = m.register(2, &b, now);
         assert!(forms(&actions).is_empty());
@@ -793,17 +675,10 @@ mod tests {
     #[test]
     fn restarted_coordinator_reforms_when_a_worker_is_not_running() {
         let now = Instant::now();
-        let persisted = Persisted {
-            generation: 4,
-            workers: vec![Some("a".into()), Some("bb".into())],
-        };
+        let persisted = Persisted { generation: 4, workers: vec![Some("a".into()), Some("bb".into())] };
         let mut m = Membership::new(2, Timing::default(), persisted);
         let mut a = reg("a", 1);
-        a.running = Some(Running {
-            generation: 4,
-            index: 0,
-            started: true,
-        });
+        a.running = Some(Running { generation: 4, index: 0, started: true });
         join(&mut m, 1, &a, now);
         let (_, actions) = m.register(2, &reg("bb", 1), now);
         let f = forms(&actions);
@@ -819,29 +694,13 @@ mod tests {
         join(&mut m, 2, &reg("bb", 1), now);
         started(&mut m, 1, 1, now);
         started(&mut m, 2, 1, now);
-        let a = m.on_message(
-            1,
-            &WorkerMsg::Failed {
-                generation: 1,
-                reason: "exit 3".into(),
-            },
-            now,
-        );
+        let a = m.on_message(1, &WorkerMsg::Failed { generation: 1, reason: "exit 3".into() }, now);
         assert_eq!(a.len(), 2, "stop to both: {a:?}");
         assert_eq!(m.status(now).state, "degraded");
         // A stale failure report of the old generation changes nothing after re-formation.
         let f = forms(&m.tick(now + Duration::from_secs(1)));
         assert!(f.iter().all(|(_, f)| f.generation == 2));
-        assert!(m
-            .on_message(
-                2,
-                &WorkerMsg::Failed {
-                    generation: 1,
-                    reason: "late".into()
-                },
-                now
-            )
-            .is_empty());
+        assert!(m.on_message(2, &WorkerMsg::Failed { generation: 1, reason: "late".into() }, now).is_empty());
         assert_eq!(m.status(now).state, "forming");
     }
 }

@@ -12,9 +12,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use sundial_protocol::{
-    body_len, decode, encode, parse_handshake, CoordMsg, FrameError, Reply, Request, WorkerMsg,
-};
+use sundial_protocol::{body_len, decode, encode, parse_handshake, CoordMsg, FrameError, Reply, Request, WorkerMsg};
 
 use crate::membership::{Action, ConnId, Membership, Persisted};
 use crate::store;
@@ -74,9 +72,7 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock would be a bug; the data stays usable either way.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` on the membership, carries out the actions it returns, and persists changes.
@@ -91,10 +87,7 @@ impl Shared {
     }
 
     fn persist(&self, p: &Persisted) {
-        if let Err(e) = store::write_json_atomic(
-            &self.membership_file,
-            &crate::MembershipFile::new(p.clone()),
-        ) {
+        if let Err(e) = store::write_json_atomic(&self.membership_file, &crate::MembershipFile::new(p.clone())) {
             tracing::error!(file = %self.membership_file.display(), "cannot persist the membership: {e}");
         }
     }
@@ -105,11 +98,7 @@ impl Shared {
     }
 
     /// Sends `request` to process 0 of the running generation and waits for its reply.
-    pub async fn request(
-        &self,
-        request: Request,
-        timeout: Duration,
-    ) -> Result<Reply, RequestError> {
+    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Reply, RequestError> {
         let (id, rx) = {
             let mut inner = self.lock();
             let (generation, conn) = inner.membership.ready().map_err(RequestError::NotReady)?;
@@ -117,14 +106,10 @@ impl Shared {
             inner.next_request += 1;
             let (tx, rx) = oneshot::channel();
             inner.pending.insert(id, tx);
-            let sent = inner.conns.get(&conn).is_some_and(|c| {
-                c.send(Out::Msg(CoordMsg::Request {
-                    id,
-                    generation,
-                    request,
-                }))
-                .is_ok()
-            });
+            let sent = inner
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.send(Out::Msg(CoordMsg::Request { id, generation, request })).is_ok());
             if !sent {
                 inner.pending.remove(&id);
                 return Err(RequestError::NotReady("process 0 is not connected".into()));
@@ -211,14 +196,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let body = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd)).await {
-        Err(_) => {
-            return refuse(
-                &mut wr,
-                peer,
-                format!("no registration within {HANDSHAKE_TIMEOUT:?}"),
-            )
-            .await
-        }
+        Err(_) => return refuse(&mut wr, peer, format!("no registration within {HANDSHAKE_TIMEOUT:?}")).await,
         Ok(Err(FrameError::Closed)) => return,
         Ok(Err(e)) => return refuse(&mut wr, peer, format!("bad handshake: {e}")).await,
         Ok(Ok(body)) => body,

@@ -10,10 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 /// Writes `value` as JSON to `path` atomically.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     {
@@ -28,9 +25,9 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()>
 /// Reads JSON from `path`; `Ok(None)` when the file does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| format!("{} is corrupt: {e}", path.display())),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("{} is corrupt: {e}", path.display()))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
@@ -50,9 +47,7 @@ mod tests {
         write_json_atomic(&path, &vec![3u32]).unwrap();
         assert_eq!(read_json::<Vec<u32>>(&path), Ok(Some(vec![3])));
         fs::write(&path, b"{").unwrap();
-        assert!(read_json::<Vec<u32>>(&path)
-            .unwrap_err()
-            .contains("corrupt"));
+        assert!(read_json::<Vec<u32>>(&path).unwrap_err().contains("corrupt"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

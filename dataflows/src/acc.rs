@@ -69,21 +69,10 @@ impl Acc {
         let float = ty == Some(FieldType::F64);
         match agg {
             Agg::Count => Acc::Count(0),
-            Agg::Sum | Agg::Avg if float => Acc::SumFloat {
-                n: 0,
-                sum: F64(0.0),
-            },
+            Agg::Sum | Agg::Avg if float => Acc::SumFloat { n: 0, sum: F64(0.0) },
             Agg::Sum | Agg::Avg => Acc::SumInt { n: 0, sum: 0 },
-            Agg::Variance | Agg::Stddev if float => Acc::MomentsFloat {
-                n: 0,
-                sum: F64(0.0),
-                sumsq: F64(0.0),
-            },
-            Agg::Variance | Agg::Stddev => Acc::MomentsInt {
-                n: 0,
-                sum: 0,
-                sumsq: 0,
-            },
+            Agg::Variance | Agg::Stddev if float => Acc::MomentsFloat { n: 0, sum: F64(0.0), sumsq: F64(0.0) },
+            Agg::Variance | Agg::Stddev => Acc::MomentsInt { n: 0, sum: 0, sumsq: 0 },
             Agg::Min => Acc::Min(Datum::Null),
             Agg::Max => Acc::Max(Datum::Null),
             Agg::CountDistinct => Acc::Distinct(BTreeSet::new()),
@@ -164,43 +153,21 @@ impl Acc {
                 *n += n2;
                 sum.0 += s2.0;
             }
-            (
-                Acc::MomentsInt { n, sum, sumsq },
-                Acc::MomentsInt {
-                    n: n2,
-                    sum: s2,
-                    sumsq: q2,
-                },
-            ) => {
+            (Acc::MomentsInt { n, sum, sumsq }, Acc::MomentsInt { n: n2, sum: s2, sumsq: q2 }) => {
                 *n += n2;
                 *sum += s2;
                 *sumsq = sumsq.saturating_add(*q2);
             }
-            (
-                Acc::MomentsFloat { n, sum, sumsq },
-                Acc::MomentsFloat {
-                    n: n2,
-                    sum: s2,
-                    sumsq: q2,
-                },
-            ) => {
+            (Acc::MomentsFloat { n, sum, sumsq }, Acc::MomentsFloat { n: n2, sum: s2, sumsq: q2 }) => {
                 *n += n2;
                 sum.0 += s2.0;
                 sumsq.0 += q2.0;
             }
-            (Acc::Min(a), Acc::Min(b)) if *b != Datum::Null && (*a == Datum::Null || b < a) => {
-                *a = b.clone()
-            }
-            (Acc::Max(a), Acc::Max(b)) if *b != Datum::Null && (*a == Datum::Null || b > a) => {
-                *a = b.clone()
-            }
+            (Acc::Min(a), Acc::Min(b)) if *b != Datum::Null && (*a == Datum::Null || b < a) => *a = b.clone(),
+            (Acc::Max(a), Acc::Max(b)) if *b != Datum::Null && (*a == Datum::Null || b > a) => *a = b.clone(),
             (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b.iter().cloned()),
-            (Acc::First(a), Acc::First(Some(b))) if a.as_ref().is_none_or(|x| b < x) => {
-                *a = Some(b.clone())
-            }
-            (Acc::Last(a), Acc::Last(Some(b))) if a.as_ref().is_none_or(|x| b > x) => {
-                *a = Some(b.clone())
-            }
+            (Acc::First(a), Acc::First(Some(b))) if a.as_ref().is_none_or(|x| b < x) => *a = Some(b.clone()),
+            (Acc::Last(a), Acc::Last(Some(b))) if a.as_ref().is_none_or(|x| b > x) => *a = Some(b.clone()),
             _ => {}
         }
     }
@@ -235,10 +202,7 @@ impl Acc {
             Acc::MomentsInt { n, sum, sumsq } => {
                 // Exact numerator n*sumsq - sum^2, divided once.
                 let n128 = i128::from(*n);
-                let var = match n128
-                    .checked_mul(*sumsq)
-                    .and_then(|a| sum.checked_mul(*sum).map(|b| a - b))
-                {
+                let var = match n128.checked_mul(*sumsq).and_then(|a| sum.checked_mul(*sum).map(|b| a - b)) {
                     Some(num) => num as f64 / (n128 * n128) as f64,
                     None => variance_f(*n, *sum as f64, *sumsq as f64),
                 };
@@ -291,11 +255,7 @@ mod tests {
         }
         let got: Vec<Value> = all.iter().map(|(agg, acc)| acc.value(*agg)).collect();
         let mean = 4.0;
-        let var = values
-            .iter()
-            .map(|v| (*v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / 5.0;
+        let var = values.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / 5.0;
         assert_eq!(got[0], 5);
         assert_eq!(got[1], 20);
         assert_eq!(got[2], 4.0);

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
@@ -37,32 +38,30 @@ pub fn exchange_check(
     let me = index as u64;
     commands
         .flat_map(move |cmd| {
-            let Command::Check {
-                id,
-                records_per_pair,
-            } = cmd;
+            let (id, records_per_pair) = match cmd {
+                Command::Check { id, records_per_pair } => (id, records_per_pair),
+                _ => (0, 0),
+            };
             (0..peers as u64).flat_map(move |to| (0..records_per_pair).map(move |_| (id, me, to)))
         })
         .exchange(|&(_, _, to)| to)
         .map(move |(id, from, _to)| (id, from, me))
         .exchange(|_| 0)
-        .probe_with(probe)
-        .sink(Pipeline, "ExchangeCheckCount", move |(input, _frontier)| {
-            let mut counts = sink.borrow_mut();
-            input.for_each(|_cap, data| {
-                for (id, from, to) in data.drain(..) {
-                    let matrix = counts
-                        .entry(id)
-                        .or_insert_with(|| vec![vec![0; peers]; peers]);
-                    if let Some(cell) = matrix
-                        .get_mut(to as usize)
-                        .and_then(|row| row.get_mut(from as usize))
-                    {
-                        *cell += 1;
+        .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "ExchangeCheckCount", move |_, _| {
+            move |input, _output| {
+                let mut counts = sink.borrow_mut();
+                input.for_each(|_cap, data| {
+                    for (id, from, to) in data.drain(..) {
+                        let matrix = counts.entry(id).or_insert_with(|| vec![vec![0; peers]; peers]);
+                        if let Some(cell) = matrix.get_mut(to as usize).and_then(|row| row.get_mut(from as usize)) {
+                            *cell += 1;
+                        }
                     }
-                }
-            });
-        });
+                });
+            }
+        })
+        // The probe follows the counting operator: passing a time means everything was counted.
+        .probe_with(probe);
     counts
 }
 
@@ -83,10 +82,7 @@ mod tests {
                 (input, exchange_check(commands, index, peers, &probe))
             });
             if index == 0 {
-                input.send(Command::Check {
-                    id: 9,
-                    records_per_pair: 5,
-                });
+                input.send(Command::Check { id: 9, records_per_pair: 5 });
             }
             input.advance_to(1);
             worker.step_while(|| probe.less_equal(&0));
@@ -94,11 +90,7 @@ mod tests {
             result
         })
         .expect("timely starts");
-        let results: Vec<_> = guards
-            .join()
-            .into_iter()
-            .map(|r| r.expect("worker ok"))
-            .collect();
+        let results: Vec<_> = guards.join().into_iter().map(|r| r.expect("worker ok")).collect();
         assert_eq!(results[0], Some(vec![vec![5; 4]; 4]));
         assert!(results[1..].iter().all(Option::is_none));
     }

@@ -125,34 +125,26 @@ fn eval<'a>(e: &'a Expr, row: &'a Row) -> Val<'a> {
                 _ => Val::Null,
             },
         },
-        Expr::Binary(
-            op @ (BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge),
-            l,
-            r,
-        ) => match compare(eval(l, row), eval(r, row)) {
-            None => Val::Null,
-            Some(ord) => Val::Bool(match op {
-                BinOp::Eq => ord == Ordering::Equal,
-                BinOp::Ne => ord != Ordering::Equal,
-                BinOp::Lt => ord == Ordering::Less,
-                BinOp::Le => ord != Ordering::Greater,
-                BinOp::Gt => ord == Ordering::Greater,
-                _ => ord != Ordering::Less,
-            }),
-        },
+        Expr::Binary(op @ (BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge), l, r) => {
+            match compare(eval(l, row), eval(r, row)) {
+                None => Val::Null,
+                Some(ord) => Val::Bool(match op {
+                    BinOp::Eq => ord == Ordering::Equal,
+                    BinOp::Ne => ord != Ordering::Equal,
+                    BinOp::Lt => ord == Ordering::Less,
+                    BinOp::Le => ord != Ordering::Greater,
+                    BinOp::Gt => ord == Ordering::Greater,
+                    _ => ord != Ordering::Less,
+                }),
+            }
+        }
         Expr::Binary(op, l, r) => arith(*op, eval(l, row), eval(r, row)),
-        Expr::In {
-            expr,
-            list,
-            negated,
-        } => {
+        Expr::In { expr, list, negated } => {
             let v = eval(expr, row);
             if v == Val::Null {
                 return Val::Null;
             }
-            let found = list
-                .iter()
-                .any(|l| compare(v, literal(l)) == Some(Ordering::Equal));
+            let found = list.iter().any(|l| compare(v, literal(l)) == Some(Ordering::Equal));
             Val::Bool(found != *negated)
         }
         Expr::IsNull { expr, negated } => Val::Bool((eval(expr, row) == Val::Null) != *negated),
@@ -213,26 +205,17 @@ mod tests {
     fn evaluates_like_sql() {
         let r = row(Some(150), "shop", 0.5, true);
         assert!(check("amount > 100 and merchant != \"test\"", &r));
-        assert!(!check(
-            "amount > 100 and merchant == 'shop' and not online",
-            &r
-        ));
+        assert!(!check("amount > 100 and merchant == 'shop' and not online", &r));
         assert!(check("amount * 2 - 50 = 250 and amount % 7 = 3", &r));
         assert!(check("score < amount", &r));
         assert!(check("merchant in ('a', 'shop')", &r));
         assert!(check("amount not in (1, 2)", &r));
-        assert!(
-            check("user_id > 9223372036854775807", &r),
-            "u64 beyond i64 compares exactly"
-        );
+        assert!(check("user_id > 9223372036854775807", &r), "u64 beyond i64 compares exactly");
         assert!(check("amount / 0 is null", &r));
         assert!(check("merchant >= 'sh' and merchant < 'si'", &r));
         let nulls = row(None, "x", 1.0, false);
         assert!(!check("amount > 1", &nulls));
-        assert!(
-            !check("not (amount > 1)", &nulls),
-            "null stays null under not"
-        );
+        assert!(!check("not (amount > 1)", &nulls), "null stays null under not");
         assert!(check("amount > 1 or online = false", &nulls));
         assert!(!check("amount > 1 and online", &nulls));
         assert!(check("amount is null", &nulls));

@@ -48,6 +48,7 @@ use timely::dataflow::{InputHandle, ProbeHandle, Scope};
 
 use sundial_protocol::plan::{Agg, DataflowPlan, FieldType, Window};
 use sundial_protocol::value::{Datum, Key};
+use sundial_protocol::WindowOut;
 
 use crate::acc::Acc;
 use crate::eval;
@@ -135,15 +136,13 @@ impl Layout {
         let mut inputs: Vec<usize> = Vec::new();
         let mut groups: Vec<Group> = Vec::new();
         for (i, f) in plan.features.iter().enumerate() {
-            let input = f
-                .field
-                .map(|field| match inputs.iter().position(|&x| x == field) {
-                    Some(p) => p,
-                    None => {
-                        inputs.push(field);
-                        inputs.len() - 1
-                    }
-                });
+            let input = f.field.map(|field| match inputs.iter().position(|&x| x == field) {
+                Some(p) => p,
+                None => {
+                    inputs.push(field);
+                    inputs.len() - 1
+                }
+            });
             let kind = match f.window {
                 Window::Tumbling { size_ms } => GroupKind::Pane(size_ms),
                 Window::Hopping { hop_ms, .. } => GroupKind::Pane(hop_ms),
@@ -160,19 +159,10 @@ impl Layout {
                     g.inputs.push(input);
                     g.span_ms = g.span_ms.max(span);
                 }
-                None => groups.push(Group {
-                    kind,
-                    features: vec![i],
-                    inputs: vec![input],
-                    span_ms: span,
-                }),
+                None => groups.push(Group { kind, features: vec![i], inputs: vec![input], span_ms: span }),
             }
         }
-        Layout {
-            plan,
-            inputs,
-            groups,
-        }
+        Layout { plan, inputs, groups }
     }
 
     fn empty_accs(&self, group: &Group) -> Vec<Acc> {
@@ -202,21 +192,12 @@ impl Layout {
             return None;
         }
         let values = self.inputs.iter().map(|&i| row.values[i].clone()).collect();
-        Some(Ev {
-            hash: key.hash64(),
-            key,
-            time: row.time,
-            values,
-        })
+        Some(Ev { hash: key.hash64(), key, time: row.time, values })
     }
 
     /// The types of the key fields.
     pub fn key_types(&self) -> Vec<FieldType> {
-        self.plan
-            .key
-            .iter()
-            .map(|&i| self.plan.source.fields[i].ty)
-            .collect()
+        self.plan.key.iter().map(|&i| self.plan.source.fields[i].ty).collect()
     }
 }
 
@@ -346,15 +327,7 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan) -> Rendered {
     );
     let probe = ProbeHandle::new();
     let _ = arranged.stream.clone().probe_with(&probe);
-    Rendered {
-        rows,
-        reports,
-        trace: arranged.trace,
-        probe,
-        watermarks,
-        stats,
-        layout,
-    }
+    Rendered { rows, reports, trace: arranged.trace, probe, watermarks, stats, layout }
 }
 
 struct Session {
@@ -365,10 +338,7 @@ struct Session {
 
 enum GroupState {
     Panes(BTreeMap<i64, HashMap<Key, Vec<Acc>>>),
-    Sessions {
-        by_key: HashMap<Key, Vec<Session>>,
-        by_end: BTreeMap<i64, Vec<Key>>,
-    },
+    Sessions { by_key: HashMap<Key, Vec<Session>>, by_end: BTreeMap<i64, Vec<Key>> },
     Global(HashMap<Key, Vec<Acc>>),
 }
 
@@ -388,29 +358,15 @@ impl AggregateState {
             .iter()
             .map(|g| match g.kind {
                 GroupKind::Pane(_) => GroupState::Panes(BTreeMap::new()),
-                GroupKind::Session(_) => GroupState::Sessions {
-                    by_key: HashMap::new(),
-                    by_end: BTreeMap::new(),
-                },
+                GroupKind::Session(_) => GroupState::Sessions { by_key: HashMap::new(), by_end: BTreeMap::new() },
                 GroupKind::Global => GroupState::Global(HashMap::new()),
             })
             .collect();
-        AggregateState {
-            layout,
-            groups,
-            partitions: HashMap::new(),
-            watermark: None,
-            stats: Stats::default(),
-        }
+        AggregateState { layout, groups, partitions: HashMap::new(), watermark: None, stats: Stats::default() }
     }
 
     /// Applies one epoch's events, then its watermark; pushes the slot updates to `out`.
-    fn apply_epoch(
-        &mut self,
-        events: Vec<Ev>,
-        reports: &[Report],
-        out: &mut Vec<((Key, Slot), isize)>,
-    ) {
+    fn apply_epoch(&mut self, events: Vec<Ev>, reports: &[Report], out: &mut Vec<((Key, Slot), isize)>) {
         let layout = Rc::clone(&self.layout);
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
@@ -419,10 +375,7 @@ impl AggregateState {
                     // Old values of the slots this epoch changes, taken at their first change.
                     let mut before: HashMap<(i64, Key), Option<Vec<Acc>>> = HashMap::new();
                     let evicted_before = match (self.watermark, layout.plan.retention_ms) {
-                        (Some(w), Some(r)) => Some(
-                            w.saturating_sub(r as i64)
-                                .saturating_sub(group.span_ms as i64),
-                        ),
+                        (Some(w), Some(r)) => Some(w.saturating_sub(r as i64).saturating_sub(group.span_ms as i64)),
                         _ => None,
                     };
                     for ev in &events {
@@ -433,17 +386,13 @@ impl AggregateState {
                         let slots = panes.entry(start).or_default();
                         let accs = match slots.get_mut(&ev.key) {
                             Some(accs) => {
-                                before
-                                    .entry((start, ev.key.clone()))
-                                    .or_insert_with(|| Some(accs.clone()));
+                                before.entry((start, ev.key.clone())).or_insert_with(|| Some(accs.clone()));
                                 accs
                             }
                             None => {
                                 before.insert((start, ev.key.clone()), None);
                                 self.stats.live_slots += 1;
-                                slots
-                                    .entry(ev.key.clone())
-                                    .or_insert_with(|| layout.empty_accs(group))
+                                slots.entry(ev.key.clone()).or_insert_with(|| layout.empty_accs(group))
                             }
                         };
                         for (acc, input) in accs.iter_mut().zip(&group.inputs) {
@@ -453,32 +402,10 @@ impl AggregateState {
                     for ((start, key), old) in before {
                         let end = start + pane_ms as i64;
                         if let Some(old) = old {
-                            out.push((
-                                (
-                                    key.clone(),
-                                    Slot {
-                                        group: gid,
-                                        start,
-                                        end,
-                                        accs: old,
-                                    },
-                                ),
-                                -1,
-                            ));
+                            out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
                         }
                         if let Some(new) = panes.get(&start).and_then(|s| s.get(&key)) {
-                            out.push((
-                                (
-                                    key,
-                                    Slot {
-                                        group: gid,
-                                        start,
-                                        end,
-                                        accs: new.clone(),
-                                    },
-                                ),
-                                1,
-                            ));
+                            out.push(((key, Slot { group: gid, start, end, accs: new.clone() }), 1));
                         }
                     }
                 }
@@ -490,20 +417,11 @@ impl AggregateState {
                         before.entry(ev.key.clone()).or_insert_with(|| {
                             sessions
                                 .iter()
-                                .map(|s| Slot {
-                                    group: gid,
-                                    start: s.start,
-                                    end: s.end,
-                                    accs: s.accs.clone(),
-                                })
+                                .map(|s| Slot { group: gid, start: s.start, end: s.end, accs: s.accs.clone() })
                                 .collect()
                         });
                         // The event's own session [t, t + gap) absorbs every session it intersects.
-                        let mut merged = Session {
-                            start: ev.time,
-                            end: ev.time + gap,
-                            accs: layout.empty_accs(group),
-                        };
+                        let mut merged = Session { start: ev.time, end: ev.time + gap, accs: layout.empty_accs(group) };
                         for (acc, input) in merged.accs.iter_mut().zip(&group.inputs) {
                             acc.add(ev.time, input.map(|i| &ev.values[i]));
                         }
@@ -530,15 +448,7 @@ impl AggregateState {
                         }
                         for s in by_key.get(&key).into_iter().flatten() {
                             out.push((
-                                (
-                                    key.clone(),
-                                    Slot {
-                                        group: gid,
-                                        start: s.start,
-                                        end: s.end,
-                                        accs: s.accs.clone(),
-                                    },
-                                ),
+                                (key.clone(), Slot { group: gid, start: s.start, end: s.end, accs: s.accs.clone() }),
                                 1,
                             ));
                         }
@@ -549,17 +459,13 @@ impl AggregateState {
                     for ev in &events {
                         let accs = match slots.get_mut(&ev.key) {
                             Some(accs) => {
-                                before
-                                    .entry(ev.key.clone())
-                                    .or_insert_with(|| Some(accs.clone()));
+                                before.entry(ev.key.clone()).or_insert_with(|| Some(accs.clone()));
                                 accs
                             }
                             None => {
                                 before.insert(ev.key.clone(), None);
                                 self.stats.live_slots += 1;
-                                slots
-                                    .entry(ev.key.clone())
-                                    .or_insert_with(|| layout.empty_accs(group))
+                                slots.entry(ev.key.clone()).or_insert_with(|| layout.empty_accs(group))
                             }
                         };
                         for (acc, input) in accs.iter_mut().zip(&group.inputs) {
@@ -569,29 +475,13 @@ impl AggregateState {
                     for (key, old) in before {
                         if let Some(old) = old {
                             out.push((
-                                (
-                                    key.clone(),
-                                    Slot {
-                                        group: gid,
-                                        start: i64::MIN,
-                                        end: i64::MAX,
-                                        accs: old,
-                                    },
-                                ),
+                                (key.clone(), Slot { group: gid, start: i64::MIN, end: i64::MAX, accs: old }),
                                 -1,
                             ));
                         }
                         if let Some(new) = slots.get(&key) {
                             out.push((
-                                (
-                                    key,
-                                    Slot {
-                                        group: gid,
-                                        start: i64::MIN,
-                                        end: i64::MAX,
-                                        accs: new.clone(),
-                                    },
-                                ),
+                                (key, Slot { group: gid, start: i64::MIN, end: i64::MAX, accs: new.clone() }),
                                 1,
                             ));
                         }
@@ -610,12 +500,8 @@ impl AggregateState {
             entry.0 = entry.0.max(r.max_ts);
             entry.1 = r.idle;
         }
-        let active_min = self
-            .partitions
-            .values()
-            .filter(|(max, idle)| max.is_some() && !idle)
-            .filter_map(|(m, _)| *m)
-            .min();
+        let active_min =
+            self.partitions.values().filter(|(max, idle)| max.is_some() && !idle).filter_map(|(m, _)| *m).min();
         if let Some(min) = active_min {
             let candidate = min.saturating_sub(self.layout.plan.source.allowed_lateness_ms as i64);
             self.watermark = Some(self.watermark.map_or(candidate, |w| w.max(candidate)));
@@ -643,20 +529,9 @@ impl AggregateState {
                         };
                         self.stats.live_slots -= slots.len() as u64;
                         let end = start + pane_ms as i64;
-                        out.extend(slots.into_iter().map(|(key, accs)| {
-                            (
-                                (
-                                    key,
-                                    Slot {
-                                        group: gid,
-                                        start,
-                                        end,
-                                        accs,
-                                    },
-                                ),
-                                -1,
-                            )
-                        }));
+                        out.extend(
+                            slots.into_iter().map(|(key, accs)| ((key, Slot { group: gid, start, end, accs }), -1)),
+                        );
                     }
                 }
                 (GroupState::Sessions { by_key, by_end }, GroupKind::Session(_)) => {
@@ -676,15 +551,7 @@ impl AggregateState {
                             *sessions = kept;
                             for s in gone {
                                 out.push((
-                                    (
-                                        key.clone(),
-                                        Slot {
-                                            group: gid,
-                                            start: s.start,
-                                            end: s.end,
-                                            accs: s.accs,
-                                        },
-                                    ),
+                                    (key.clone(), Slot { group: gid, start: s.start, end: s.end, accs: s.accs }),
                                     -1,
                                 ));
                             }
@@ -700,26 +567,9 @@ impl AggregateState {
     }
 }
 
-/// One window of one feature, as reads show it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct WindowValue {
-    /// Window start (ms), or null for the global window.
-    pub start: Option<i64>,
-    /// Window end (ms, exclusive), or null for the global window.
-    pub end: Option<i64>,
-    /// The feature's value.
-    pub value: serde_json::Value,
-    /// The watermark has passed the window's end.
-    pub closed: bool,
-}
-
 /// Assembles the windows of every feature from one key's slots, as of watermark `watermark`.
 /// Windows evicted by retention are left out; hopping windows merge their panes.
-pub fn assemble(
-    layout: &Layout,
-    slots: &[Slot],
-    watermark: Option<i64>,
-) -> Vec<(String, Vec<WindowValue>)> {
+pub fn assemble(layout: &Layout, slots: &[Slot], watermark: Option<i64>) -> Vec<(String, Vec<WindowOut>)> {
     let plan = &layout.plan;
     let retained = |end: i64| match (watermark, plan.retention_ms) {
         (Some(w), Some(r)) => end > w.saturating_sub(r as i64),
@@ -728,12 +578,7 @@ pub fn assemble(
     let closed = |end: i64| watermark.is_some_and(|w| w >= end);
     let mut result = Vec::with_capacity(plan.features.len());
     for (f, feature) in plan.features.iter().enumerate() {
-        let Some((g, group)) = layout
-            .groups
-            .iter()
-            .enumerate()
-            .find(|(_, g)| g.features.contains(&f))
-        else {
+        let Some((g, group)) = layout.groups.iter().enumerate().find(|(_, g)| g.features.contains(&f)) else {
             continue;
         };
         let Some(pos) = group.features.iter().position(|&x| x == f) else {
@@ -746,7 +591,7 @@ pub fn assemble(
             Window::Tumbling { .. } | Window::Session { .. } => {
                 for s in &mine {
                     if retained(s.end) {
-                        windows.push(WindowValue {
+                        windows.push(WindowOut {
                             start: Some(s.start),
                             end: Some(s.end),
                             value: s.accs[pos].value(agg),
@@ -757,22 +602,14 @@ pub fn assemble(
             }
             Window::Global => {
                 for s in &mine {
-                    windows.push(WindowValue {
-                        start: None,
-                        end: None,
-                        value: s.accs[pos].value(agg),
-                        closed: false,
-                    });
+                    windows.push(WindowOut { start: None, end: None, value: s.accs[pos].value(agg), closed: false });
                 }
             }
             Window::Hopping { size_ms, hop_ms } => {
                 let (size, hop) = (size_ms as i64, hop_ms as i64);
-                let panes: BTreeMap<i64, &Acc> =
-                    mine.iter().map(|s| (s.start, &s.accs[pos])).collect();
-                let mut starts: Vec<i64> = panes
-                    .keys()
-                    .flat_map(|&p| (0..size / hop).map(move |k| p - k * hop))
-                    .collect();
+                let panes: BTreeMap<i64, &Acc> = mine.iter().map(|s| (s.start, &s.accs[pos])).collect();
+                let mut starts: Vec<i64> =
+                    panes.keys().flat_map(|&p| (0..size / hop).map(move |k| p - k * hop)).collect();
                 starts.sort_unstable();
                 starts.dedup();
                 for start in starts {
@@ -788,7 +625,7 @@ pub fn assemble(
                         }
                     }
                     if let Some(acc) = acc {
-                        windows.push(WindowValue {
+                        windows.push(WindowOut {
                             start: Some(start),
                             end: Some(end),
                             value: acc.value(agg),

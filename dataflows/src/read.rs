@@ -14,9 +14,7 @@ use crate::features::{Epoch, Slot, SlotTrace};
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     /// History before the compaction frontier has been merged away.
-    #[error(
-        "epoch {as_of} is no longer readable: history before epoch {since} has been compacted"
-    )]
+    #[error("epoch {as_of} is no longer readable: history before epoch {since} has been compacted")]
     Compacted {
         /// The requested epoch.
         as_of: Epoch,
@@ -26,23 +24,14 @@ pub enum ReadError {
 }
 
 fn check(trace: &mut SlotTrace, as_of: Epoch) -> Result<(), ReadError> {
-    let since = trace
-        .get_logical_compaction()
-        .iter()
-        .next()
-        .copied()
-        .unwrap_or(0);
+    let since = trace.get_logical_compaction().iter().next().copied().unwrap_or(0);
     if as_of < since {
         return Err(ReadError::Compacted { as_of, since });
     }
     Ok(())
 }
 
-fn live_slots<C: Cursor<Time = Epoch, Diff = isize>>(
-    cursor: &mut C,
-    storage: &C::Storage,
-    as_of: Epoch,
-) -> Vec<Slot>
+fn live_slots<C: Cursor<Time = Epoch, Diff = isize>>(cursor: &mut C, storage: &C::Storage, as_of: Epoch) -> Vec<Slot>
 where
     for<'a> C::Val<'a>: Into<&'a Slot>,
 {
@@ -77,11 +66,7 @@ pub fn read_key(trace: &mut SlotTrace, key: &Key, as_of: Epoch) -> Result<Vec<Sl
 }
 
 /// Calls `f` with every key that has live slots at `as_of`, in key order.
-pub fn read_all(
-    trace: &mut SlotTrace,
-    as_of: Epoch,
-    mut f: impl FnMut(&Key, Vec<Slot>),
-) -> Result<(), ReadError> {
+pub fn read_all(trace: &mut SlotTrace, as_of: Epoch, mut f: impl FnMut(&Key, Vec<Slot>)) -> Result<(), ReadError> {
     check(trace, as_of)?;
     let Some(batches) = trace.batches_through(Antichain::new().borrow()) else {
         return Ok(());

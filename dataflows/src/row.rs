@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use sundial_protocol::plan::{FieldType, SourcePlan, TimeUnit};
 use sundial_protocol::value::{Datum, F64};
+pub use sundial_protocol::LineError;
 
 /// One event.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -20,15 +21,6 @@ pub struct Row {
     pub values: Box<[Datum]>,
 }
 
-/// A line that was rejected.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LineError {
-    /// 1-based line number within the body (the CSV header is line 1).
-    pub line: u64,
-    /// Why.
-    pub reason: String,
-}
-
 /// The longest line accepted.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
@@ -36,16 +28,12 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 fn time_ms(datum: &Datum, unit: TimeUnit) -> Result<i64, String> {
     let scale = |v: i64| match unit {
         TimeUnit::Ms => Ok(v),
-        TimeUnit::S => v
-            .checked_mul(1000)
-            .ok_or_else(|| format!("time {v}s is out of range")),
+        TimeUnit::S => v.checked_mul(1000).ok_or_else(|| format!("time {v}s is out of range")),
         TimeUnit::Rfc3339 => Err("expected an RFC 3339 string".to_string()),
     };
     match datum {
         Datum::Int(v) => scale(*v),
-        Datum::UInt(v) => i64::try_from(*v)
-            .map_err(|_| format!("time {v} is out of range"))
-            .and_then(scale),
+        Datum::UInt(v) => i64::try_from(*v).map_err(|_| format!("time {v} is out of range")).and_then(scale),
         Datum::Str(s) if unit == TimeUnit::Rfc3339 => parse_rfc3339(s),
         Datum::Null => Err("the event time is missing".into()),
         other => Err(format!("the event time {other} has the wrong type")),
@@ -55,24 +43,16 @@ fn time_ms(datum: &Datum, unit: TimeUnit) -> Result<i64, String> {
 fn finish(values: Vec<Datum>, source: &SourcePlan) -> Result<Row, String> {
     let time = time_ms(&values[source.time], source.time_unit)
         .map_err(|e| format!("field {:?}: {e}", source.fields[source.time].name))?;
-    Ok(Row {
-        time,
-        values: values.into_boxed_slice(),
-    })
+    Ok(Row { time, values: values.into_boxed_slice() })
 }
 
 /// Parses one NDJSON line.
 pub fn parse_json_line(line: &str, source: &SourcePlan) -> Result<Row, String> {
     if line.len() > MAX_LINE_BYTES {
-        return Err(format!(
-            "line of {} bytes is over the limit of {MAX_LINE_BYTES}",
-            line.len()
-        ));
+        return Err(format!("line of {} bytes is over the limit of {MAX_LINE_BYTES}", line.len()));
     }
     let mut de = serde_json::Deserializer::from_str(line);
-    let values = RowSeed(source)
-        .deserialize(&mut de)
-        .map_err(|e| e.to_string())?;
+    let values = RowSeed(source).deserialize(&mut de).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())?;
     finish(values, source)
 }
@@ -102,10 +82,7 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
                         return Err(de::Error::custom(format!("field {name:?} appears twice")));
                     }
                     seen[i] = true;
-                    values[i] = map.next_value_seed(FieldSeed {
-                        name: &name,
-                        ty: source.fields[i].ty,
-                    })?;
+                    values[i] = map.next_value_seed(FieldSeed { name: &name, ty: source.fields[i].ty })?;
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -130,11 +107,7 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
 
 impl FieldSeed<'_> {
     fn wrong<E: de::Error>(&self, got: &str) -> E {
-        E::custom(format!(
-            "field {:?} must be {}, got {got}",
-            self.name,
-            self.ty.name()
-        ))
+        E::custom(format!("field {:?} must be {}, got {got}", self.name, self.ty.name()))
     }
 }
 
@@ -158,9 +131,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Datum, E> {
         match self.ty {
             FieldType::I64 => Ok(Datum::Int(v)),
-            FieldType::U64 => u64::try_from(v)
-                .map(Datum::UInt)
-                .map_err(|_| self.wrong(&format!("{v}"))),
+            FieldType::U64 => u64::try_from(v).map(Datum::UInt).map_err(|_| self.wrong(&format!("{v}"))),
             FieldType::F64 => Ok(Datum::Float(F64(v as f64))),
             _ => Err(self.wrong("a number")),
         }
@@ -168,9 +139,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Datum, E> {
         match self.ty {
             FieldType::U64 => Ok(Datum::UInt(v)),
-            FieldType::I64 => i64::try_from(v)
-                .map(Datum::Int)
-                .map_err(|_| self.wrong(&format!("{v}"))),
+            FieldType::I64 => i64::try_from(v).map(Datum::Int).map_err(|_| self.wrong(&format!("{v}"))),
             FieldType::F64 => Ok(Datum::Float(F64(v as f64))),
             _ => Err(self.wrong("a number")),
         }
@@ -203,10 +172,7 @@ pub struct CsvLayout {
 
 impl CsvLayout {
     /// Reads the header row.
-    pub fn from_header(
-        header: &csv::StringRecord,
-        source: &SourcePlan,
-    ) -> Result<CsvLayout, String> {
+    pub fn from_header(header: &csv::StringRecord, source: &SourcePlan) -> Result<CsvLayout, String> {
         let mut columns = Vec::with_capacity(header.len());
         let mut seen = vec![false; source.fields.len()];
         for name in header.iter() {
@@ -220,10 +186,7 @@ impl CsvLayout {
             columns.push(index);
         }
         if !seen[source.time] {
-            return Err(format!(
-                "the header has no column for the event time {:?}",
-                source.fields[source.time].name
-            ));
+            return Err(format!("the header has no column for the event time {:?}", source.fields[source.time].name));
         }
         Ok(CsvLayout { columns })
     }
@@ -231,11 +194,7 @@ impl CsvLayout {
     /// Parses one record.
     pub fn parse(&self, record: &csv::StringRecord, source: &SourcePlan) -> Result<Row, String> {
         if record.len() != self.columns.len() {
-            return Err(format!(
-                "{} columns, but the header has {}",
-                record.len(),
-                self.columns.len()
-            ));
+            return Err(format!("{} columns, but the header has {}", record.len(), self.columns.len()));
         }
         let mut values = vec![Datum::Null; source.fields.len()];
         for (cell, column) in record.iter().zip(&self.columns) {
@@ -269,34 +228,22 @@ pub fn parse_body(
             let number = first_line + i as u64;
             match parse_json_line(line, source) {
                 Ok(row) => rows.push((number, row)),
-                Err(reason) => errors.push(LineError {
-                    line: number,
-                    reason,
-                }),
+                Err(reason) => errors.push(LineError { line: number, reason }),
             }
         }
         return (rows, errors);
     }
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(body.as_bytes());
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(body.as_bytes());
     let layout = match reader.headers() {
         Ok(header) => match CsvLayout::from_header(header, source) {
             Ok(layout) => layout,
             Err(reason) => {
-                errors.push(LineError {
-                    line: first_line,
-                    reason,
-                });
+                errors.push(LineError { line: first_line, reason });
                 return (rows, errors);
             }
         },
         Err(e) => {
-            errors.push(LineError {
-                line: first_line,
-                reason: format!("bad CSV header: {e}"),
-            });
+            errors.push(LineError { line: first_line, reason: format!("bad CSV header: {e}") });
             return (rows, errors);
         }
     };
@@ -312,22 +259,13 @@ pub fn parse_body(
                 }
                 match layout.parse(&record, source) {
                     Ok(row) => rows.push((number, row)),
-                    Err(reason) => errors.push(LineError {
-                        line: number,
-                        reason,
-                    }),
+                    Err(reason) => errors.push(LineError { line: number, reason }),
                 }
             }
             Err(e) => {
                 let number = e.position().map_or(line, |p| first_line - 1 + p.line());
-                errors.push(LineError {
-                    line: number,
-                    reason: format!("bad CSV: {e}"),
-                });
-                if !matches!(
-                    e.kind(),
-                    csv::ErrorKind::Utf8 { .. } | csv::ErrorKind::UnequalLengths { .. }
-                ) {
+                errors.push(LineError { line: number, reason: format!("bad CSV: {e}") });
+                if !matches!(e.kind(), csv::ErrorKind::Utf8 { .. } | csv::ErrorKind::UnequalLengths { .. }) {
                     break;
                 }
             }
@@ -430,14 +368,7 @@ mod tests {
             name: "tx".into(),
             fields: vec![
                 f("user_id", FieldType::U64),
-                f(
-                    "ts",
-                    if unit == TimeUnit::Rfc3339 {
-                        FieldType::String
-                    } else {
-                        FieldType::I64
-                    },
-                ),
+                f("ts", if unit == TimeUnit::Rfc3339 { FieldType::String } else { FieldType::I64 }),
                 f("amount", FieldType::I64),
                 f("merchant", FieldType::String),
                 f("score", FieldType::F64),
@@ -452,7 +383,11 @@ mod tests {
     #[test]
     fn json_lines_parse_and_fail_with_reasons() {
         let s = source(TimeUnit::Ms);
-        let row = parse_json_line(r#"{"user_id": 7, "ts": 1000, "amount": -5, "merchant": "m", "score": 2, "extra": [1]}"#, &s).unwrap();
+        let row = parse_json_line(
+            r#"{"user_id": 7, "ts": 1000, "amount": -5, "merchant": "m", "score": 2, "extra": [1]}"#,
+            &s,
+        )
+        .unwrap();
         assert_eq!(row.time, 1000);
         assert_eq!(row.values[0], Datum::UInt(7));
         assert_eq!(row.values[4], Datum::Float(F64(2.0)));
@@ -488,10 +423,7 @@ mod tests {
         assert_eq!(rows.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![2, 4]);
         assert_eq!(rows[0].1.values[3], Datum::Str("a,b".into()));
         assert_eq!(rows[1].1.values[2], Datum::Null);
-        assert_eq!(
-            errors.iter().map(|e| e.line).collect::<Vec<_>>(),
-            vec![3, 5]
-        );
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![3, 5]);
         assert!(errors[0].reason.contains("not an i64"), "{errors:?}");
         let (_, errors) = parse_body("user_id,amount\n1,2\n", true, &s, 1);
         assert!(errors[0].reason.contains("no column for the event time"));
@@ -501,25 +433,12 @@ mod tests {
     fn rfc3339_times() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(0));
         assert_eq!(parse_rfc3339("2023-11-14T22:13:20Z"), Ok(1_700_000_000_000));
-        assert_eq!(
-            parse_rfc3339("2023-11-14T23:13:20.5+01:00"),
-            Ok(1_700_000_000_500)
-        );
+        assert_eq!(parse_rfc3339("2023-11-14T23:13:20.5+01:00"), Ok(1_700_000_000_500));
         assert_eq!(parse_rfc3339("1969-12-31T23:59:59.999Z"), Ok(-1));
-        for bad in [
-            "2023-02-30T00:00:00Z",
-            "2023-11-14 22:13",
-            "2023-11-14T22:13:20",
-            "x",
-        ] {
+        for bad in ["2023-02-30T00:00:00Z", "2023-11-14 22:13", "2023-11-14T22:13:20", "x"] {
             assert!(parse_rfc3339(bad).is_err(), "{bad}");
         }
         let s = source(TimeUnit::Rfc3339);
-        assert_eq!(
-            parse_json_line(r#"{"ts": "2023-11-14T22:13:20Z"}"#, &s)
-                .unwrap()
-                .time,
-            1_700_000_000_000
-        );
+        assert_eq!(parse_json_line(r#"{"ts": "2023-11-14T22:13:20Z"}"#, &s).unwrap().time, 1_700_000_000_000);
     }
 }

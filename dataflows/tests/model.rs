@@ -18,9 +18,7 @@ use serde_json::Value;
 use sundial_dataflows::features::{assemble, render, Epoch, Report};
 use sundial_dataflows::read::read_all;
 use sundial_dataflows::row::Row;
-use sundial_protocol::plan::{
-    Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window,
-};
+use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window};
 use sundial_protocol::value::{Datum, F64};
 
 const LATENESS: i64 = 50;
@@ -74,10 +72,7 @@ struct Case {
 fn window() -> impl Strategy<Value = Window> {
     prop_oneof![
         (1u64..4).prop_map(|k| Window::Tumbling { size_ms: k * 100 }),
-        (1u64..4, 1u64..4).prop_map(|(h, m)| Window::Hopping {
-            size_ms: h * m * 50,
-            hop_ms: h * 50
-        }),
+        (1u64..4, 1u64..4).prop_map(|(h, m)| Window::Hopping { size_ms: h * m * 50, hop_ms: h * 50 }),
         (1u64..4).prop_map(|g| Window::Session { gap_ms: g * 40 }),
         Just(Window::Global),
     ]
@@ -96,20 +91,10 @@ fn feature() -> impl Strategy<Value = (Agg, Option<usize>, Window)> {
         Just(Agg::First),
         Just(Agg::Last)
     ];
-    (
-        agg,
-        prop_oneof![Just(2usize), Just(3usize)],
-        any::<bool>(),
-        window(),
-    )
-        .prop_map(|(agg, field, plain, w)| {
-            let field = if agg == Agg::Count && plain {
-                None
-            } else {
-                Some(field)
-            };
-            (agg, field, w)
-        })
+    (agg, prop_oneof![Just(2usize), Just(3usize)], any::<bool>(), window()).prop_map(|(agg, field, plain, w)| {
+        let field = if agg == Agg::Count && plain { None } else { Some(field) };
+        (agg, field, w)
+    })
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -117,73 +102,32 @@ fn case() -> impl Strategy<Value = Case> {
     let retention = prop_oneof![Just(None), (0u64..4).prop_map(|k| Some(k * 100))];
     let filter = any::<bool>();
     let threads = prop_oneof![Just(1usize), Just(3usize)];
-    let events = prop::collection::vec(
-        (
-            0u64..5,
-            0i64..2_000,
-            prop::option::weighted(0.9, -50i64..200),
-            0u8..4,
-        ),
-        0..160,
-    );
-    (
-        features,
-        retention,
-        filter,
-        threads,
-        events,
-        1usize..8,
-        any::<u64>(),
+    let events =
+        prop::collection::vec((0u64..5, 0i64..2_000, prop::option::weighted(0.9, -50i64..200), 0u8..4), 0..160);
+    (features, retention, filter, threads, events, 1usize..8, any::<u64>()).prop_map(
+        |(features, retention_ms, filter, threads, raw, nbatches, seed)| {
+            let features = features
+                .into_iter()
+                .enumerate()
+                .map(|(i, (agg, field, window))| FeaturePlan { name: format!("f{i}"), agg, field, window })
+                .collect();
+            let filter = filter
+                .then(|| sundial_definition::expr::parse_filter("amount is null or amount > 0", &source()).unwrap());
+            let plan =
+                DataflowPlan { name: "p".into(), source: source(), key: vec![0], filter, retention_ms, features };
+            // Event time roughly follows the order of arrival, with jitter: out of order, and
+            // sometimes behind the watermark.
+            let n = raw.len().max(1) as i64;
+            let mut epochs = vec![vec![Vec::new(); threads]; nbatches];
+            for (i, (user, jitter, amount, score)) in raw.into_iter().enumerate() {
+                let ts = (i as i64 * 2_000 / n) + jitter / 8 - 120;
+                let batch = (i * nbatches) / (n as usize).max(1);
+                let part = ((seed >> (i % 60)) as usize + i) % threads;
+                epochs[batch.min(nbatches - 1)][part].push(Event { user, ts, amount, score: f64::from(score) * 0.5 });
+            }
+            Case { plan, threads, epochs }
+        },
     )
-        .prop_map(
-            |(features, retention_ms, filter, threads, raw, nbatches, seed)| {
-                let features = features
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (agg, field, window))| FeaturePlan {
-                        name: format!("f{i}"),
-                        agg,
-                        field,
-                        window,
-                    })
-                    .collect();
-                let filter = filter.then(|| {
-                    sundial_definition::expr::parse_filter(
-                        "amount is null or amount > 0",
-                        &source(),
-                    )
-                    .unwrap()
-                });
-                let plan = DataflowPlan {
-                    name: "p".into(),
-                    source: source(),
-                    key: vec![0],
-                    filter,
-                    retention_ms,
-                    features,
-                };
-                // Event time roughly follows the order of arrival, with jitter: out of order, and
-                // sometimes behind the watermark.
-                let n = raw.len().max(1) as i64;
-                let mut epochs = vec![vec![Vec::new(); threads]; nbatches];
-                for (i, (user, jitter, amount, score)) in raw.into_iter().enumerate() {
-                    let ts = (i as i64 * 2_000 / n) + jitter / 8 - 120;
-                    let batch = (i * nbatches) / (n as usize).max(1);
-                    let part = ((seed >> (i % 60)) as usize + i) % threads;
-                    epochs[batch.min(nbatches - 1)][part].push(Event {
-                        user,
-                        ts,
-                        amount,
-                        score: f64::from(score) * 0.5,
-                    });
-                }
-                Case {
-                    plan,
-                    threads,
-                    epochs,
-                }
-            },
-        )
 }
 
 /// The watermark after each epoch, and which events the ingest accepts (those not behind the
@@ -196,10 +140,7 @@ fn model_ingest(case: &Case) -> (Vec<Option<i64>>, Vec<Vec<Vec<bool>>>) {
     for epoch in &case.epochs {
         let mut acc_epoch = Vec::new();
         for (p, events) in epoch.iter().enumerate() {
-            let flags: Vec<bool> = events
-                .iter()
-                .map(|e| wm.is_none_or(|w| e.ts >= w))
-                .collect();
+            let flags: Vec<bool> = events.iter().map(|e| wm.is_none_or(|w| e.ts >= w)).collect();
             for (e, ok) in events.iter().zip(&flags) {
                 if *ok {
                     max_ts[p] = max_ts[p].max(Some(e.ts));
@@ -243,36 +184,17 @@ fn plain_value(agg: Agg, field: Option<usize>, events: &[&Event]) -> Value {
         }
         Agg::Sum => float(nums.iter().sum()),
         Agg::Avg => float(nums.iter().sum::<f64>() / nums.len() as f64),
-        Agg::Min => vals
-            .iter()
-            .map(|(_, d)| d.clone())
-            .min()
-            .map_or(Value::Null, |d| d.to_json()),
-        Agg::Max => vals
-            .iter()
-            .map(|(_, d)| d.clone())
-            .max()
-            .map_or(Value::Null, |d| d.to_json()),
+        Agg::Min => vals.iter().map(|(_, d)| d.clone()).min().map_or(Value::Null, |d| d.to_json()),
+        Agg::Max => vals.iter().map(|(_, d)| d.clone()).max().map_or(Value::Null, |d| d.to_json()),
         Agg::Variance | Agg::Stddev => {
             let n = nums.len() as f64;
             let mean = nums.iter().sum::<f64>() / n;
             let var = nums.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
             float(if agg == Agg::Stddev { var.sqrt() } else { var })
         }
-        Agg::CountDistinct => vals
-            .iter()
-            .map(|(_, d)| d.clone())
-            .collect::<BTreeSet<_>>()
-            .len()
-            .into(),
-        Agg::First => vals
-            .iter()
-            .min_by(|a, b| a.cmp(b))
-            .map_or(Value::Null, |(_, d)| d.to_json()),
-        Agg::Last => vals
-            .iter()
-            .max_by(|a, b| a.cmp(b))
-            .map_or(Value::Null, |(_, d)| d.to_json()),
+        Agg::CountDistinct => vals.iter().map(|(_, d)| d.clone()).collect::<BTreeSet<_>>().len().into(),
+        Agg::First => vals.iter().min_by(|a, b| a.cmp(b)).map_or(Value::Null, |(_, d)| d.to_json()),
+        Agg::Last => vals.iter().max_by(|a, b| a.cmp(b)).map_or(Value::Null, |(_, d)| d.to_json()),
     }
 }
 
@@ -282,12 +204,7 @@ fn model(case: &Case) -> (Results, Option<i64>) {
     let mut events: Vec<&Event> = Vec::new();
     for (e, epoch) in case.epochs.iter().enumerate() {
         for (p, evs) in epoch.iter().enumerate() {
-            events.extend(
-                evs.iter()
-                    .zip(&accepted[e][p])
-                    .filter(|(_, ok)| **ok)
-                    .map(|(ev, _)| ev),
-            );
+            events.extend(evs.iter().zip(&accepted[e][p]).filter(|(_, ok)| **ok).map(|(ev, _)| ev));
         }
     }
     let plan = &case.plan;
@@ -305,10 +222,7 @@ fn model(case: &Case) -> (Results, Option<i64>) {
             match f.window {
                 Window::Tumbling { size_ms } => {
                     let s = size_ms as i64;
-                    windows = mine
-                        .iter()
-                        .map(|e| (e.ts.div_euclid(s) * s, e.ts.div_euclid(s) * s + s))
-                        .collect();
+                    windows = mine.iter().map(|e| (e.ts.div_euclid(s) * s, e.ts.div_euclid(s) * s + s)).collect();
                 }
                 Window::Hopping { size_ms, hop_ms } => {
                     let (s, h) = (size_ms as i64, hop_ms as i64);
@@ -341,17 +255,8 @@ fn model(case: &Case) -> (Results, Option<i64>) {
                 if !retained(end) {
                     continue;
                 }
-                let inside: Vec<&Event> = mine
-                    .iter()
-                    .copied()
-                    .filter(|e| e.ts >= start && e.ts < end)
-                    .collect();
-                rows.push((
-                    Some(start),
-                    Some(end),
-                    plain_value(f.agg, f.field, &inside),
-                    wm.is_some_and(|w| w >= end),
-                ));
+                let inside: Vec<&Event> = mine.iter().copied().filter(|e| e.ts >= start && e.ts < end).collect();
+                rows.push((Some(start), Some(end), plain_value(f.agg, f.field, &inside), wm.is_some_and(|w| w >= end)));
             }
             if !rows.is_empty() {
                 out.insert((user, f.name.clone()), rows);
@@ -379,11 +284,7 @@ fn run(case: &Case) -> (Results, Option<i64>) {
                     r.rows.send(row(ev));
                 }
             }
-            r.reports.send(Report {
-                partition: me as u32,
-                max_ts,
-                idle: false,
-            });
+            r.reports.send(Report { partition: me as u32, max_ts, idle: false });
             epoch += 1;
             r.rows.advance_to(epoch);
             r.reports.advance_to(epoch);
@@ -394,18 +295,13 @@ fn run(case: &Case) -> (Results, Option<i64>) {
         let wm = r.watermarks.borrow().at(last);
         let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
         read_all(&mut r.trace, last, |key, slots| {
-            let Datum::UInt(user) = key.parts()[0] else {
-                panic!("u64 keys")
-            };
+            let Datum::UInt(user) = key.parts()[0] else { panic!("u64 keys") };
             for (name, windows) in assemble(&r.layout, &slots, wm) {
                 if !windows.is_empty() {
                     results.push((
                         user,
                         name,
-                        windows
-                            .into_iter()
-                            .map(|w| (w.start, w.end, w.value, w.closed))
-                            .collect(),
+                        windows.into_iter().map(|w| (w.start, w.end, w.value, w.closed)).collect(),
                     ));
                 }
             }
@@ -420,10 +316,7 @@ fn run(case: &Case) -> (Results, Option<i64>) {
         let (results, w) = result.unwrap();
         wm = w;
         for (user, name, windows) in results {
-            assert!(
-                out.insert((user, name), windows).is_none(),
-                "a key lives on one worker only"
-            );
+            assert!(out.insert((user, name), windows).is_none(), "a key lives on one worker only");
         }
     }
     (out, wm)
@@ -431,9 +324,7 @@ fn run(case: &Case) -> (Results, Option<i64>) {
 
 fn close(a: &Value, b: &Value) -> bool {
     match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) if a.is_f64() || b.is_f64() => {
-            (x - y).abs() <= 1e-6 * (1.0 + x.abs().max(y.abs()))
-        }
+        (Some(x), Some(y)) if a.is_f64() || b.is_f64() => (x - y).abs() <= 1e-6 * (1.0 + x.abs().max(y.abs())),
         _ => a == b,
     }
 }

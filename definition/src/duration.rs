@@ -11,17 +11,13 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
     let mut total: u64 = 0;
     let mut rest = t;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let factor = match &rest[..unit_len] {
             "ms" => 1,
             "s" => 1_000,
@@ -31,10 +27,8 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             _ => return Err(bad()),
         };
         rest = &rest[unit_len..];
-        total = n
-            .checked_mul(factor)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("{text:?} is too long"))?;
+        total =
+            n.checked_mul(factor).and_then(|v| total.checked_add(v)).ok_or_else(|| format!("{text:?} is too long"))?;
     }
     Ok(total)
 }
@@ -46,13 +40,7 @@ pub fn format_duration(ms: u64) -> String {
     }
     let mut out = String::new();
     let mut rest = ms;
-    for (unit, len) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-        ("ms", 1),
-    ] {
+    for (unit, len) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
         if rest >= len {
             out.push_str(&format!("{}{unit}", rest / len));
             rest %= len;
@@ -77,9 +65,7 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
         assert!(parse_duration("99999999999999999999d").is_err());
-        assert!(parse_duration("999999999999999d")
-            .unwrap_err()
-            .contains("too long"));
+        assert!(parse_duration("999999999999999d").unwrap_err().contains("too long"));
         assert_eq!(format_duration(5_400_000), "1h30m");
         assert_eq!(format_duration(1_500), "1s500ms");
     }

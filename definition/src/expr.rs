@@ -90,17 +90,11 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize)>, String> {
                 }
             }
             let s: String = chars[start..i].iter().collect();
-            let tok =
-                if float {
-                    Tok::Float(
-                        s.parse()
-                            .map_err(|_| format!("bad number {s:?} at column {col}"))?,
-                    )
-                } else {
-                    Tok::Int(s.parse().map_err(|_| {
-                        format!("integer {s} at column {col} does not fit in 64 bits")
-                    })?)
-                };
+            let tok = if float {
+                Tok::Float(s.parse().map_err(|_| format!("bad number {s:?} at column {col}"))?)
+            } else {
+                Tok::Int(s.parse().map_err(|_| format!("integer {s} at column {col} does not fit in 64 bits"))?)
+            };
             out.push((tok, col));
             continue;
         }
@@ -116,9 +110,7 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize)>, String> {
                         break;
                     }
                     Some('\\') => {
-                        let esc = chars
-                            .get(i + 1)
-                            .ok_or(format!("string starting at column {col} is not closed"))?;
+                        let esc = chars.get(i + 1).ok_or(format!("string starting at column {col} is not closed"))?;
                         s.push(match esc {
                             'n' => '\n',
                             't' => '\t',
@@ -136,9 +128,7 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize)>, String> {
             continue;
         }
         let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
-        let op2 = ["==", "!=", "<>", "<=", ">="]
-            .into_iter()
-            .find(|op| *op == two);
+        let op2 = ["==", "!=", "<>", "<=", ">="].into_iter().find(|op| *op == two);
         if let Some(op) = op2 {
             out.push((Tok::Op(op), col));
             i += 2;
@@ -209,11 +199,7 @@ impl Parser<'_> {
             self.pos += 1;
             Ok(())
         } else {
-            Err(format!(
-                "expected {what} at column {}, found {}",
-                self.col(),
-                describe(self.peek())
-            ))
+            Err(format!("expected {what} at column {}, found {}", self.col(), describe(self.peek())))
         }
     }
 
@@ -251,10 +237,7 @@ impl Parser<'_> {
             self.pos += 1;
             let (e, t) = self.not(depth + 1)?;
             if t != ExprType::Bool {
-                return Err(format!(
-                    "`not` at column {col} needs a boolean, got {}",
-                    type_name(t)
-                ));
+                return Err(format!("`not` at column {col} needs a boolean, got {}", type_name(t)));
             }
             return Ok((Expr::Not(Box::new(e)), ExprType::Bool));
         }
@@ -281,18 +264,9 @@ impl Parser<'_> {
         if self.eat_keyword("is") {
             let negated = self.eat_keyword("not");
             if !self.eat_keyword("null") {
-                return Err(format!(
-                    "expected `null` after `is` at column {}",
-                    self.col()
-                ));
+                return Err(format!("expected `null` after `is` at column {}", self.col()));
             }
-            return Ok((
-                Expr::IsNull {
-                    expr: Box::new(left.0),
-                    negated,
-                },
-                ExprType::Bool,
-            ));
+            return Ok((Expr::IsNull { expr: Box::new(left.0), negated }, ExprType::Bool));
         }
         let negated = if self.keyword("not")
             && matches!(self.toks.get(self.pos + 1), Some((Tok::Ident(s), _)) if s.eq_ignore_ascii_case("in"))
@@ -317,14 +291,7 @@ impl Parser<'_> {
                 self.expect(Tok::RParen, "`,` or `)` in the `in` list")?;
                 break;
             }
-            return Ok((
-                Expr::In {
-                    expr: Box::new(left.0),
-                    list,
-                    negated,
-                },
-                ExprType::Bool,
-            ));
+            return Ok((Expr::In { expr: Box::new(left.0), list, negated }, ExprType::Bool));
         }
         Ok(left)
     }
@@ -343,12 +310,7 @@ impl Parser<'_> {
             Tok::Str(s) if !negative => Literal::Str(s),
             Tok::Ident(s) if !negative && s.eq_ignore_ascii_case("true") => Literal::Bool(true),
             Tok::Ident(s) if !negative && s.eq_ignore_ascii_case("false") => Literal::Bool(false),
-            other => {
-                return Err(format!(
-                    "expected a literal at column {col}, found {}",
-                    describe(&other)
-                ))
-            }
+            other => return Err(format!("expected a literal at column {col}, found {}", describe(&other))),
         };
         Ok(lit)
     }
@@ -394,10 +356,7 @@ impl Parser<'_> {
             let (e, t) = self.unary(depth + 1)?;
             return match t {
                 ExprType::Int | ExprType::Float => Ok((Expr::Neg(Box::new(e)), t)),
-                other => Err(format!(
-                    "`-` at column {col} needs a number, got {}",
-                    type_name(other)
-                )),
+                other => Err(format!("`-` at column {col} needs a number, got {}", type_name(other))),
             };
         }
         self.primary(depth)
@@ -421,15 +380,12 @@ impl Parser<'_> {
                     "false" => return Ok((Expr::Lit(Literal::Bool(false)), ExprType::Bool)),
                     "null" => return Ok((Expr::Lit(Literal::Null), ExprType::Null)),
                     "and" | "or" | "not" | "in" | "is" => {
-                        return Err(format!(
-                            "expected a value at column {col}, found keyword `{name}`"
-                        ))
+                        return Err(format!("expected a value at column {col}, found keyword `{name}`"))
                     }
                     _ => {}
                 }
                 let index = self.source.field_index(&name).ok_or_else(|| {
-                    let known: Vec<&str> =
-                        self.source.fields.iter().map(|f| f.name.as_str()).collect();
+                    let known: Vec<&str> = self.source.fields.iter().map(|f| f.name.as_str()).collect();
                     format!(
                         "unknown field `{name}` at column {col} (source {} has {})",
                         self.source.name,
@@ -444,10 +400,7 @@ impl Parser<'_> {
                 };
                 Ok((Expr::Field(index), ty))
             }
-            other => Err(format!(
-                "expected a value at column {col}, found {}",
-                describe(&other)
-            )),
+            other => Err(format!("expected a value at column {col}, found {}", describe(&other))),
         }
     }
 }
@@ -470,10 +423,7 @@ fn logical(op: BinOp, (l, lt): Typed, (r, rt): Typed, col: usize) -> Result<Type
     let name = if op == BinOp::And { "and" } else { "or" };
     for t in [lt, rt] {
         if t != ExprType::Bool {
-            return Err(format!(
-                "`{name}` at column {col} needs booleans on both sides, got {}",
-                type_name(t)
-            ));
+            return Err(format!("`{name}` at column {col} needs booleans on both sides, got {}", type_name(t)));
         }
     }
     Ok((Expr::Binary(op, Box::new(l), Box::new(r)), ExprType::Bool))
@@ -481,36 +431,22 @@ fn logical(op: BinOp, (l, lt): Typed, (r, rt): Typed, col: usize) -> Result<Type
 
 fn comparison(op: BinOp, (l, lt): Typed, (r, rt): Typed, col: usize) -> Result<Typed, String> {
     if lt == ExprType::Null || rt == ExprType::Null {
-        return Err(format!(
-            "comparison with null at column {col} is never true; use `is null` or `is not null`"
-        ));
+        return Err(format!("comparison with null at column {col} is never true; use `is null` or `is not null`"));
     }
     let ok = (numeric(lt) && numeric(rt))
         || (lt == ExprType::Str && rt == ExprType::Str)
         || (lt == ExprType::Bool && rt == ExprType::Bool && matches!(op, BinOp::Eq | BinOp::Ne));
     if !ok {
-        return Err(format!(
-            "cannot compare {} with {} at column {col}",
-            type_name(lt),
-            type_name(rt)
-        ));
+        return Err(format!("cannot compare {} with {} at column {col}", type_name(lt), type_name(rt)));
     }
     Ok((Expr::Binary(op, Box::new(l), Box::new(r)), ExprType::Bool))
 }
 
 fn arithmetic(op: BinOp, (l, lt): Typed, (r, rt): Typed, col: usize) -> Result<Typed, String> {
     if !numeric(lt) || !numeric(rt) {
-        return Err(format!(
-            "arithmetic at column {col} needs numbers, got {} and {}",
-            type_name(lt),
-            type_name(rt)
-        ));
+        return Err(format!("arithmetic at column {col} needs numbers, got {} and {}", type_name(lt), type_name(rt)));
     }
-    let t = if lt == ExprType::Float || rt == ExprType::Float {
-        ExprType::Float
-    } else {
-        ExprType::Int
-    };
+    let t = if lt == ExprType::Float || rt == ExprType::Float { ExprType::Float } else { ExprType::Int };
     Ok((Expr::Binary(op, Box::new(l), Box::new(r)), t))
 }
 
@@ -524,10 +460,7 @@ fn check_member(t: ExprType, lit: &Literal, col: usize) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "the `in` list at column {col} mixes {} with a {lit:?}",
-            type_name(t)
-        ))
+        Err(format!("the `in` list at column {col} mixes {} with a {lit:?}", type_name(t)))
     }
 }
 
@@ -538,28 +471,15 @@ pub fn parse_filter(text: &str, source: &SourcePlan) -> Result<Expr, String> {
     }
     let toks = lex(text)?;
     if toks.len() > MAX_DEPTH_TOKENS {
-        return Err(format!(
-            "the filter has more than {MAX_DEPTH_TOKENS} tokens"
-        ));
+        return Err(format!("the filter has more than {MAX_DEPTH_TOKENS} tokens"));
     }
-    let mut parser = Parser {
-        toks,
-        pos: 0,
-        source,
-    };
+    let mut parser = Parser { toks, pos: 0, source };
     let (expr, ty) = parser.or(0)?;
     if *parser.peek() != Tok::End {
-        return Err(format!(
-            "unexpected {} at column {}",
-            describe(parser.peek()),
-            parser.col()
-        ));
+        return Err(format!("unexpected {} at column {}", describe(parser.peek()), parser.col()));
     }
     if ty != ExprType::Bool {
-        return Err(format!(
-            "the filter must be a condition (a boolean), but it is {}",
-            type_name(ty)
-        ));
+        return Err(format!("the filter must be a condition (a boolean), but it is {}", type_name(ty)));
     }
     Ok(expr)
 }
@@ -590,22 +510,12 @@ mod tests {
 
     #[test]
     fn parses_precedence() {
-        let e = parse_filter(
-            "amount > 100 and merchant != \"test\" or not card_present",
-            &source(),
-        )
-        .unwrap();
-        let Expr::Binary(BinOp::Or, left, _) = e else {
-            panic!("or at the top: {e:?}")
-        };
+        let e = parse_filter("amount > 100 and merchant != \"test\" or not card_present", &source()).unwrap();
+        let Expr::Binary(BinOp::Or, left, _) = e else { panic!("or at the top: {e:?}") };
         assert!(matches!(*left, Expr::Binary(BinOp::And, _, _)));
         let e = parse_filter("amount + 2 * 3 = 10", &source()).unwrap();
-        let Expr::Binary(BinOp::Eq, left, _) = e else {
-            panic!()
-        };
-        let Expr::Binary(BinOp::Add, _, right) = *left else {
-            panic!()
-        };
+        let Expr::Binary(BinOp::Eq, left, _) = e else { panic!() };
+        let Expr::Binary(BinOp::Add, _, right) = *left else { panic!() };
         assert!(matches!(*right, Expr::Binary(BinOp::Mul, _, _)));
     }
 
@@ -629,10 +539,7 @@ mod tests {
     fn errors_name_the_cause_and_column() {
         let cases = [
             ("amout > 1", "unknown field `amout` at column 1"),
-            (
-                "amount > 'x'",
-                "cannot compare an integer with a string at column 8",
-            ),
+            ("amount > 'x'", "cannot compare an integer with a string at column 8"),
             ("amount > ", "expected a value at column 10"),
             ("amount + 1", "must be a condition"),
             ("merchant = null", "use `is null`"),
@@ -650,22 +557,15 @@ mod tests {
         ];
         for (text, want) in cases {
             let err = parse_filter(text, &source()).unwrap_err();
-            assert!(
-                err.contains(want),
-                "{text:?}: {err:?} should contain {want:?}"
-            );
+            assert!(err.contains(want), "{text:?}: {err:?} should contain {want:?}");
         }
     }
 
     #[test]
     fn deep_nesting_is_refused_not_overflowed() {
         let text = format!("{}amount > 1{}", "(".repeat(500), ")".repeat(500));
-        assert!(parse_filter(&text, &source())
-            .unwrap_err()
-            .contains("nests too deeply"));
+        assert!(parse_filter(&text, &source()).unwrap_err().contains("nests too deeply"));
         let text = format!("{}card_present", "not ".repeat(500));
-        assert!(parse_filter(&text, &source())
-            .unwrap_err()
-            .contains("nests too deeply"));
+        assert!(parse_filter(&text, &source()).unwrap_err().contains("nests too deeply"));
     }
 }

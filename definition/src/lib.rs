@@ -13,9 +13,7 @@ use indexmap::IndexMap;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use sundial_protocol::plan::{
-    Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window,
-};
+use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window};
 
 pub use duration::{format_duration, parse_duration};
 
@@ -33,12 +31,7 @@ pub enum Format {
 impl Format {
     /// The format of a file, by its extension.
     pub fn from_path(path: &std::path::Path) -> Result<Format, DefinitionError> {
-        match path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
             Some("json") => Ok(Format::Json),
             Some("toml") => Ok(Format::Toml),
             Some("yaml") | Some("yml") => Ok(Format::Yaml),
@@ -60,17 +53,12 @@ pub struct DefinitionError {
 
 impl DefinitionError {
     fn one(problem: String) -> Self {
-        DefinitionError {
-            problems: vec![problem],
-        }
+        DefinitionError { problems: vec![problem] }
     }
 }
 
 /// Parses a document of `format` into `T`.
-pub fn parse_document<T: DeserializeOwned>(
-    text: &str,
-    format: Format,
-) -> Result<T, DefinitionError> {
+pub fn parse_document<T: DeserializeOwned>(text: &str, format: Format) -> Result<T, DefinitionError> {
     let result = match format {
         Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
         Format::Toml => toml::from_str(text).map_err(|e| match e.span() {
@@ -213,55 +201,35 @@ impl WindowSpec {
             },
             Value::Object(map) => {
                 let keys: Vec<&str> = map.keys().map(String::as_str).collect();
-                return Err(format!(
-                    "expected exactly one window kind, got {{{}}}",
-                    keys.join(", ")
-                ));
+                return Err(format!("expected exactly one window kind, got {{{}}}", keys.join(", ")));
             }
-            other => {
-                return Err(format!(
-                    "expected a window such as {{\"tumbling\": \"1m\"}}, got {other}"
-                ))
-            }
+            other => return Err(format!("expected a window such as {{\"tumbling\": \"1m\"}}, got {other}")),
         };
         let param = |name: &str| -> Result<String, String> {
             match params.get(name) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(format!(
-                    "{kind}.{name}: expected a duration string such as \"1m\", got {other}"
-                )),
+                Some(other) => Err(format!("{kind}.{name}: expected a duration string such as \"1m\", got {other}")),
                 None => Err(format!("{kind}: missing {name}")),
             }
         };
         let only = |names: &[&str]| -> Result<(), String> {
             if let Value::Object(map) = params {
                 if let Some(extra) = map.keys().find(|k| !names.contains(&k.as_str())) {
-                    return Err(format!(
-                        "{kind}: unknown parameter {extra:?} (takes {})",
-                        names.join(", ")
-                    ));
+                    return Err(format!("{kind}: unknown parameter {extra:?} (takes {})", names.join(", ")));
                 }
             } else {
-                return Err(format!(
-                    "{kind}: expected an object with {}",
-                    names.join(", ")
-                ));
+                return Err(format!("{kind}: expected an object with {}", names.join(", ")));
             }
             Ok(())
         };
         match kind {
             "tumbling" => match params {
                 Value::String(size) => Ok(WindowSpec::Tumbling(size.clone())),
-                _ => only(&["size"])
-                    .and_then(|()| param("size"))
-                    .map(WindowSpec::Tumbling),
+                _ => only(&["size"]).and_then(|()| param("size")).map(WindowSpec::Tumbling),
             },
             "hopping" => {
                 only(&["size", "hop"])?;
-                Ok(WindowSpec::Hopping {
-                    size: param("size")?,
-                    hop: param("hop")?,
-                })
+                Ok(WindowSpec::Hopping { size: param("size")?, hop: param("hop")? })
             }
             "session" => match params {
                 Value::String(gap) => Ok(WindowSpec::Session { gap: gap.clone() }),
@@ -272,21 +240,13 @@ impl WindowSpec {
             },
             "sliding" => {
                 only(&["size", "tile"])?;
-                Ok(WindowSpec::Sliding {
-                    size: param("size")?,
-                    tile: param("tile")?,
-                })
+                Ok(WindowSpec::Sliding { size: param("size")?, tile: param("tile")? })
             }
             "cumulate" => {
                 only(&["step", "max"])?;
-                Ok(WindowSpec::Cumulate {
-                    step: param("step")?,
-                    max: param("max")?,
-                })
+                Ok(WindowSpec::Cumulate { step: param("step")?, max: param("max")? })
             }
-            "global" if params.is_null() || params.as_object().is_some_and(|m| m.is_empty()) => {
-                Ok(WindowSpec::Global)
-            }
+            "global" if params.is_null() || params.as_object().is_some_and(|m| m.is_empty()) => Ok(WindowSpec::Global),
             "global" => Err("global takes no parameters".into()),
             other => Err(format!("unknown window kind {other:?} (use {KINDS})")),
         }
@@ -296,15 +256,12 @@ impl WindowSpec {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
 fn name_problem(what: &str, name: &str) -> Option<String> {
-    (!valid_name(name)).then(|| {
-        format!("{what} {name:?} must be 1 to 64 characters of letters, digits, `_`, `-` or `.`")
-    })
+    (!valid_name(name))
+        .then(|| format!("{what} {name:?} must be 1 to 64 characters of letters, digits, `_`, `-` or `.`"))
 }
 
 /// Validates a source.
@@ -316,15 +273,10 @@ pub fn validate_source(spec: &SourceSpec) -> Result<SourcePlan, DefinitionError>
     }
     let mut fields = Vec::new();
     for (name, ty) in &spec.fields {
-        if !name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        if !name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
-            problems.push(format!(
-                "fields: field name {name:?} must be an identifier (letters, digits, `_`)"
-            ));
+            problems.push(format!("fields: field name {name:?} must be an identifier (letters, digits, `_`)"));
         }
         let ty = match ty.as_str() {
             "i64" => FieldType::I64,
@@ -333,16 +285,11 @@ pub fn validate_source(spec: &SourceSpec) -> Result<SourcePlan, DefinitionError>
             "bool" => FieldType::Bool,
             "string" => FieldType::String,
             other => {
-                problems.push(format!(
-                    "fields.{name}: unknown type {other:?} (use i64, u64, f64, bool or string)"
-                ));
+                problems.push(format!("fields.{name}: unknown type {other:?} (use i64, u64, f64, bool or string)"));
                 FieldType::String
             }
         };
-        fields.push(Field {
-            name: name.clone(),
-            ty,
-        });
+        fields.push(Field { name: name.clone(), ty });
     }
     let time_unit = match spec.time_unit.as_deref().unwrap_or("ms") {
         "ms" => TimeUnit::Ms,
@@ -355,10 +302,7 @@ pub fn validate_source(spec: &SourceSpec) -> Result<SourcePlan, DefinitionError>
     };
     let time = fields.iter().position(|f| f.name == spec.time);
     match time.map(|i| fields[i].ty) {
-        None => problems.push(format!(
-            "time: {:?} is not a field of the source",
-            spec.time
-        )),
+        None => problems.push(format!("time: {:?} is not a field of the source", spec.time)),
         Some(FieldType::I64 | FieldType::U64) if time_unit != TimeUnit::Rfc3339 => {}
         Some(FieldType::String) if time_unit == TimeUnit::Rfc3339 => {}
         Some(ty) => problems.push(format!(
@@ -366,28 +310,23 @@ pub fn validate_source(spec: &SourceSpec) -> Result<SourcePlan, DefinitionError>
             spec.time,
             ty.name(),
             spec.time_unit.as_deref().unwrap_or("ms"),
-            if time_unit == TimeUnit::Rfc3339 {
-                "a string"
-            } else {
-                "an integer (i64 or u64)"
-            }
+            if time_unit == TimeUnit::Rfc3339 { "a string" } else { "an integer (i64 or u64)" }
         )),
     }
-    let mut duration =
-        |what: &str, text: &Option<String>, default: u64, allow_zero: bool| match text {
-            None => default,
-            Some(t) => match parse_duration(t) {
-                Ok(0) if !allow_zero => {
-                    problems.push(format!("{what}: must be longer than zero"));
-                    default
-                }
-                Ok(ms) => ms,
-                Err(e) => {
-                    problems.push(format!("{what}: {e}"));
-                    default
-                }
-            },
-        };
+    let mut duration = |what: &str, text: &Option<String>, default: u64, allow_zero: bool| match text {
+        None => default,
+        Some(t) => match parse_duration(t) {
+            Ok(0) if !allow_zero => {
+                problems.push(format!("{what}: must be longer than zero"));
+                default
+            }
+            Ok(ms) => ms,
+            Err(e) => {
+                problems.push(format!("{what}: {e}"));
+                default
+            }
+        },
+    };
     let allowed_lateness_ms = duration("allowed_lateness", &spec.allowed_lateness, 0, true);
     let idle_timeout_ms = duration("idle_timeout", &spec.idle_timeout, 10_000, false);
     if !problems.is_empty() {
@@ -411,10 +350,7 @@ pub fn validate_definition<'a>(
     let mut problems = Vec::new();
     problems.extend(name_problem("dataflow name", &spec.name));
     let Some(source) = source_named(&spec.source) else {
-        problems.push(format!(
-            "source: no source named {:?}; create it first",
-            spec.source
-        ));
+        problems.push(format!("source: no source named {:?}; create it first", spec.source));
         return Err(DefinitionError { problems });
     };
 
@@ -428,13 +364,10 @@ pub fn validate_definition<'a>(
     let mut key = Vec::new();
     for name in &key_names {
         match source.field_index(name) {
-            None => problems.push(format!(
-                "key: {name:?} is not a field of source {}",
-                source.name
-            )),
-            Some(i) if source.fields[i].ty == FieldType::F64 => problems.push(format!(
-                "key: {name:?} is f64; key fields must be integers, strings or booleans"
-            )),
+            None => problems.push(format!("key: {name:?} is not a field of source {}", source.name)),
+            Some(i) if source.fields[i].ty == FieldType::F64 => {
+                problems.push(format!("key: {name:?} is f64; key fields must be integers, strings or booleans"))
+            }
             Some(i) if key.contains(&i) => problems.push(format!("key: {name:?} appears twice")),
             Some(i) => key.push(i),
         }
@@ -480,25 +413,12 @@ pub fn validate_definition<'a>(
         },
         // Keep the current and the previous window: evict a window once its end is more than
         // one window length behind the watermark.
-        None => Some(
-            features
-                .iter()
-                .map(|f| default_retention(&f.window))
-                .max()
-                .unwrap_or(0),
-        ),
+        None => Some(features.iter().map(|f| default_retention(&f.window)).max().unwrap_or(0)),
     };
     if !problems.is_empty() {
         return Err(DefinitionError { problems });
     }
-    Ok(DataflowPlan {
-        name: spec.name.clone(),
-        source: source.clone(),
-        key,
-        filter,
-        retention_ms,
-        features,
-    })
+    Ok(DataflowPlan { name: spec.name.clone(), source: source.clone(), key, filter, retention_ms, features })
 }
 
 fn default_retention(window: &Window) -> u64 {
@@ -524,10 +444,7 @@ fn validate_feature(f: &FeatureSpec, source: &SourcePlan) -> Result<FeaturePlan,
         "first" => Some(Agg::First),
         "last" => Some(Agg::Last),
         "approx_distinct" | "approx_quantile" | "last_k" | "top_k" | "exp_decay_sum" => {
-            problems.push(format!(
-                "agg: {:?} is not supported by this version of sundial yet",
-                f.agg
-            ));
+            problems.push(format!("agg: {:?} is not supported by this version of sundial yet", f.agg));
             None
         }
         other => {
@@ -551,10 +468,7 @@ fn validate_feature(f: &FeatureSpec, source: &SourcePlan) -> Result<FeaturePlan,
         Some(name) => match source.field_index(name) {
             Some(i) => Some(i),
             None => {
-                problems.push(format!(
-                    "field: {name:?} is not a field of source {}",
-                    source.name
-                ));
+                problems.push(format!("field: {name:?} is not a field of source {}", source.name));
                 None
             }
         },
@@ -563,28 +477,22 @@ fn validate_feature(f: &FeatureSpec, source: &SourcePlan) -> Result<FeaturePlan,
         let ty = field.map(|i| source.fields[i].ty);
         match (agg, ty) {
             (Agg::Count, _) => {}
-            (_, None) if f.field.is_none() => {
-                problems.push(format!("field: {} needs a field", f.agg))
-            }
+            (_, None) if f.field.is_none() => problems.push(format!("field: {} needs a field", f.agg)),
             (_, None) => {}
-            (Agg::Sum | Agg::Avg | Agg::Stddev | Agg::Variance, Some(t)) if !t.is_numeric() => {
-                problems.push(format!(
-                    "field: {} needs a numeric field, but {:?} is {}",
-                    f.agg,
-                    f.field.as_deref().unwrap_or_default(),
-                    t.name()
-                ))
-            }
-            (Agg::Min | Agg::Max, Some(FieldType::Bool)) => problems.push(format!(
-                "field: {} needs a number or a string, not bool",
-                f.agg
+            (Agg::Sum | Agg::Avg | Agg::Stddev | Agg::Variance, Some(t)) if !t.is_numeric() => problems.push(format!(
+                "field: {} needs a numeric field, but {:?} is {}",
+                f.agg,
+                f.field.as_deref().unwrap_or_default(),
+                t.name()
             )),
+            (Agg::Min | Agg::Max, Some(FieldType::Bool)) => {
+                problems.push(format!("field: {} needs a number or a string, not bool", f.agg))
+            }
             _ => {}
         }
     }
-    let window = WindowSpec::from_value(&f.window)
-        .and_then(|w| validate_window(&w))
-        .map_err(|e| format!("window: {e}"));
+    let window =
+        WindowSpec::from_value(&f.window).and_then(|w| validate_window(&w)).map_err(|e| format!("window: {e}"));
     let window = match window {
         Ok(w) => Some(w),
         Err(e) => {
@@ -593,12 +501,7 @@ fn validate_feature(f: &FeatureSpec, source: &SourcePlan) -> Result<FeaturePlan,
         }
     };
     match (agg, window, problems.is_empty()) {
-        (Some(agg), Some(window), true) => Ok(FeaturePlan {
-            name: f.name.clone(),
-            agg,
-            field,
-            window,
-        }),
+        (Some(agg), Some(window), true) => Ok(FeaturePlan { name: f.name.clone(), agg, field, window }),
         _ => Err(problems),
     }
 }
@@ -613,9 +516,7 @@ fn positive(what: &str, text: &str) -> Result<u64, String> {
 
 fn validate_window(w: &WindowSpec) -> Result<Window, String> {
     match w {
-        WindowSpec::Tumbling(size) => Ok(Window::Tumbling {
-            size_ms: positive("size", size)?,
-        }),
+        WindowSpec::Tumbling(size) => Ok(Window::Tumbling { size_ms: positive("size", size)? }),
         WindowSpec::Hopping { size, hop } => {
             let size_ms = positive("size", size)?;
             let hop_ms = positive("hop", hop)?;
@@ -624,12 +525,10 @@ fn validate_window(w: &WindowSpec) -> Result<Window, String> {
             }
             Ok(Window::Hopping { size_ms, hop_ms })
         }
-        WindowSpec::Session { gap } => Ok(Window::Session {
-            gap_ms: positive("gap", gap)?,
-        }),
-        WindowSpec::Sliding { .. } | WindowSpec::Cumulate { .. } => Err(
-            "sliding and cumulate windows are not supported by this version of sundial yet".into(),
-        ),
+        WindowSpec::Session { gap } => Ok(Window::Session { gap_ms: positive("gap", gap)? }),
+        WindowSpec::Sliding { .. } | WindowSpec::Cumulate { .. } => {
+            Err("sliding and cumulate windows are not supported by this version of sundial yet".into())
+        }
         WindowSpec::Global => Ok(Window::Global),
     }
 }

@@ -9,9 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sundial_definition::{
-    parse_document, validate_definition, validate_source, DefinitionSpec, Format, SourceSpec,
-};
+use sundial_definition::{parse_document, validate_definition, validate_source, DefinitionSpec, Format, SourceSpec};
 use sundial_protocol::plan::SourcePlan;
 
 fn golden() -> PathBuf {
@@ -19,10 +17,7 @@ fn golden() -> PathBuf {
 }
 
 fn load(path: &Path) -> (String, Format) {
-    (
-        fs::read_to_string(path).unwrap(),
-        Format::from_path(path).unwrap(),
-    )
+    (fs::read_to_string(path).unwrap(), Format::from_path(path).unwrap())
 }
 
 fn outcome(path: &Path, sources: &[SourcePlan]) -> String {
@@ -70,10 +65,7 @@ fn golden_cases() {
         }
         let expected = fs::read_to_string(&expected_path).unwrap_or_default();
         if got != expected {
-            failures.push(format!(
-                "{}:\n--- expected\n{expected}--- got\n{got}",
-                case.display()
-            ));
+            failures.push(format!("{}:\n--- expected\n{expected}--- got\n{got}", case.display()));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

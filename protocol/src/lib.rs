@@ -48,7 +48,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAGIC: &str = "sundial";
 
 /// The largest frame either side accepts.
-pub const MAX_FRAME_BYTES: usize = 16 << 20;
+pub const MAX_FRAME_BYTES: usize = 256 << 20;
 
 /// What a worker process tells the coordinator when it connects.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -189,15 +189,121 @@ pub enum CoordMsg {
 }
 
 /// Requests the coordinator makes of a running computation.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// Run the diagnostic exchange: every worker thread sends `records_per_pair` records to every
-    /// worker thread, and worker 0 counts what each received from each.
+    /// worker thread, and worker 0 counts what each received from each. Process 0 only.
     Check {
         /// Records each worker sends to each worker.
         records_per_pair: u32,
     },
+    /// Sequence a catalog command through the control dataflow. Process 0 only; answered with
+    /// [`Reply::Applied`] once every worker has received it (each applies it before any later
+    /// command or read).
+    Command(Command),
+    /// Ingest a batch of events (a share of one HTTP body) into this process's partitions.
+    Ingest {
+        /// Commands (of this generation's control sequence) to apply before serving this.
+        after: u64,
+        /// The source.
+        source: String,
+        /// CSV with a header (else NDJSON).
+        csv: bool,
+        /// The text.
+        body: String,
+        /// The number of the body's first line in the client's request.
+        first_line: u64,
+    },
+    /// The newest epoch at which `dataflow` is complete on every worker of this process.
+    Frontier {
+        /// Commands (of this generation's control sequence) to apply before serving this.
+        after: u64,
+        /// The dataflow.
+        dataflow: String,
+    },
+    /// Read a dataflow at an epoch: the given keys (those this process owns), or every key.
+    Read {
+        /// Commands (of this generation's control sequence) to apply before serving this.
+        after: u64,
+        /// The dataflow.
+        dataflow: String,
+        /// The epoch to read at; the read waits until it is complete.
+        as_of: u64,
+        /// The keys; `None` exports every key.
+        keys: Option<Vec<value::Key>>,
+        /// How long to wait for `as_of` to complete.
+        timeout_ms: u64,
+    },
+    /// The most recent late events of a source kept by this process.
+    Late {
+        /// Commands (of this generation's control sequence) to apply before serving this.
+        after: u64,
+        /// The source.
+        source: String,
+    },
+}
+
+/// One window of one feature in a read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WindowOut {
+    /// Window start, ms (null for the global window).
+    pub start: Option<i64>,
+    /// Window end, ms, exclusive (null for the global window).
+    pub end: Option<i64>,
+    /// The feature's value.
+    pub value: serde_json::Value,
+    /// The watermark has passed the window's end.
+    pub closed: bool,
+}
+
+/// The features of one key in a read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KeyResult {
+    /// The key.
+    pub key: value::Key,
+    /// Per feature (in definition order), its retained windows.
+    pub features: Vec<(String, Vec<WindowOut>)>,
+}
+
+/// A rejected line of an ingest batch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LineError {
+    /// 1-based line number in the request body.
+    pub line: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// The outcome of an ingest batch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// Events accepted.
+    pub accepted: u64,
+    /// Lines rejected.
+    pub rejected: u64,
+    /// Events dropped as late.
+    pub late: u64,
+    /// The epoch at which the accepted events are visible.
+    pub epoch: u64,
+    /// The first rejected lines.
+    pub errors: Vec<LineError>,
+}
+
+/// How many rejected lines an ingest reply lists.
+pub const MAX_LISTED_ERRORS: usize = 10;
+
+impl IngestOutcome {
+    /// Adds another share's outcome.
+    pub fn merge(&mut self, other: IngestOutcome) {
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.late += other.late;
+        self.epoch = self.epoch.max(other.epoch);
+        self.errors.extend(other.errors);
+        self.errors.sort_by_key(|e| e.line);
+        self.errors.truncate(MAX_LISTED_ERRORS);
+    }
 }
 
 /// Replies of a computation.
@@ -210,6 +316,30 @@ pub enum Reply {
     Error {
         /// Why.
         message: String,
+    },
+    /// A command was received by every worker.
+    Applied {
+        /// Commands sequenced so far in this generation, this one included.
+        seq: u64,
+    },
+    /// The result of an ingest batch.
+    Ingested(IngestOutcome),
+    /// The newest complete epoch (`None`: nothing complete yet).
+    Frontier {
+        /// The epoch.
+        complete: Option<u64>,
+    },
+    /// The result of a read.
+    Read {
+        /// The watermark at the epoch read.
+        watermark: Option<i64>,
+        /// The keys that have data, in key order for exports and request order for keys.
+        results: Vec<KeyResult>,
+    },
+    /// Late events, as NDJSON lines.
+    Late {
+        /// The lines.
+        lines: Vec<String>,
     },
 }
 
@@ -234,16 +364,26 @@ impl CheckReport {
     pub fn all_to_all(&self) -> bool {
         let peers = self.processes * self.threads;
         self.received.len() == peers
-            && self.received.iter().all(|row| {
-                row.len() == peers && row.iter().all(|&n| n == u64::from(self.records_per_pair))
-            })
+            && self
+                .received
+                .iter()
+                .all(|row| row.len() == peers && row.iter().all(|&n| n == u64::from(self.records_per_pair)))
     }
 }
 
 /// Commands sequenced through the control dataflow, applied by every timely worker in the same
 /// order.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Command {
+    /// Create (or replace the schema of) a source.
+    CreateSource(plan::SourcePlan),
+    /// Build the dataflow of a definition.
+    InstallDataflow(plan::DataflowPlan),
+    /// Drop a dataflow and free its state.
+    DropDataflow {
+        /// Its name.
+        name: String,
+    },
     /// Run the diagnostic exchange for request `id`.
     Check {
         /// The coordinator's request id.
@@ -338,13 +478,10 @@ struct HandshakeProbe {
 /// Validates the first frame of a connection. Returns the registration, or the reason to refuse
 /// it in words for the peer and the log.
 pub fn parse_handshake(body: &[u8]) -> Result<Register, String> {
-    let probe: HandshakeProbe = serde_json::from_slice(body)
-        .map_err(|e| format!("handshake is not a sundial message ({e})"))?;
+    let probe: HandshakeProbe =
+        serde_json::from_slice(body).map_err(|e| format!("handshake is not a sundial message ({e})"))?;
     if probe.kind.as_deref() != Some("register") {
-        return Err(format!(
-            "the first message must be a registration, got {:?}",
-            probe.kind.unwrap_or_default()
-        ));
+        return Err(format!("the first message must be a registration, got {:?}", probe.kind.unwrap_or_default()));
     }
     if probe.magic.as_deref() != Some(MAGIC) {
         return Err("handshake has no sundial magic".to_string());
@@ -370,10 +507,7 @@ fn validate_register(reg: Register) -> Result<Register, String> {
         return Err("worker id must be 1 to 128 characters".to_string());
     }
     if reg.threads == 0 || reg.threads > 1024 {
-        return Err(format!(
-            "thread count {} is out of range 1..=1024",
-            reg.threads
-        ));
+        return Err(format!("thread count {} is out of range 1..=1024", reg.threads));
     }
     if reg.data_addr.is_empty() || reg.data_addr.len() > 256 {
         return Err("data address must be 1 to 256 characters".to_string());
@@ -409,27 +543,15 @@ mod tests {
 
     #[test]
     fn empty_stream_is_closed_and_torn_frame_is_an_error() {
-        assert!(matches!(
-            read_msg::<_, WorkerMsg>(&mut &[][..]),
-            Err(FrameError::Closed)
-        ));
-        assert!(matches!(
-            read_msg::<_, WorkerMsg>(&mut &[0, 0][..]),
-            Err(FrameError::Io(_))
-        ));
-        assert!(matches!(
-            read_msg::<_, WorkerMsg>(&mut &[0, 0, 0, 9, b'{'][..]),
-            Err(FrameError::Io(_))
-        ));
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[][..]), Err(FrameError::Closed)));
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[0, 0][..]), Err(FrameError::Io(_))));
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &[0, 0, 0, 9, b'{'][..]), Err(FrameError::Io(_))));
     }
 
     #[test]
     fn oversized_prefix_is_refused() {
         let bytes = [0xff, 0xff, 0xff, 0xff, 0];
-        assert!(matches!(
-            read_msg::<_, WorkerMsg>(&mut &bytes[..]),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(read_msg::<_, WorkerMsg>(&mut &bytes[..]), Err(FrameError::TooLarge(_))));
     }
 
     #[test]
@@ -446,11 +568,7 @@ mod tests {
         let err = parse_handshake(b"GET / HTTP/1.1").err().unwrap_or_default();
         assert!(err.contains("not a sundial message"), "{err}");
 
-        let hb = encode(&WorkerMsg::Heartbeat {
-            generation: 0,
-            state: ComputationState::Idle,
-            computation_pid: None,
-        })?;
+        let hb = encode(&WorkerMsg::Heartbeat { generation: 0, state: ComputationState::Idle, computation_pid: None })?;
         let err = parse_handshake(&hb[4..]).err().unwrap_or_default();
         assert!(err.contains("must be a registration"), "{err}");
 

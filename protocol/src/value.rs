@@ -64,9 +64,7 @@ impl Datum {
             Datum::Bool(b) => (*b).into(),
             Datum::Int(i) => (*i).into(),
             Datum::UInt(u) => (*u).into(),
-            Datum::Float(f) => {
-                serde_json::Number::from_f64(f.0).map_or(serde_json::Value::Null, Into::into)
-            }
+            Datum::Float(f) => serde_json::Number::from_f64(f.0).map_or(serde_json::Value::Null, Into::into),
             Datum::Str(s) => s.as_ref().into(),
         }
     }
@@ -93,16 +91,8 @@ impl Datum {
     /// Parses `text` as a value of `ty` (for key parts in URLs and CSV cells).
     pub fn parse(text: &str, ty: FieldType) -> Result<Datum, String> {
         match ty {
-            FieldType::I64 => text
-                .trim()
-                .parse()
-                .map(Datum::Int)
-                .map_err(|_| format!("{text:?} is not an i64")),
-            FieldType::U64 => text
-                .trim()
-                .parse()
-                .map(Datum::UInt)
-                .map_err(|_| format!("{text:?} is not a u64")),
+            FieldType::I64 => text.trim().parse().map(Datum::Int).map_err(|_| format!("{text:?} is not an i64")),
+            FieldType::U64 => text.trim().parse().map(Datum::UInt).map_err(|_| format!("{text:?} is not a u64")),
             FieldType::F64 => match text.trim().parse::<f64>() {
                 Ok(f) if f.is_finite() => Ok(Datum::Float(F64(f))),
                 _ => Err(format!("{text:?} is not a finite f64")),
@@ -228,17 +218,9 @@ fn mix(mut x: u64) -> u64 {
 /// typed by the key fields' types.
 pub fn parse_key(parts: &[&str], types: &[FieldType]) -> Result<Key, String> {
     if parts.len() != types.len() {
-        return Err(format!(
-            "the key has {} parts but the dataflow's key has {} fields",
-            parts.len(),
-            types.len()
-        ));
+        return Err(format!("the key has {} parts but the dataflow's key has {} fields", parts.len(), types.len()));
     }
-    let datums = parts
-        .iter()
-        .zip(types)
-        .map(|(p, t)| Datum::parse(p, *t))
-        .collect::<Result<Vec<_>, _>>()?;
+    let datums = parts.iter().zip(types).map(|(p, t)| Datum::parse(p, *t)).collect::<Result<Vec<_>, _>>()?;
     Ok(Key::from_parts(datums))
 }
 
@@ -248,14 +230,8 @@ mod tests {
 
     #[test]
     fn integer_keys_hash_alike_whatever_their_type() {
-        assert_eq!(
-            Key::One(Datum::Int(42)).hash64(),
-            Key::One(Datum::UInt(42)).hash64()
-        );
-        assert_ne!(
-            Key::One(Datum::Int(42)).hash64(),
-            Key::One(Datum::Int(43)).hash64()
-        );
+        assert_eq!(Key::One(Datum::Int(42)).hash64(), Key::One(Datum::UInt(42)).hash64());
+        assert_ne!(Key::One(Datum::Int(42)).hash64(), Key::One(Datum::Int(43)).hash64());
         let a = Key::from_parts(vec![Datum::Str("a,b".into()), Datum::Int(1)]);
         let b = Key::from_parts(vec![Datum::Str("a".into()), Datum::Str("b,1".into())]);
         assert_ne!(a.hash64(), b.hash64());
@@ -263,26 +239,14 @@ mod tests {
 
     #[test]
     fn key_paths_parse_by_type() {
-        assert_eq!(
-            parse_key(&["42"], &[FieldType::U64]),
-            Ok(Key::One(Datum::UInt(42)))
-        );
-        assert_eq!(
-            parse_key(&["a,b"], &[FieldType::String]),
-            Ok(Key::One(Datum::Str("a,b".into())))
-        );
+        assert_eq!(parse_key(&["42"], &[FieldType::U64]), Ok(Key::One(Datum::UInt(42))));
+        assert_eq!(parse_key(&["a,b"], &[FieldType::String]), Ok(Key::One(Datum::Str("a,b".into()))));
         assert_eq!(
             parse_key(&["7", "x"], &[FieldType::I64, FieldType::String]),
-            Ok(Key::Many(
-                vec![Datum::Int(7), Datum::Str("x".into())].into_boxed_slice()
-            ))
+            Ok(Key::Many(vec![Datum::Int(7), Datum::Str("x".into())].into_boxed_slice()))
         );
-        assert!(parse_key(&["x"], &[FieldType::U64])
-            .unwrap_err()
-            .contains("not a u64"));
-        assert!(parse_key(&["1"], &[FieldType::U64, FieldType::U64])
-            .unwrap_err()
-            .contains("1 parts"));
+        assert!(parse_key(&["x"], &[FieldType::U64]).unwrap_err().contains("not a u64"));
+        assert!(parse_key(&["1"], &[FieldType::U64, FieldType::U64]).unwrap_err().contains("1 parts"));
     }
 
     #[test]

@@ -19,8 +19,7 @@ pub fn bin() -> PathBuf {
 }
 
 /// Heartbeat flags that make membership changes quick to observe.
-pub const FAST_HEARTBEATS: [&str; 4] =
-    ["--heartbeat-interval", "200ms", "--heartbeat-timeout", "1s"];
+pub const FAST_HEARTBEATS: [&str; 4] = ["--heartbeat-interval", "200ms", "--heartbeat-timeout", "1s"];
 
 /// A child process that is killed (SIGKILL) and reaped on drop.
 pub struct Proc {
@@ -70,9 +69,7 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Self {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Env { dir: tempfile::tempdir().unwrap() }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -82,11 +79,7 @@ impl Env {
     /// Starts a process of the binary with `args`, logging stdout and stderr to `<name>.log`.
     pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
         let log = self.path(&format!("{name}.log"));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let file = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(bin())
             .args(args)
             .stdin(Stdio::null())
@@ -95,11 +88,7 @@ impl Env {
             .env("RUST_LOG", "info")
             .spawn()
             .unwrap();
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
+        Proc { name: name.to_string(), child, log }
     }
 
     /// Starts a coordinator for `workers` workers with fast heartbeats; `control` and `http` may
@@ -129,10 +118,7 @@ impl Env {
             let text = fs::read_to_string(&file).ok()?;
             serde_json::from_str(&text).ok()
         });
-        (
-            v["control"].as_str().unwrap().to_string(),
-            v["http"].as_str().unwrap().to_string(),
-        )
+        (v["control"].as_str().unwrap().to_string(), v["http"].as_str().unwrap().to_string())
     }
 
     /// Starts a worker whose data dir is `<dir>/<name>`.
@@ -141,15 +127,7 @@ impl Env {
         let threads = threads.to_string();
         self.spawn(
             name,
-            &[
-                "worker",
-                "--coordinator",
-                coordinator,
-                "--threads",
-                &threads,
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
+            &["worker", "--coordinator", coordinator, "--threads", &threads, "--data-dir", data.to_str().unwrap()],
         )
     }
 }
@@ -161,21 +139,14 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         thread::sleep(Duration::from_millis(25));
     }
 }
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// GET `http://{http}{path}`: status and JSON body; `None` when the server cannot be reached.
@@ -193,10 +164,7 @@ pub fn get(http: &str, path: &str) -> Option<(u16, Value)> {
 
 /// The cluster status, once the coordinator answers.
 pub fn cluster(http: &str) -> Value {
-    wait_for(Duration::from_secs(20), "GET /v1/cluster", || {
-        get(http, "/v1/cluster")
-    })
-    .1
+    wait_for(Duration::from_secs(20), "GET /v1/cluster", || get(http, "/v1/cluster")).1
 }
 
 /// Waits until the cluster is in `state` and returns its status.
@@ -226,10 +194,7 @@ pub fn assert_all_to_all(http: &str, peers: usize) -> Value {
 pub fn alive(pid: u64) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().next());
+            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
             !matches!(state, Some("Z") | Some("X"))
         }
         Err(_) => false,
@@ -256,9 +221,7 @@ pub fn pids_with_arg(needle: &str) -> Vec<u64> {
 /// Sends raw bytes to a control port and returns the coordinator's answer frame, if any.
 pub fn raw_control_exchange(addr: &str, bytes: &[u8]) -> Option<Value> {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     stream.write_all(bytes).unwrap();
     read_frame(&mut stream)
 }
@@ -282,31 +245,17 @@ pub fn frame(value: &Value) -> Vec<u8> {
 
 /// Reads the worker ids by index from a status.
 pub fn ids(status: &Value) -> Vec<String> {
-    status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["id"].as_str().unwrap_or_default().to_string())
-        .collect()
+    status["workers"].as_array().unwrap().iter().map(|w| w["id"].as_str().unwrap_or_default().to_string()).collect()
 }
 
 /// Reads a per-worker numeric field by index from a status.
 pub fn field(status: &Value, index: usize, name: &str) -> u64 {
-    status["workers"][index][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {name} for worker {index}: {status}"))
+    status["workers"][index][name].as_u64().unwrap_or_else(|| panic!("no {name} for worker {index}: {status}"))
 }
 
 /// Asserts the log at `path` eventually contains `needle`.
 pub fn wait_log(path: &Path, needle: &str, timeout: Duration) {
-    wait_for(
-        timeout,
-        &format!("{needle:?} in {}", path.display()),
-        || {
-            fs::read_to_string(path)
-                .ok()
-                .filter(|t| t.contains(needle))
-                .map(|_| ())
-        },
-    );
+    wait_for(timeout, &format!("{needle:?} in {}", path.display()), || {
+        fs::read_to_string(path).ok().filter(|t| t.contains(needle)).map(|_| ())
+    });
 }

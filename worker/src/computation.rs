@@ -5,17 +5,18 @@
 //! report the failure and start the next generation. The child:
 //! 1. reads its [`Formation`] from stdin,
 //! 2. binds its data address and connects the mesh ([`crate::mesh`]),
-//! 3. starts `threads` timely workers, which build the control dataflow and the diagnostic
-//!    dataflow, and reports `Started` on stdout,
-//! 4. forwards requests from stdin to timely worker 0 (only process 0 gets any),
+//! 3. starts `threads` timely workers ([`crate::engine`]), and reports `Started` on stdout,
+//! 4. routes requests from stdin to its worker threads: commands to worker 0 (process 0 only),
+//!    an ingest batch to one thread in turn, a key read to the thread that owns the key, and
+//!    frontier, export and late-event requests to every thread, gathering their answers,
 //! 5. exits when stdin closes (its supervisor is gone) or when any worker thread ends (a peer
 //!    died), so it never lingers in a dead computation.
 
 use std::io::{self, Write};
 use std::net::TcpListener;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, Thread};
+use std::thread;
 use std::time::Duration;
 
 use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
@@ -23,13 +24,11 @@ use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
 use timely::communication::Hooks;
 use timely::WorkerConfig;
 
-use sundial_dataflows::control::{control_probe, control_stream, Seq};
-use sundial_dataflows::diagnostic::exchange_check;
 use sundial_protocol::child::{FromChild, ToChild};
-use sundial_protocol::{
-    read_msg, write_msg, CheckReport, Command, Formation, FrameError, Reply, Request,
-};
+use sundial_protocol::value::Key;
+use sundial_protocol::{read_msg, write_msg, Command, Formation, FrameError, Reply, Request};
 
+use crate::engine::{self, Context, Gather, Job, PartJob};
 use crate::mesh;
 
 /// Exit code of a computation whose timely workers stopped (a peer died).
@@ -41,7 +40,7 @@ pub const EXIT_START_FAILED: i32 = 4;
 pub const MESH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes one message to the supervisor. A failure means the supervisor is gone: exit.
-fn tell(msg: &FromChild) {
+pub fn tell(msg: &FromChild) {
     let mut out = io::stdout().lock();
     if write_msg(&mut out, msg).is_err() {
         std::process::exit(0);
@@ -68,12 +67,21 @@ pub fn run(listen: &str) -> ! {
         Err(e) => fail(&format!("generation {generation}: {e}")),
     };
 
-    let (request_tx, request_rx) = mpsc::channel::<(u64, Request)>();
-    let worker0 = Arc::new(Worker0 {
-        requests: Mutex::new(Some(request_rx)),
-        thread: OnceLock::new(),
+    let threads = formation.threads;
+    let mut senders = Vec::with_capacity(threads);
+    let mut receivers = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let (tx, rx) = mpsc::channel::<Job>();
+        senders.push(tx);
+        receivers.push(Some(rx));
+    }
+    let ctx = Arc::new(Context {
+        generation,
+        processes: formation.addresses.len(),
+        jobs: Mutex::new(receivers),
+        threads: (0..threads).map(|_| OnceLock::new()).collect(),
     });
-    let guards = match start_timely(&formation, sockets, Arc::clone(&worker0)) {
+    let guards = match start_timely(&formation, sockets, Arc::clone(&ctx)) {
         Ok(g) => g,
         Err(e) => fail(&format!("generation {generation}: starting timely: {e}")),
     };
@@ -85,10 +93,7 @@ pub fn run(listen: &str) -> ! {
         .name("sundial:watch".into())
         .spawn(move || loop {
             if guards.guards().iter().any(|g| g.is_finished()) {
-                tracing::error!(
-                    generation,
-                    "a timely worker stopped (a peer process died?); ending this computation"
-                );
+                tracing::error!(generation, "a timely worker stopped (a peer process died?); ending this computation");
                 let _ = io::stderr().flush();
                 std::process::exit(EXIT_WORKERS_ENDED);
             }
@@ -96,46 +101,112 @@ pub fn run(listen: &str) -> ! {
         })
         .unwrap_or_else(|e| fail(&format!("spawning the watch thread: {e}")));
 
-    serve_stdin(stdin, &request_tx, &worker0)
+    let router = Router { senders, ctx, process: formation.index, threads, peers: threads * formation.addresses.len(), next: 0 };
+    serve_stdin(stdin, router)
 }
+
 
 fn fail(reason: &str) -> ! {
     tracing::error!("{reason}");
-    tell(&FromChild::Failed {
-        reason: reason.to_string(),
-    });
+    tell(&FromChild::Failed { reason: reason.to_string() });
     std::process::exit(EXIT_START_FAILED)
 }
 
-/// What the stdin thread shares with timely worker 0.
-struct Worker0 {
-    requests: Mutex<Option<Receiver<(u64, Request)>>>,
-    thread: OnceLock<Thread>,
+/// Routes requests from the supervisor to the worker threads of this process.
+struct Router {
+    senders: Vec<Sender<Job>>,
+    ctx: Arc<Context>,
+    process: usize,
+    threads: usize,
+    peers: usize,
+    next: usize,
 }
 
-fn serve_stdin(
-    mut stdin: io::StdinLock<'_>,
-    requests: &Sender<(u64, Request)>,
-    worker0: &Worker0,
-) -> ! {
+impl Router {
+    fn send(&self, local: usize, job: Job) -> bool {
+        let sent = self.senders.get(local).is_some_and(|s| s.send(job).is_ok());
+        if let Some(t) = self.ctx.threads.get(local).and_then(|t| t.get()) {
+            t.unpark();
+        }
+        sent
+    }
+
+    fn route(&mut self, id: u64, request: Request) -> Result<(), String> {
+        let gather_all = |part: &dyn Fn() -> PartJob, after: u64, router: &Router| {
+            let gather = Gather::new(id, router.threads);
+            for local in 0..router.threads {
+                router.send(local, Job::Part { after, part: part(), gather: Arc::clone(&gather) });
+            }
+        };
+        match request {
+            Request::Check { records_per_pair } if self.process == 0 => {
+                self.send(0, Job::Sequence { id, command: Command::Check { id, records_per_pair } });
+            }
+            Request::Command(command) if self.process == 0 => {
+                self.send(0, Job::Sequence { id, command });
+            }
+            Request::Check { .. } | Request::Command(_) => {
+                return Err("commands are sequenced by process 0".into());
+            }
+            Request::Ingest { after, source, csv, body, first_line } => {
+                // Each batch goes to one worker thread (its ingest partition), in turn.
+                let local = self.next % self.threads;
+                self.next += 1;
+                self.send(local, Job::Ingest { id, after, source, csv, body, first_line });
+            }
+            Request::Frontier { after, dataflow } => {
+                gather_all(&|| PartJob::Frontier { dataflow: dataflow.clone() }, after, self);
+            }
+            Request::Late { after, source } => {
+                gather_all(&|| PartJob::Late { source: source.clone() }, after, self);
+            }
+            Request::Read { after, dataflow, as_of, keys, timeout_ms } => {
+                let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
+                match keys {
+                    None => gather_all(
+                        &|| PartJob::Read { dataflow: dataflow.clone(), as_of, keys: None, deadline },
+                        after,
+                        self,
+                    ),
+                    Some(keys) => {
+                        // Each key goes to the worker thread that owns it.
+                        let mut by_local: Vec<Vec<Key>> = vec![Vec::new(); self.threads];
+                        for key in keys {
+                            let owner = (key.hash64() % self.peers as u64) as usize;
+                            let local = owner.checked_sub(self.process * self.threads).filter(|l| *l < self.threads);
+                            match local {
+                                Some(l) => by_local[l].push(key),
+                                None => return Err(format!("key {key:?} belongs to worker {owner}, not to this process")),
+                            }
+                        }
+                        let parts: Vec<(usize, Vec<Key>)> =
+                            by_local.into_iter().enumerate().filter(|(_, k)| !k.is_empty()).collect();
+                        if parts.is_empty() {
+                            tell(&FromChild::Reply { id, reply: Reply::Read { watermark: None, results: Vec::new() } });
+                            return Ok(());
+                        }
+                        let gather = Gather::new(id, parts.len());
+                        for (local, keys) in parts {
+                            let part = PartJob::Read { dataflow: dataflow.clone(), as_of, keys: Some(keys), deadline };
+                            self.send(local, Job::Part { after, part, gather: Arc::clone(&gather) });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn serve_stdin(mut stdin: io::StdinLock<'_>, mut router: Router) -> ! {
     loop {
         match read_msg::<_, ToChild>(&mut stdin) {
             Ok(ToChild::Request { id, request }) => {
-                if requests.send((id, request)).is_err() {
-                    tell(&FromChild::Reply {
-                        id,
-                        reply: Reply::Error {
-                            message: "this process runs no timely worker 0".into(),
-                        },
-                    });
-                }
-                if let Some(t) = worker0.thread.get() {
-                    t.unpark();
+                if let Err(message) = router.route(id, request) {
+                    tell(&FromChild::Reply { id, reply: Reply::Error { message } });
                 }
             }
-            Ok(ToChild::Form(_)) => {
-                tracing::warn!("ignored a second formation; a child runs one generation")
-            }
+            Ok(ToChild::Form(_)) => tracing::warn!("ignored a second formation; a child runs one generation"),
             Err(FrameError::Closed) => std::process::exit(0),
             Err(e) => {
                 tracing::error!(error = %e, "the supervisor pipe broke; exiting");
@@ -148,81 +219,15 @@ fn serve_stdin(
 fn start_timely(
     formation: &Formation,
     sockets: Vec<Option<std::net::TcpStream>>,
-    worker0: Arc<Worker0>,
+    ctx: Arc<Context>,
 ) -> Result<timely::communication::WorkerGuards<()>, String> {
     let threads = formation.threads;
     let hooks = Hooks::default();
-    let process =
-        ProcessBuilder::new_typed_vector(threads, hooks.refill.clone(), hooks.spill.clone());
-    let (builders, comms) =
-        initialize_networking_from_sockets(process, sockets, formation.index, threads, hooks)
-            .map_err(|e| e.to_string())?;
+    let process = ProcessBuilder::new_typed_vector(threads, hooks.refill.clone(), hooks.spill.clone());
+    let (builders, comms) = initialize_networking_from_sockets(process, sockets, formation.index, threads, hooks)
+        .map_err(|e| e.to_string())?;
     let builders = builders.into_iter().map(AllocatorBuilder::Tcp).collect();
-    let generation = formation.generation;
-    let processes = formation.addresses.len();
-    timely::execute::execute_from(
-        builders,
-        Box::new(comms),
-        WorkerConfig::default(),
-        move |worker| {
-            let index = worker.index();
-            let peers = worker.peers();
-            let probe = control_probe();
-            let (mut input, counts) = worker.dataflow::<Seq, _, _>(|scope| {
-                let (input, commands) = control_stream(scope);
-                (input, exchange_check(commands, index, peers, &probe))
-            });
-            let requests = if index == 0 {
-                worker0.requests.lock().ok().and_then(|mut r| r.take())
-            } else {
-                None
-            };
-            let Some(requests) = requests else {
-                // Only worker 0 sends commands; the others follow the broadcast stream.
-                input.close();
-                loop {
-                    worker.step_or_park(None);
-                }
-            };
-            let _ = worker0.thread.set(thread::current());
-            // Checks injected and not yet complete: (time, request id, records per pair).
-            let mut pending: Vec<(Seq, u64, u32)> = Vec::new();
-            loop {
-                while let Ok((id, request)) = requests.try_recv() {
-                    let time = *input.time();
-                    match request {
-                        Request::Check { records_per_pair } => {
-                            input.send(Command::Check {
-                                id,
-                                records_per_pair,
-                            });
-                            pending.push((time, id, records_per_pair));
-                        }
-                    }
-                    input.advance_to(time + 1);
-                }
-                worker.step_or_park(Some(Duration::from_millis(100)));
-                pending.retain(|&(time, id, records_per_pair)| {
-                    if probe.less_equal(&time) {
-                        return true;
-                    }
-                    let received = counts
-                        .borrow_mut()
-                        .remove(&id)
-                        .unwrap_or_else(|| vec![vec![0; peers]; peers]);
-                    tell(&FromChild::Reply {
-                        id,
-                        reply: Reply::Check(CheckReport {
-                            generation,
-                            processes,
-                            threads: peers / processes.max(1),
-                            records_per_pair,
-                            received,
-                        }),
-                    });
-                    false
-                });
-            }
-        },
-    )
+    timely::execute::execute_from(builders, Box::new(comms), WorkerConfig::default(), move |worker| {
+        engine::run(worker, &ctx)
+    })
 }

@@ -8,6 +8,7 @@
 //! the next generation.
 
 pub mod computation;
+pub mod engine;
 pub mod mesh;
 pub mod supervisor;
 

@@ -46,10 +46,7 @@ pub enum MeshError {
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> MeshError {
-    move |source| MeshError::Io {
-        context: context.into(),
-        source,
-    }
+    move |source| MeshError::Io { context: context.into(), source }
 }
 
 /// Connects this process to every other process of `formation`, accepting on `listener`.
@@ -62,9 +59,7 @@ pub fn connect(
     let n = formation.addresses.len();
     let me = formation.index;
     if me >= n {
-        return Err(MeshError::Invalid(format!(
-            "index {me} is outside {n} processes"
-        )));
+        return Err(MeshError::Invalid(format!("index {me} is outside {n} processes")));
     }
     let deadline = Instant::now() + timeout;
     let accept_formation = formation.clone();
@@ -84,47 +79,32 @@ pub fn connect(
             }
         }
     }
-    let accepted = acceptor
-        .join()
-        .map_err(|_| MeshError::Invalid("the mesh acceptor panicked".into()))?;
+    let accepted = acceptor.join().map_err(|_| MeshError::Invalid("the mesh acceptor panicked".into()))?;
     if let Some(e) = connect_error {
         return Err(e);
     }
     sockets.push(None);
     sockets.extend(accepted?.into_iter().map(Some));
     for stream in sockets.iter().flatten() {
-        stream
-            .set_read_timeout(None)
-            .map_err(io_err("clearing read timeout"))?;
-        stream
-            .set_write_timeout(None)
-            .map_err(io_err("clearing write timeout"))?;
+        stream.set_read_timeout(None).map_err(io_err("clearing read timeout"))?;
+        stream.set_write_timeout(None).map_err(io_err("clearing write timeout"))?;
     }
     Ok(sockets)
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
-    deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
+    deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
 }
 
 fn resolve(addr: &str) -> io::Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
     if addrs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{addr} resolves to no address"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to no address")));
     }
     Ok(addrs)
 }
 
-fn connect_one(
-    formation: &Formation,
-    peer: usize,
-    deadline: Instant,
-) -> Result<TcpStream, MeshError> {
+fn connect_one(formation: &Formation, peer: usize, deadline: Instant) -> Result<TcpStream, MeshError> {
     let addr = &formation.addresses[peer];
     let mut last_error = String::from("no attempt made");
     while let Some(left) = remaining(deadline) {
@@ -132,15 +112,11 @@ fn connect_one(
             Ok(stream) => return Ok(stream),
             Err(e) => {
                 last_error = e.to_string();
-                thread::sleep(
-                    Duration::from_millis(100).min(remaining(deadline).unwrap_or_default()),
-                );
+                thread::sleep(Duration::from_millis(100).min(remaining(deadline).unwrap_or_default()));
             }
         }
     }
-    Err(MeshError::Timeout {
-        missing: format!("process {peer} at {addr} not reachable: {last_error}"),
-    })
+    Err(MeshError::Timeout { missing: format!("process {peer} at {addr} not reachable: {last_error}") })
 }
 
 fn try_connect(formation: &Formation, addr: &str, timeout: Duration) -> io::Result<TcpStream> {
@@ -173,34 +149,20 @@ fn try_connect(formation: &Formation, addr: &str, timeout: Duration) -> io::Resu
     Err(last)
 }
 
-fn accept_all(
-    formation: &Formation,
-    listener: TcpListener,
-    deadline: Instant,
-) -> Result<Vec<TcpStream>, MeshError> {
+fn accept_all(formation: &Formation, listener: TcpListener, deadline: Instant) -> Result<Vec<TcpStream>, MeshError> {
     let n = formation.addresses.len();
     let me = formation.index;
     let mut slots: Vec<Option<TcpStream>> = (me + 1..n).map(|_| None).collect();
-    listener
-        .set_nonblocking(true)
-        .map_err(io_err("setting the listener non-blocking"))?;
+    listener.set_nonblocking(true).map_err(io_err("setting the listener non-blocking"))?;
     while slots.iter().any(Option::is_none) {
         if remaining(deadline).is_none() {
             let missing: Vec<String> = slots
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.is_none())
-                .map(|(i, _)| {
-                    format!(
-                        "process {} ({})",
-                        me + 1 + i,
-                        formation.addresses[me + 1 + i]
-                    )
-                })
+                .map(|(i, _)| format!("process {} ({})", me + 1 + i, formation.addresses[me + 1 + i]))
                 .collect();
-            return Err(MeshError::Timeout {
-                missing: format!("no connection from {}", missing.join(", ")),
-            });
+            return Err(MeshError::Timeout { missing: format!("no connection from {}", missing.join(", ")) });
         }
         match listener.accept() {
             Ok((stream, from)) => match read_hello(formation, &stream) {
@@ -215,16 +177,9 @@ fn accept_all(
                 }
                 Err(e) => tracing::warn!(%from, error = %e, "mesh: refused a connection"),
             },
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(10))
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(MeshError::Io {
-                    context: "accepting mesh connections".into(),
-                    source: e,
-                })
-            }
+            Err(e) => return Err(MeshError::Io { context: "accepting mesh connections".into(), source: e }),
         }
     }
     Ok(slots.into_iter().flatten().collect())
@@ -243,23 +198,15 @@ fn read_hello(formation: &Formation, stream: &TcpStream) -> io::Result<usize> {
         u64::from_be_bytes(b)
     };
     if &hello[..8] != HELLO {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a sundial mesh handshake",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a sundial mesh handshake"));
     }
     if word(8) != formation.token || word(16) != formation.generation {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "handshake of generation {} does not belong to this generation {}",
-                word(16),
-                formation.generation
-            ),
+            format!("handshake of generation {} does not belong to this generation {}", word(16), formation.generation),
         ));
     }
-    usize::try_from(word(24))
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "process index out of range"))
+    usize::try_from(word(24)).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "process index out of range"))
 }
 
 /// No delay, keepalive probes after 5 s idle, and a 15 s user timeout: a peer whose link is cut
@@ -267,10 +214,8 @@ fn read_hello(formation: &Formation, stream: &TcpStream) -> io::Result<usize> {
 fn configure(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let sock = SockRef::from(stream);
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(5))
-        .with_interval(Duration::from_secs(1))
-        .with_retries(5);
+    let keepalive =
+        TcpKeepalive::new().with_time(Duration::from_secs(5)).with_interval(Duration::from_secs(1)).with_retries(5);
     sock.set_tcp_keepalive(&keepalive)?;
     sock.set_tcp_user_timeout(Some(Duration::from_secs(15)))?;
     Ok(())
@@ -281,23 +226,12 @@ mod tests {
     use super::*;
 
     fn formation(index: usize, addresses: &[String], generation: u64) -> Formation {
-        Formation {
-            generation,
-            index,
-            addresses: addresses.to_vec(),
-            threads: 1,
-            token: 77,
-        }
+        Formation { generation, index, addresses: addresses.to_vec(), threads: 1, token: 77 }
     }
 
     fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
-        let ls: Vec<TcpListener> = (0..n)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs = ls
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
+        let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs = ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
         (ls, addrs)
     }
 
@@ -326,9 +260,7 @@ mod tests {
         let (mut ls, addrs) = listeners(2);
         let l0 = ls.remove(0);
         let f = formation(0, &addrs, 1);
-        let err = connect(&f, l0, Duration::from_millis(300))
-            .unwrap_err()
-            .to_string();
+        let err = connect(&f, l0, Duration::from_millis(300)).unwrap_err().to_string();
         assert!(err.contains("no connection from process 1"), "{err}");
     }
 

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use sundial_protocol::child::{FromChild, ToChild};
 use sundial_protocol::{
-    read_msg, write_msg, ComputationState, CoordMsg, Formation, FrameError, Register, Reply,
-    Running, WorkerMsg, MAGIC, PROTOCOL_VERSION,
+    read_msg, write_msg, ComputationState, CoordMsg, Formation, FrameError, Register, Reply, Running, WorkerMsg, MAGIC,
+    PROTOCOL_VERSION,
 };
 
 /// How a worker process is configured.
@@ -76,18 +76,13 @@ const ID_FILE: &str = "worker-id";
 
 /// Loads the worker's stable identity from `data_dir`, creating it on first start.
 pub fn load_identity(data_dir: &Path) -> Result<String, WorkerError> {
-    let dir_err = |source| WorkerError::DataDir {
-        path: data_dir.to_path_buf(),
-        source,
-    };
+    let dir_err = |source| WorkerError::DataDir { path: data_dir.to_path_buf(), source };
     std::fs::create_dir_all(data_dir).map_err(dir_err)?;
     let path = data_dir.join(ID_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let id = text.trim();
-            let valid = id.len() == 34
-                && id.starts_with("w-")
-                && id[2..].chars().all(|c| c.is_ascii_hexdigit());
+            let valid = id.len() == 34 && id.starts_with("w-") && id[2..].chars().all(|c| c.is_ascii_hexdigit());
             if valid {
                 Ok(id.to_string())
             } else {
@@ -98,9 +93,7 @@ pub fn load_identity(data_dir: &Path) -> Result<String, WorkerError> {
             let id = format!("w-{:032x}", rand::random::<u128>());
             let tmp = data_dir.join(format!("{ID_FILE}.tmp"));
             std::fs::write(&tmp, format!("{id}\n")).map_err(dir_err)?;
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(dir_err)?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(dir_err)?;
             std::fs::rename(&tmp, &path).map_err(dir_err)?;
             Ok(id)
         }
@@ -110,14 +103,8 @@ pub fn load_identity(data_dir: &Path) -> Result<String, WorkerError> {
 
 /// Resolves the data address: binds `listen` once to check it is free (and to pick a port when it
 /// is 0), and works out what to advertise. Returns (bind address, advertised address).
-pub fn resolve_data_address(
-    listen: &str,
-    advertise: Option<&str>,
-) -> Result<(String, String), WorkerError> {
-    let listen_err = |source| WorkerError::Listen {
-        addr: listen.to_string(),
-        source,
-    };
+pub fn resolve_data_address(listen: &str, advertise: Option<&str>) -> Result<(String, String), WorkerError> {
+    let listen_err = |source| WorkerError::Listen { addr: listen.to_string(), source };
     let probe = TcpListener::bind(listen).map_err(listen_err)?;
     let bound: SocketAddr = probe.local_addr().map_err(listen_err)?;
     drop(probe);
@@ -127,11 +114,9 @@ pub fn resolve_data_address(
             adv.to_string()
         }
         Some(host) => format!("{host}:{}", bound.port()),
-        None if bound.ip().is_unspecified() => {
-            return Err(WorkerError::Config(format!(
-                "--listen {listen} binds every interface; give --advertise HOST[:PORT] so that peers know where to connect"
-            )))
-        }
+        None if bound.ip().is_unspecified() => return Err(WorkerError::Config(format!(
+            "--listen {listen} binds every interface; give --advertise HOST[:PORT] so that peers know where to connect"
+        ))),
         None => bind.clone(),
     };
     Ok((bind, advertised))
@@ -280,10 +265,7 @@ impl Supervisor {
         let Some(conn) = &mut self.conn else { return };
         if now.duration_since(conn.last_heard) > conn.heartbeat_timeout {
             let silent = now.duration_since(conn.last_heard);
-            self.drop_conn(&format!(
-                "coordinator silent for {:.1}s",
-                silent.as_secs_f64()
-            ));
+            self.drop_conn(&format!("coordinator silent for {:.1}s", silent.as_secs_f64()));
             return;
         }
         if now >= conn.next_heartbeat {
@@ -291,20 +273,12 @@ impl Supervisor {
             let (generation, state, computation_pid) = match &self.child {
                 Some(c) => (
                     c.generation,
-                    if c.started {
-                        ComputationState::Running
-                    } else {
-                        ComputationState::Starting
-                    },
+                    if c.started { ComputationState::Running } else { ComputationState::Starting },
                     Some(c.process.id()),
                 ),
                 None => (self.last_generation, ComputationState::Idle, None),
             };
-            self.send(&WorkerMsg::Heartbeat {
-                generation,
-                state,
-                computation_pid,
-            });
+            self.send(&WorkerMsg::Heartbeat { generation, state, computation_pid });
         }
     }
 
@@ -313,9 +287,7 @@ impl Supervisor {
             .cfg
             .coordinator
             .to_socket_addrs()
-            .map_err(|e| {
-                ConnectError::Retry(format!("cannot resolve {}: {e}", self.cfg.coordinator))
-            })?
+            .map_err(|e| ConnectError::Retry(format!("cannot resolve {}: {e}", self.cfg.coordinator)))?
             .collect();
         let mut last = format!("{} resolves to no address", self.cfg.coordinator);
         let mut stream = None;
@@ -331,17 +303,10 @@ impl Supervisor {
         let mut stream = stream.ok_or(ConnectError::Retry(last))?;
         let retry = |e: io::Error| ConnectError::Retry(e.to_string());
         stream.set_nodelay(true).map_err(retry)?;
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(retry)?;
-        stream
-            .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(retry)?;
-        let running = self.child.as_ref().map(|c| Running {
-            generation: c.generation,
-            index: c.index,
-            started: c.started,
-        });
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(retry)?;
+        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(retry)?;
+        let running =
+            self.child.as_ref().map(|c| Running { generation: c.generation, index: c.index, started: c.started });
         let register = WorkerMsg::Register(Register {
             magic: MAGIC.into(),
             protocol_version: PROTOCOL_VERSION,
@@ -352,24 +317,15 @@ impl Supervisor {
             pid: std::process::id(),
             running,
         });
-        write_msg(&mut stream, &register)
-            .map_err(|e| ConnectError::Retry(format!("sending registration: {e}")))?;
+        write_msg(&mut stream, &register).map_err(|e| ConnectError::Retry(format!("sending registration: {e}")))?;
         let (index, interval_ms, timeout_ms) = match read_msg::<_, CoordMsg>(&mut stream) {
-            Ok(CoordMsg::Welcome {
-                index,
-                heartbeat_interval_ms,
-                heartbeat_timeout_ms,
-            }) => (index, heartbeat_interval_ms, heartbeat_timeout_ms),
-            Ok(CoordMsg::Refused { reason }) => return Err(ConnectError::Fatal(reason)),
-            Ok(other) => {
-                return Err(ConnectError::Retry(format!(
-                    "unexpected handshake reply {other:?}"
-                )))
+            Ok(CoordMsg::Welcome { index, heartbeat_interval_ms, heartbeat_timeout_ms }) => {
+                (index, heartbeat_interval_ms, heartbeat_timeout_ms)
             }
+            Ok(CoordMsg::Refused { reason }) => return Err(ConnectError::Fatal(reason)),
+            Ok(other) => return Err(ConnectError::Retry(format!("unexpected handshake reply {other:?}"))),
             Err(FrameError::Closed) => {
-                return Err(ConnectError::Retry(
-                    "the coordinator closed the connection during the handshake".into(),
-                ))
+                return Err(ConnectError::Retry("the coordinator closed the connection during the handshake".into()))
             }
             Err(e) => return Err(ConnectError::Retry(format!("handshake: {e}"))),
         };
@@ -388,10 +344,7 @@ impl Supervisor {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Event::CoordLost {
-                            conn: conn_id,
-                            reason: e.to_string(),
-                        });
+                        let _ = tx.send(Event::CoordLost { conn: conn_id, reason: e.to_string() });
                         return;
                     }
                 }
@@ -404,9 +357,7 @@ impl Supervisor {
             stream,
             index,
             heartbeat_interval: interval,
-            heartbeat_timeout: Duration::from_millis(
-                timeout_ms.clamp(interval_ms.max(10), 600_000),
-            ),
+            heartbeat_timeout: Duration::from_millis(timeout_ms.clamp(interval_ms.max(10), 600_000)),
             last_heard: now,
             next_heartbeat: now,
         })
@@ -452,19 +403,11 @@ impl Supervisor {
             CoordMsg::Ping => {}
             CoordMsg::Form(formation) => self.start_child(formation),
             CoordMsg::Stop { generation, reason } => {
-                if self
-                    .child
-                    .as_ref()
-                    .is_some_and(|c| c.generation <= generation)
-                {
+                if self.child.as_ref().is_some_and(|c| c.generation <= generation) {
                     self.stop_child(&reason);
                 }
             }
-            CoordMsg::Request {
-                id,
-                generation,
-                request,
-            } => {
+            CoordMsg::Request { id, generation, request } => {
                 let error = match &mut self.child {
                     Some(c) if c.generation == generation && c.started => {
                         match write_msg(&mut c.stdin, &ToChild::Request { id, request }) {
@@ -472,17 +415,11 @@ impl Supervisor {
                             Err(e) => Some(format!("the computation does not take requests: {e}")),
                         }
                     }
-                    Some(c) => Some(format!(
-                        "this worker runs generation {}, not {generation}",
-                        c.generation
-                    )),
+                    Some(c) => Some(format!("this worker runs generation {}, not {generation}", c.generation)),
                     None => Some("this worker runs no computation".to_string()),
                 };
                 if let Some(message) = error {
-                    self.send(&WorkerMsg::Reply {
-                        id,
-                        reply: Reply::Error { message },
-                    });
+                    self.send(&WorkerMsg::Reply { id, reply: Reply::Error { message } });
                 }
             }
             CoordMsg::Welcome { .. } | CoordMsg::Refused { .. } => {
@@ -497,12 +434,7 @@ impl Supervisor {
         self.last_generation = generation;
         match self.spawn_child(&formation) {
             Ok(run) => {
-                tracing::info!(
-                    generation,
-                    index = formation.index,
-                    pid = run.process.id(),
-                    "starting computation"
-                );
+                tracing::info!(generation, index = formation.index, pid = run.process.id(), "starting computation");
                 self.child = Some(run);
             }
             Err(e) => {
@@ -523,8 +455,7 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let (Some(mut stdin), Some(mut stdout)) = (process.stdin.take(), process.stdout.take())
-        else {
+        let (Some(mut stdin), Some(mut stdout)) = (process.stdin.take(), process.stdout.take()) else {
             let _ = process.kill();
             let _ = process.wait();
             return Err(io::Error::other("the computation child has no pipes"));
@@ -552,22 +483,12 @@ impl Supervisor {
                 }
             }
         })?;
-        Ok(ChildRun {
-            generation,
-            index: formation.index,
-            process,
-            stdin,
-            started: false,
-            failure_reported: false,
-        })
+        Ok(ChildRun { generation, index: formation.index, process, stdin, started: false, failure_reported: false })
     }
 
     fn stop_child(&mut self, reason: &str) {
         if let Some(mut run) = self.child.take() {
-            tracing::info!(
-                generation = run.generation,
-                "stopping computation: {reason}"
-            );
+            tracing::info!(generation = run.generation, "stopping computation: {reason}");
             let _ = run.process.kill();
             let _ = run.process.wait();
         }
@@ -582,10 +503,7 @@ impl Supervisor {
                 run.started = true;
                 let computation_pid = run.process.id();
                 tracing::info!(generation, "computation connected to all peers");
-                self.send(&WorkerMsg::Started {
-                    generation,
-                    computation_pid,
-                });
+                self.send(&WorkerMsg::Started { generation, computation_pid });
             }
             FromChild::Failed { reason } => {
                 run.failure_reported = true;
@@ -615,10 +533,7 @@ impl Supervisor {
         };
         tracing::warn!(generation, "computation ended: {status}");
         if !run.failure_reported {
-            self.send(&WorkerMsg::Failed {
-                generation,
-                reason: format!("computation exited: {status}"),
-            });
+            self.send(&WorkerMsg::Failed { generation, reason: format!("computation exited: {status}") });
         }
     }
 }

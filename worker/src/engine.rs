@@ -1,0 +1,521 @@
+//! One timely worker thread of the computation: applies the sequenced catalog commands, runs
+//! the feature dataflows, ingests its share of events, advances epochs, and serves reads.
+//!
+//! Jobs arrive from the computation's request thread on a channel. A job that names a command
+//! sequence number (`after`) waits until this worker has applied that many commands, so a read
+//! or an ingest never overtakes the command that created its dataflow or source.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use differential_dataflow::trace::TraceReader;
+use timely::dataflow::ProbeHandle;
+use timely::progress::Antichain;
+use timely::worker::Worker;
+
+use sundial_dataflows::control::{collect_commands, control_probe, control_stream, ControlInput, Seq};
+use sundial_dataflows::diagnostic::{exchange_check, CheckCounts};
+use sundial_dataflows::features::{assemble, render, Epoch, Rendered, Report};
+use sundial_dataflows::read::{read_all, read_key};
+use sundial_dataflows::row::{parse_body, Row};
+use sundial_protocol::child::FromChild;
+use sundial_protocol::plan::SourcePlan;
+use sundial_protocol::value::Key;
+use sundial_protocol::{CheckReport, Command, IngestOutcome, KeyResult, Reply, MAX_LISTED_ERRORS};
+
+/// How often epochs advance when nothing is ingested.
+pub const TICK: Duration = Duration::from_millis(20);
+/// How much history (in epochs, i.e. milliseconds) stays readable behind the newest complete
+/// epoch before it is compacted away.
+pub const HISTORY_MS: u64 = 30_000;
+/// Late events kept per source on each worker, for `GET /v1/sources/{source}/late`.
+pub const LATE_KEPT: usize = 100;
+
+/// Work for a worker thread.
+pub enum Job {
+    /// Sequence a command (worker 0 only); reply `Applied` or the check's report.
+    Sequence {
+        /// The request id.
+        id: u64,
+        /// The command.
+        command: Command,
+    },
+    /// Ingest a body into this worker's partition.
+    Ingest {
+        /// The request id.
+        id: u64,
+        /// Commands to apply first.
+        after: u64,
+        /// The source.
+        source: String,
+        /// CSV with a header.
+        csv: bool,
+        /// The text.
+        body: String,
+        /// Number of its first line.
+        first_line: u64,
+    },
+    /// A part of a request answered by several workers of this process.
+    Part {
+        /// Commands to apply first.
+        after: u64,
+        /// What to do.
+        part: PartJob,
+        /// Where the answer goes.
+        gather: Arc<Gather>,
+    },
+}
+
+/// The per-worker part of a gathered request.
+pub enum PartJob {
+    /// This worker's complete frontier of a dataflow.
+    Frontier {
+        /// The dataflow.
+        dataflow: String,
+    },
+    /// Read keys (or all keys) at an epoch.
+    Read {
+        /// The dataflow.
+        dataflow: String,
+        /// The epoch.
+        as_of: Epoch,
+        /// The keys this worker owns, or all.
+        keys: Option<Vec<Key>>,
+        /// When to give up waiting for `as_of`.
+        deadline: Instant,
+    },
+    /// Late events kept for a source.
+    Late {
+        /// The source.
+        source: String,
+    },
+}
+
+/// Collects the parts of one request from several workers and replies once all are in.
+pub struct Gather {
+    id: u64,
+    state: Mutex<(usize, Option<Reply>)>,
+}
+
+impl Gather {
+    /// A gather for request `id` expecting `parts` answers.
+    pub fn new(id: u64, parts: usize) -> Arc<Gather> {
+        Arc::new(Gather { id, state: Mutex::new((parts, None)) })
+    }
+
+    fn complete(&self, part: Reply) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 = Some(match (state.1.take(), part) {
+            (None, p) => p,
+            (Some(Reply::Error { message }), _) | (_, Reply::Error { message }) => Reply::Error { message },
+            (Some(Reply::Frontier { complete: a }), Reply::Frontier { complete: b }) => {
+                Reply::Frontier { complete: a.zip(b).map(|(a, b)| a.min(b)) }
+            }
+            (Some(Reply::Read { watermark, mut results }), Reply::Read { results: more, .. }) => {
+                results.extend(more);
+                Reply::Read { watermark, results }
+            }
+            (Some(Reply::Late { mut lines }), Reply::Late { lines: more }) => {
+                lines.extend(more);
+                Reply::Late { lines }
+            }
+            (Some(_), other) => other,
+        });
+        state.0 = state.0.saturating_sub(1);
+        if state.0 == 0 {
+            if let Some(reply) = state.1.take() {
+                crate::computation::tell(&FromChild::Reply { id: self.id, reply });
+            }
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct SourceRt {
+    plan: SourcePlan,
+    max_ts: Option<i64>,
+    last_event: Option<Instant>,
+    watermark: Option<i64>,
+    late: VecDeque<String>,
+}
+
+struct DataflowRt {
+    rendered: Rendered,
+}
+
+/// Context shared by the worker threads of one computation.
+pub struct Context {
+    /// Generation, for check reports.
+    pub generation: u64,
+    /// Processes in the computation.
+    pub processes: usize,
+    /// Each worker thread's job receiver, taken by the thread at start (by local index).
+    pub jobs: Mutex<Vec<Option<Receiver<Job>>>>,
+    /// Each worker thread's handle, for unparking it when a job arrives.
+    pub threads: Vec<std::sync::OnceLock<std::thread::Thread>>,
+}
+
+struct Engine {
+    index: usize,
+    peers: usize,
+    /// Worker 0 sequences commands; the others have closed their control input.
+    control: Option<ControlInput>,
+    control_probe: ProbeHandle<Seq>,
+    commands: sundial_dataflows::control::CommandLog,
+    check_counts: CheckCounts,
+    applied: u64,
+    /// Worker 0: sequenced commands waiting for the control probe: (seq, request id, check).
+    sequenced: Vec<(Seq, u64, Option<u32>)>,
+    sources: HashMap<String, SourceRt>,
+    dataflows: HashMap<String, DataflowRt>,
+    epoch: Epoch,
+    deferred: VecDeque<Job>,
+}
+
+/// Runs one worker thread forever.
+pub fn run(worker: &mut Worker, ctx: &Context) -> ! {
+    let index = worker.index();
+    let peers = worker.peers();
+    let local = index % ctx.threads.len().max(1);
+    let probe = control_probe();
+    let (control, commands, check_counts) = worker.dataflow::<Seq, _, _>(|scope| {
+        let (input, stream) = control_stream(scope);
+        let counts = exchange_check(stream.clone(), index, peers, &probe);
+        let commands = collect_commands(stream, &probe);
+        (input, commands, counts)
+    });
+    let jobs = ctx.jobs.lock().ok().and_then(|mut j| j.get_mut(local).and_then(Option::take));
+    if let Some(slot) = ctx.threads.get(local) {
+        let _ = slot.set(std::thread::current());
+    }
+    let control = if index == 0 {
+        Some(control)
+    } else {
+        // Only worker 0 sequences commands; the others follow the broadcast.
+        control.close();
+        None
+    };
+    let mut engine = Engine {
+        index,
+        peers,
+        control,
+        control_probe: probe,
+        commands,
+        check_counts,
+        applied: 0,
+        sequenced: Vec::new(),
+        sources: HashMap::new(),
+        dataflows: HashMap::new(),
+        epoch: unix_ms(),
+        deferred: VecDeque::new(),
+    };
+    loop {
+        if let Some(jobs) = &jobs {
+            while let Ok(job) = jobs.try_recv() {
+                engine.deferred.push_back(job);
+            }
+        }
+        engine.apply_commands(worker);
+        engine.run_jobs();
+        engine.tick(false);
+        worker.step_or_park(Some(TICK));
+        engine.after_step(ctx);
+    }
+}
+
+impl Engine {
+    fn apply_commands(&mut self, worker: &mut Worker) {
+        loop {
+            let next = self.commands.borrow().first_key_value().map(|(t, _)| *t);
+            let Some(t) = next else { return };
+            if self.control_probe.less_equal(&t) {
+                return;
+            }
+            let cmds = self.commands.borrow_mut().remove(&t).unwrap_or_default();
+            for cmd in cmds {
+                self.apply(worker, cmd);
+            }
+            self.applied = t + 1;
+        }
+    }
+
+    fn apply(&mut self, worker: &mut Worker, cmd: Command) {
+        match cmd {
+            Command::Check { .. } => {}
+            Command::CreateSource(plan) => {
+                tracing::debug!(source = %plan.name, "source created");
+                let name = plan.name.clone();
+                match self.sources.get_mut(&name) {
+                    Some(existing) => existing.plan = plan,
+                    None => {
+                        self.sources.insert(
+                            name,
+                            SourceRt { plan, max_ts: None, last_event: None, watermark: None, late: VecDeque::new() },
+                        );
+                    }
+                }
+            }
+            Command::InstallDataflow(plan) => {
+                if self.dataflows.contains_key(&plan.name) {
+                    return;
+                }
+                let name = plan.name.clone();
+                let mut rendered = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan));
+                rendered.rows.advance_to(self.epoch);
+                rendered.reports.advance_to(self.epoch);
+                if self.index == 0 {
+                    tracing::info!(dataflow = %name, "dataflow installed");
+                }
+                self.dataflows.insert(name, DataflowRt { rendered });
+            }
+            Command::DropDataflow { name } => {
+                // Closing the inputs lets the dataflow drain and complete; dropping the trace
+                // handle releases the arrangement. timely then removes the dataflow and frees
+                // its operators' state.
+                if let Some(df) = self.dataflows.remove(&name) {
+                    let Rendered { rows, reports, trace, .. } = df.rendered;
+                    drop((rows, reports, trace));
+                    if self.index == 0 {
+                        tracing::info!(dataflow = %name, "dataflow dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn run_jobs(&mut self) {
+        let mut waiting = VecDeque::new();
+        while let Some(job) = self.deferred.pop_front() {
+            if let Some(job) = self.run_job(job) {
+                waiting.push_back(job);
+            }
+        }
+        self.deferred = waiting;
+    }
+
+    /// Runs a job, or returns it when it must wait.
+    fn run_job(&mut self, job: Job) -> Option<Job> {
+        match job {
+            Job::Sequence { id, command } => {
+                let Some(control) = self.control.as_mut() else {
+                    crate::computation::tell(&FromChild::Reply {
+                        id,
+                        reply: Reply::Error { message: "only worker 0 sequences commands".into() },
+                    });
+                    return None;
+                };
+                let seq = *control.time();
+                let check = match &command {
+                    Command::Check { records_per_pair, .. } => Some(*records_per_pair),
+                    _ => None,
+                };
+                control.send(match command {
+                    Command::Check { records_per_pair, .. } => Command::Check { id, records_per_pair },
+                    other => other,
+                });
+                control.advance_to(seq + 1);
+                self.sequenced.push((seq, id, check));
+                None
+            }
+            Job::Ingest { after, .. } | Job::Part { after, .. } if after > self.applied => Some(job),
+            Job::Ingest { id, source, csv, body, first_line, .. } => {
+                let reply = self.ingest(&source, csv, &body, first_line);
+                crate::computation::tell(&FromChild::Reply { id, reply });
+                None
+            }
+            Job::Part { part, gather, after } => match part {
+                PartJob::Frontier { dataflow } => {
+                    gather.complete(match self.dataflows.get(&dataflow) {
+                        Some(df) => Reply::Frontier { complete: complete_epoch(&df.rendered.probe) },
+                        None => unknown_dataflow(&dataflow),
+                    });
+                    None
+                }
+                PartJob::Late { source } => {
+                    gather.complete(match self.sources.get(&source) {
+                        Some(s) => Reply::Late { lines: s.late.iter().cloned().collect() },
+                        None => Reply::Error { message: format!("unknown source {source:?}") },
+                    });
+                    None
+                }
+                PartJob::Read { dataflow, as_of, keys, deadline } => {
+                    let Some(df) = self.dataflows.get_mut(&dataflow) else {
+                        gather.complete(unknown_dataflow(&dataflow));
+                        return None;
+                    };
+                    if df.rendered.probe.less_equal(&as_of) {
+                        if Instant::now() >= deadline {
+                            gather.complete(Reply::Error {
+                                message: format!(
+                                    "epoch {as_of} did not complete in time (newest complete: {:?})",
+                                    complete_epoch(&df.rendered.probe)
+                                ),
+                            });
+                            return None;
+                        }
+                        return Some(Job::Part { after, part: PartJob::Read { dataflow, as_of, keys, deadline }, gather });
+                    }
+                    gather.complete(read(df, as_of, keys));
+                    None
+                }
+            },
+        }
+    }
+
+    fn ingest(&mut self, source: &str, csv: bool, body: &str, first_line: u64) -> Reply {
+        let Some(src) = self.sources.get_mut(source) else {
+            return Reply::Error { message: format!("unknown source {source:?}") };
+        };
+        let (rows, errors) = parse_body(body, csv, &src.plan, first_line);
+        let mut outcome =
+            IngestOutcome { rejected: errors.len() as u64, epoch: self.epoch, ..IngestOutcome::default() };
+        outcome.errors = errors.into_iter().take(MAX_LISTED_ERRORS).collect();
+        let mut accepted: Vec<Row> = Vec::with_capacity(rows.len());
+        for (_, row) in rows {
+            if src.watermark.is_some_and(|w| row.time < w) {
+                outcome.late += 1;
+                if src.late.len() >= LATE_KEPT {
+                    src.late.pop_front();
+                }
+                src.late.push_back(row_json(&src.plan, &row));
+                continue;
+            }
+            src.max_ts = src.max_ts.max(Some(row.time));
+            accepted.push(row);
+        }
+        outcome.accepted = accepted.len() as u64;
+        if !accepted.is_empty() {
+            src.last_event = Some(Instant::now());
+            let readers: Vec<&mut DataflowRt> =
+                self.dataflows.values_mut().filter(|df| df.rendered.layout.plan.source.name == source).collect();
+            let n = readers.len();
+            let mut accepted = Some(accepted);
+            for (i, df) in readers.into_iter().enumerate() {
+                let rows = if i + 1 == n { accepted.take().unwrap_or_default() } else { accepted.clone().unwrap_or_default() };
+                for row in rows {
+                    df.rendered.rows.send(row);
+                }
+            }
+        }
+        // The batch is complete at this epoch; move on so it becomes readable promptly.
+        self.tick(true);
+        Reply::Ingested(outcome)
+    }
+
+    /// Advances every dataflow's inputs to the current wall-clock epoch (at least one past the
+    /// current one when `force`), sending this partition's report for the epoch being closed.
+    fn tick(&mut self, force: bool) {
+        let now = unix_ms();
+        let next = if force { now.max(self.epoch + 1) } else { now };
+        if next < self.epoch + TICK.as_millis() as u64 && !force {
+            return;
+        }
+        for df in self.dataflows.values_mut() {
+            let source = self.sources.get(&df.rendered.layout.plan.source.name);
+            let report = Report {
+                partition: self.index as u32,
+                max_ts: source.and_then(|s| s.max_ts),
+                idle: source.is_none_or(|s| {
+                    s.last_event
+                        .is_none_or(|t| t.elapsed() >= Duration::from_millis(s.plan.idle_timeout_ms))
+                }),
+            };
+            df.rendered.reports.send(report);
+            df.rendered.rows.advance_to(next);
+            df.rendered.reports.advance_to(next);
+        }
+        self.epoch = next;
+    }
+
+    fn after_step(&mut self, ctx: &Context) {
+        // Worker 0: answer sequenced commands once every worker has received them.
+        if !self.sequenced.is_empty() {
+            let probe = &self.control_probe;
+            let counts = &self.check_counts;
+            let peers = self.peers;
+            let generation = ctx.generation;
+            let processes = ctx.processes;
+            self.sequenced.retain(|&(seq, id, check)| {
+                if probe.less_equal(&seq) {
+                    return true;
+                }
+                let reply = match check {
+                    Some(records_per_pair) => {
+                        let received =
+                            counts.borrow_mut().remove(&id).unwrap_or_else(|| vec![vec![0; peers]; peers]);
+                        Reply::Check(CheckReport {
+                            generation,
+                            processes,
+                            threads: peers / processes.max(1),
+                            records_per_pair,
+                            received,
+                        })
+                    }
+                    None => Reply::Applied { seq: seq + 1 },
+                };
+                crate::computation::tell(&FromChild::Reply { id, reply });
+                false
+            });
+        }
+        // Watermarks agreed in the dataflows are what ingest checks lateness against.
+        for df in self.dataflows.values_mut() {
+            let name = &df.rendered.layout.plan.source.name;
+            let current = df.rendered.watermarks.borrow().current;
+            if let Some(source) = self.sources.get_mut(name) {
+                source.watermark = source.watermark.max(current);
+            }
+            // Keep HISTORY_MS of epochs readable; let the rest compact.
+            if let Some(complete) = complete_epoch(&df.rendered.probe) {
+                let since = complete.saturating_sub(HISTORY_MS);
+                let frontier = Antichain::from_elem(since);
+                df.rendered.trace.set_logical_compaction(frontier.borrow());
+                df.rendered.trace.set_physical_compaction(frontier.borrow());
+                df.rendered.watermarks.borrow_mut().compact(since);
+            }
+        }
+    }
+}
+
+fn unknown_dataflow(name: &str) -> Reply {
+    Reply::Error { message: format!("unknown dataflow {name:?}") }
+}
+
+/// The newest epoch through which the probe's dataflow is complete.
+fn complete_epoch(probe: &ProbeHandle<Epoch>) -> Option<Epoch> {
+    probe.with_frontier(|f| match f.iter().next() {
+        Some(&t) => t.checked_sub(1),
+        None => Some(u64::MAX),
+    })
+}
+
+fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>) -> Reply {
+    let watermark = df.rendered.watermarks.borrow().at(as_of);
+    let layout = std::rc::Rc::clone(&df.rendered.layout);
+    let mut results = Vec::new();
+    let outcome = match keys {
+        Some(keys) => keys.into_iter().try_for_each(|key| {
+            let slots = read_key(&mut df.rendered.trace, &key, as_of)?;
+            results.push(KeyResult { features: assemble(&layout, &slots, watermark), key });
+            Ok(())
+        }),
+        None => read_all(&mut df.rendered.trace, as_of, |key, slots| {
+            results.push(KeyResult { key: key.clone(), features: assemble(&layout, &slots, watermark) });
+        }),
+    };
+    match outcome {
+        Ok(()) => Reply::Read { watermark, results },
+        Err(e) => Reply::Error { message: e.to_string() },
+    }
+}
+
+/// A row as the JSON object it came from (for the late-event log).
+fn row_json(source: &SourcePlan, row: &Row) -> String {
+    let map: serde_json::Map<String, serde_json::Value> =
+        source.fields.iter().zip(row.values.iter()).map(|(f, d)| (f.name.clone(), d.to_json())).collect();
+    serde_json::Value::Object(map).to_string()
+}
