@@ -26,24 +26,52 @@ pub struct ApiResponse {
     pub body: Value,
 }
 
-/// GETs `path` from the coordinator at `server`.
-pub fn get(server: &str, path: &str, timeout: Duration) -> anyhow::Result<ApiResponse> {
+/// The methods client commands use.
+pub enum Method<'a> {
+    Get,
+    Delete,
+    /// POST with a content type and a body.
+    Post(&'a str, &'a [u8]),
+}
+
+/// Calls `path` on the coordinator at `server`; returns the status and the raw body text.
+pub fn call(server: &str, method: Method<'_>, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
     let base = server.trim_end_matches('/');
     let url = format!("{base}{path}");
     let agent: ureq::Agent =
         ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
-    let mut response = agent
-        .get(&url)
-        .call()
-        .with_context(|| format!("cannot reach the coordinator at {base} (is `sundial local` running? --server or SUNDIAL_SERVER selects another)"))?;
+    let response = match method {
+        Method::Get => agent.get(&url).call(),
+        Method::Delete => agent.delete(&url).call(),
+        Method::Post(content_type, body) => agent.post(&url).header("content-type", content_type).send(body),
+    };
+    let mut response = response.with_context(|| {
+        format!("cannot reach the coordinator at {base} (is `sundial local` running? --server or SUNDIAL_SERVER selects another)")
+    })?;
     let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().with_context(|| format!("reading the answer of {url}"))?;
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+        .with_context(|| format!("reading the answer of {url}"))?;
+    Ok((status, text))
+}
+
+/// Calls `path` and parses the JSON answer.
+pub fn call_json(server: &str, method: Method<'_>, path: &str, timeout: Duration) -> anyhow::Result<ApiResponse> {
+    let (status, text) = call(server, method, path, timeout)?;
     let body = serde_json::from_str(&text)
-        .with_context(|| format!("{url} answered {status} with something that is not JSON"))?;
+        .with_context(|| format!("{path} answered {status} with something that is not JSON"))?;
     Ok(ApiResponse { status, body })
 }
 
-fn expect_ok(response: ApiResponse, what: &str) -> anyhow::Result<Value> {
+/// GETs `path` from the coordinator at `server`.
+pub fn get(server: &str, path: &str, timeout: Duration) -> anyhow::Result<ApiResponse> {
+    call_json(server, Method::Get, path, timeout)
+}
+
+pub fn expect_ok(response: ApiResponse, what: &str) -> anyhow::Result<Value> {
     if (200..300).contains(&response.status) {
         return Ok(response.body);
     }

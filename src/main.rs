@@ -1,6 +1,7 @@
 //! `sundial`: the one binary. Server roles (`coordinator`, `worker`, `local`) and client commands
 //! that talk to the coordinator's HTTP API.
 
+mod catalog_cmds;
 mod client;
 mod local;
 
@@ -55,6 +56,30 @@ enum Command {
     Local(local::LocalArgs),
     /// Show the cluster's health.
     Status(client::StatusArgs),
+    /// Manage sources.
+    #[command(subcommand)]
+    Source(catalog_cmds::SourceCmd),
+    /// Submit a dataflow definition (JSON, TOML or YAML file).
+    Submit {
+        /// The definition file.
+        file: PathBuf,
+    },
+    /// Drop a dataflow and free its state.
+    Drop {
+        /// The dataflow.
+        name: String,
+    },
+    /// List sources and dataflows.
+    List,
+    /// Send events (CSV with a header, or NDJSON) to a source.
+    Ingest(catalog_cmds::IngestArgs),
+    /// Read the features of one key.
+    Query(catalog_cmds::QueryArgs),
+    /// Print every retained window value of a dataflow as NDJSON.
+    Export {
+        /// The dataflow.
+        dataflow: String,
+    },
     /// Internal: one generation's timely computation, spawned by `sundial worker`.
     #[command(hide = true)]
     Computation {
@@ -161,6 +186,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Local(args) => local::run(args, cli.log_format.as_arg()),
         Command::Status(args) => client::status(&cli.server, &args),
+        Command::Source(cmd) => catalog_cmds::source(&cli.server, &cmd),
+        Command::Submit { file } => catalog_cmds::submit(&cli.server, &file),
+        Command::Drop { name } => catalog_cmds::drop(&cli.server, &name),
+        Command::List => catalog_cmds::list(&cli.server),
+        Command::Ingest(args) => catalog_cmds::ingest(&cli.server, &args),
+        Command::Query(args) => catalog_cmds::query(&cli.server, &args),
+        Command::Export { dataflow } => catalog_cmds::export(&cli.server, &dataflow),
     }
 }
 

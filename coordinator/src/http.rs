@@ -1,43 +1,61 @@
 //! The coordinator's HTTP API (JSON). Every error is `{"error": "..."}` with a status that says
-//! whose fault it is: 400 bad input, 404 unknown name, 503 cluster not ready, 504 no reply in time.
+//! whose fault it is: 400 bad input, 404 unknown name, 409 conflict, 413 body too large,
+//! 415 unsupported media type, 503 cluster not ready (with `Retry-After`), 504 no reply in time.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
-use sundial_protocol::{CheckReport, Reply, Request};
+use sundial_definition::{format_duration, validate_definition, validate_source, DefinitionSpec, SourceSpec};
+use sundial_protocol::plan::{DataflowPlan, FieldType};
+use sundial_protocol::value::{parse_key, Datum, Key, F64};
+use sundial_protocol::{CheckReport, Command, IngestOutcome, KeyResult, Reply, Request};
 
-use crate::server::{RequestError, Shared};
+use crate::server::{Ready, RequestError, Shared};
+
+/// The largest ingest body accepted.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// An error answered as JSON.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    problems: Vec<String>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError { status, message: message.into(), problems: Vec::new() }
     }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(ErrorBody { error: &self.message })).into_response();
+        let body = if self.problems.is_empty() {
+            json!({"error": self.message})
+        } else {
+            json!({"error": self.message, "problems": self.problems})
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -48,8 +66,23 @@ impl From<RequestError> for ApiError {
         let status = match e {
             RequestError::NotReady(_) | RequestError::Abandoned => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            RequestError::Failed(ref m) if m.contains("did not complete in time") => StatusCode::GATEWAY_TIMEOUT,
+            RequestError::Failed(ref m) if m.contains("compacted") => StatusCode::BAD_REQUEST,
+            RequestError::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(e.status(), format!("bad JSON body: {}", e.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::bad(e.body_text())
     }
 }
 
@@ -58,7 +91,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/check", get(check))
+        .route("/v1/sources", post(create_source).get(list_sources))
+        .route("/v1/sources/{source}/events", post(ingest))
+        .route("/v1/sources/{source}/late", get(late))
+        .route("/v1/dataflows", post(submit).get(list_dataflows))
+        .route("/v1/dataflows/{name}", get(show_dataflow).delete(drop_dataflow))
+        .route("/v1/dataflows/{name}/keys/{*key}", get(read_one))
+        .route("/v1/dataflows/{name}/lookup", post(lookup))
+        .route("/v1/dataflows/{name}/export", get(export))
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
 }
 
@@ -84,19 +126,563 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn check(
     State(shared): State<Arc<Shared>>,
-    params: Result<Query<CheckParams>, axum::extract::rejection::QueryRejection>,
+    params: Result<Query<CheckParams>, QueryRejection>,
 ) -> Result<Json<CheckBody>, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(params) = params?;
     let records_per_pair = params.records_per_pair.unwrap_or(16);
     if !(1..=10_000).contains(&records_per_pair) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "records_per_pair must be between 1 and 10000"));
+        return Err(ApiError::bad("records_per_pair must be between 1 and 10000"));
     }
     match shared.request(Request::Check { records_per_pair }, CHECK_TIMEOUT).await? {
         Reply::Check(report) => Ok(Json(CheckBody { ok: report.all_to_all(), report })),
-        Reply::Error { message } => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)),
+        other => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("unexpected reply {other:?}"))),
     }
 }
 
+// ---- sources ----------------------------------------------------------------------------------
+
+fn source_json(plan: &sundial_protocol::plan::SourcePlan) -> Value {
+    let fields: serde_json::Map<String, Value> =
+        plan.fields.iter().map(|f| (f.name.clone(), Value::from(f.ty.name()))).collect();
+    json!({
+        "name": plan.name,
+        "time": plan.fields[plan.time].name,
+        "time_unit": plan.time_unit,
+        "allowed_lateness": format_duration(plan.allowed_lateness_ms),
+        "idle_timeout": format_duration(plan.idle_timeout_ms),
+        "fields": fields,
+    })
+}
+
+async fn create_source(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(value) = body?;
+    let spec: SourceSpec = serde_json::from_value(value.clone()).map_err(|e| ApiError::bad(format!("source: {e}")))?;
+    let plan = validate_source(&spec).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: e.to_string(),
+        problems: e.problems.clone(),
+    })?;
+    if let Some(existing) = shared.catalog().source(&plan.name) {
+        if existing.plan == plan {
+            return Ok((StatusCode::OK, Json(source_json(&plan))).into_response());
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("source {:?} exists with another definition; sources cannot be redefined", plan.name),
+        ));
+    }
+    let entry = crate::catalog::SourceEntry { spec: value, plan: plan.clone() };
+    shared
+        .change_catalog(
+            |catalog| match catalog.source(&plan.name) {
+                Some(_) => Err(ApiError::new(StatusCode::CONFLICT, format!("source {:?} was just created", plan.name))),
+                None => Ok(Command::CreateSource(plan.clone())),
+            },
+            |catalog| catalog.sources.push(entry),
+        )
+        .await?;
+    tracing::info!(source = %plan.name, "source created");
+    Ok((StatusCode::CREATED, Json(source_json(&plan))).into_response())
+}
+
+async fn list_sources(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let sources: Vec<Value> = shared.catalog().sources.iter().map(|s| source_json(&s.plan)).collect();
+    Json(json!({ "sources": sources }))
+}
+
+// ---- dataflows --------------------------------------------------------------------------------
+
+fn dataflow_json(spec: &Value, plan: &DataflowPlan) -> Value {
+    let key: Vec<&str> = plan.key.iter().map(|&i| plan.source.fields[i].name.as_str()).collect();
+    json!({
+        "name": plan.name,
+        "source": plan.source.name,
+        "key": key,
+        "features": plan.features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        "retention": plan.retention_ms.map_or("forever".to_string(), format_duration),
+        "definition": spec,
+    })
+}
+
+async fn submit(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(value) = body?;
+    let spec: DefinitionSpec =
+        serde_json::from_value(value.clone()).map_err(|e| ApiError::bad(format!("definition: {e}")))?;
+    let plan = {
+        let catalog = shared.catalog();
+        validate_definition(&spec, |name| catalog.source(name).map(|s| &s.plan)).map_err(|e| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: e.to_string(),
+            problems: e.problems.clone(),
+        })?
+    };
+    let entry = crate::catalog::DataflowEntry { spec: value.clone(), plan: plan.clone() };
+    shared
+        .change_catalog(
+            |catalog| match catalog.dataflow(&plan.name) {
+                Some(_) => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("dataflow {:?} exists; drop it first to replace it", plan.name),
+                )),
+                None => Ok(Command::InstallDataflow(plan.clone())),
+            },
+            |catalog| catalog.dataflows.push(entry),
+        )
+        .await?;
+    tracing::info!(dataflow = %plan.name, "dataflow installed");
+    Ok((StatusCode::CREATED, Json(dataflow_json(&value, &plan))).into_response())
+}
+
+async fn list_dataflows(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let list: Vec<Value> = shared.catalog().dataflows.iter().map(|d| dataflow_json(&d.spec, &d.plan)).collect();
+    Json(json!({ "dataflows": list }))
+}
+
+fn find_dataflow(shared: &Shared, name: &str) -> Result<DataflowPlan, ApiError> {
+    shared
+        .catalog()
+        .dataflow(name)
+        .map(|d| d.plan.clone())
+        .ok_or_else(|| ApiError::not_found(format!("no dataflow named {name:?}")))
+}
+
+async fn show_dataflow(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let catalog = shared.catalog();
+    let entry = catalog.dataflow(&name).ok_or_else(|| ApiError::not_found(format!("no dataflow named {name:?}")))?;
+    Ok(Json(dataflow_json(&entry.spec, &entry.plan)))
+}
+
+async fn drop_dataflow(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    find_dataflow(&shared, &name)?;
+    shared
+        .change_catalog(
+            |catalog| match catalog.dataflow(&name) {
+                Some(_) => Ok(Command::DropDataflow { name: name.clone() }),
+                None => Err(ApiError::not_found(format!("no dataflow named {name:?}"))),
+            },
+            |catalog| catalog.dataflows.retain(|d| d.plan.name != name),
+        )
+        .await?;
+    tracing::info!(dataflow = %name, "dataflow dropped");
+    Ok(Json(json!({ "dropped": name })))
+}
+
+// ---- ingest -----------------------------------------------------------------------------------
+
+const INGEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Splits an NDJSON body into about `parts` pieces at line boundaries: (first line number, text).
+fn split_lines(body: &str, parts: usize) -> Vec<(u64, &str)> {
+    let target = body.len() / parts.max(1) + 1;
+    let mut pieces = Vec::with_capacity(parts);
+    let (mut start, mut line) = (0usize, 1u64);
+    while start < body.len() {
+        let mut end = (start + target).min(body.len());
+        while end < body.len() && body.as_bytes()[end - 1] != b'\n' {
+            end += 1;
+        }
+        let piece = &body[start..end];
+        pieces.push((line, piece));
+        line += piece.matches('\n').count() as u64;
+        start = end;
+    }
+    pieces
+}
+
+async fn ingest(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<IngestOutcome>, ApiError> {
+    if shared.catalog().source(&source).is_none() {
+        return Err(ApiError::not_found(format!("no source named {source:?}")));
+    }
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY_BYTES} bytes; send it in smaller batches"),
+        ),
+        status => ApiError::new(status, e.body_text()),
+    })?;
+    let content_type =
+        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/x-ndjson");
+    let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let csv = match media.as_str() {
+        "text/csv" => true,
+        "application/x-ndjson" | "application/json" | "application/jsonl" | "text/plain" | "" => false,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("content type {other:?} is not supported; send application/x-ndjson or text/csv"),
+            ))
+        }
+    };
+    let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad(format!("the body is not UTF-8: {e}")))?;
+    let ready = shared.ready()?;
+    // NDJSON is spread over every process; CSV (whose quoted cells may span lines) goes whole.
+    let pieces: Vec<(u64, String)> = if csv {
+        vec![(1, text.to_string())]
+    } else {
+        split_lines(text, ready.conns.len()).into_iter().map(|(l, t)| (l, t.to_string())).collect()
+    };
+    let offset = rand::random::<u32>() as usize;
+    let mut tasks = Vec::with_capacity(pieces.len());
+    for (i, (first_line, piece)) in pieces.into_iter().enumerate() {
+        let conn = ready.conns[(offset + i) % ready.conns.len()];
+        let shared = Arc::clone(&shared);
+        let request = Request::Ingest { after: ready.after, source: source.clone(), csv, body: piece, first_line };
+        let generation = ready.generation;
+        tasks.push(tokio::spawn(async move { shared.request_to(conn, generation, request, INGEST_TIMEOUT).await }));
+    }
+    let mut outcome = IngestOutcome::default();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(Reply::Ingested(part))) => outcome.merge(part),
+            Ok(Ok(other)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        }
+    }
+    Ok(Json(outcome))
+}
+
+async fn late(State(shared): State<Arc<Shared>>, Path(source): Path<String>) -> Result<Response, ApiError> {
+    if shared.catalog().source(&source).is_none() {
+        return Err(ApiError::not_found(format!("no source named {source:?}")));
+    }
+    let ready = shared.ready()?;
+    let replies = fan_out(&shared, &ready, |_| Request::Late { after: ready.after, source: source.clone() }).await?;
+    let mut out = String::new();
+    for reply in replies {
+        if let Reply::Late { lines } = reply {
+            for line in lines {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+    }
+    Ok(ndjson(out))
+}
+
+// ---- reads ------------------------------------------------------------------------------------
+
+const DEFAULT_READ_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Deserialize)]
+struct ReadParams {
+    as_of: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+impl ReadParams {
+    fn timeout_ms(&self) -> Result<u64, ApiError> {
+        match self.timeout_ms {
+            None => Ok(DEFAULT_READ_TIMEOUT_MS),
+            Some(t) if t <= 120_000 => Ok(t),
+            Some(_) => Err(ApiError::bad("timeout_ms must be at most 120000")),
+        }
+    }
+}
+
+/// Sends one request per process (built by `request`) and returns the replies by process.
+async fn fan_out(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    request: impl Fn(usize) -> Request,
+) -> Result<Vec<Reply>, ApiError> {
+    let mut tasks = Vec::with_capacity(ready.conns.len());
+    for (p, &conn) in ready.conns.iter().enumerate() {
+        let shared = Arc::clone(shared);
+        let request = request(p);
+        let generation = ready.generation;
+        tasks.push(tokio::spawn(async move {
+            shared.request_to(conn, generation, request, Duration::from_secs(130)).await
+        }));
+    }
+    let mut replies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match task.await {
+            Ok(Ok(reply)) => replies.push(reply),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        }
+    }
+    Ok(replies)
+}
+
+/// The epoch to read at: the one asked for, or the newest complete on every process.
+async fn resolve_as_of(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    dataflow: &str,
+    as_of: Option<u64>,
+) -> Result<u64, ApiError> {
+    if let Some(e) = as_of {
+        return Ok(e);
+    }
+    let replies =
+        fan_out(shared, ready, |_| Request::Frontier { after: ready.after, dataflow: dataflow.to_string() }).await?;
+    let mut newest: Option<u64> = None;
+    for reply in replies {
+        match reply {
+            Reply::Frontier { complete: Some(c) } => newest = Some(newest.map_or(c, |n| n.min(c))),
+            Reply::Frontier { complete: None } => {
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no epoch of this dataflow is complete yet"))
+            }
+            other => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
+        }
+    }
+    newest.ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no process answered"))
+}
+
+fn owner_process(key: &Key, ready: &Ready) -> usize {
+    let peers = (ready.conns.len() * ready.threads).max(1) as u64;
+    (key.hash64() % peers) as usize / ready.threads.max(1)
+}
+
+/// Reads `keys` at `as_of`; results in the order of `keys` (`None` for keys with no data).
+async fn read_keys(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    dataflow: &str,
+    keys: &[Key],
+    as_of: u64,
+    timeout_ms: u64,
+) -> Result<(Option<i64>, Vec<Option<KeyResult>>), ApiError> {
+    let mut by_process: BTreeMap<usize, Vec<Key>> = BTreeMap::new();
+    for key in keys {
+        by_process.entry(owner_process(key, ready)).or_default().push(key.clone());
+    }
+    let replies = fan_out(shared, ready, |p| Request::Read {
+        after: ready.after,
+        dataflow: dataflow.to_string(),
+        as_of,
+        keys: Some(by_process.get(&p).cloned().unwrap_or_default()),
+        timeout_ms,
+    })
+    .await?;
+    let mut watermark = None;
+    let mut found: BTreeMap<Key, KeyResult> = BTreeMap::new();
+    for reply in replies {
+        match reply {
+            Reply::Read { watermark: w, results } => {
+                watermark = watermark.max(w);
+                found.extend(results.into_iter().map(|r| (r.key.clone(), r)));
+            }
+            other => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
+        }
+    }
+    Ok((watermark, keys.iter().map(|k| found.get(k).cloned()).collect()))
+}
+
+fn features_json(result: Option<&KeyResult>) -> Value {
+    let mut map = serde_json::Map::new();
+    if let Some(r) = result {
+        for (name, windows) in &r.features {
+            map.insert(name.clone(), serde_json::to_value(windows).unwrap_or(Value::Null));
+        }
+    }
+    Value::Object(map)
+}
+
+/// Decodes `%XX` escapes of a path segment.
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3).ok_or_else(|| format!("bad percent escape in {text:?}"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent escape in {text:?}"))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{text:?} does not decode to UTF-8"))
+}
+
+async fn read_one(
+    State(shared): State<Arc<Shared>>,
+    Path((name, _)): Path<(String, String)>,
+    uri: Uri,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params?;
+    let plan = find_dataflow(&shared, &name)?;
+    // The raw segment: split composite keys at `,` before decoding, so parts may contain `%2C`.
+    let raw = uri.path().rsplit_once("/keys/").map(|(_, k)| k).unwrap_or_default();
+    let types: Vec<FieldType> = plan.key.iter().map(|&i| plan.source.fields[i].ty).collect();
+    let parts: Vec<String> = if types.len() == 1 {
+        vec![percent_decode(raw).map_err(ApiError::bad)?]
+    } else {
+        raw.split(',').map(percent_decode).collect::<Result<_, _>>().map_err(ApiError::bad)?
+    };
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let key = parse_key(&refs, &types).map_err(|e| ApiError::bad(format!("key: {e}")))?;
+    let ready = shared.ready()?;
+    let as_of = resolve_as_of(&shared, &ready, &name, params.as_of).await?;
+    let (watermark, results) =
+        read_keys(&shared, &ready, &name, std::slice::from_ref(&key), as_of, params.timeout_ms()?).await?;
+    Ok(Json(json!({
+        "dataflow": name,
+        "key": key.to_json(),
+        "as_of": as_of,
+        "watermark": watermark,
+        "features": features_json(results.first().and_then(Option::as_ref)),
+    })))
+}
+
+#[derive(Deserialize)]
+struct LookupBody {
+    keys: Vec<Value>,
+    as_of: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+fn json_key(value: &Value, types: &[FieldType]) -> Result<Key, String> {
+    let parts: Vec<&Value> = match value {
+        Value::Array(items) => items.iter().collect(),
+        scalar => vec![scalar],
+    };
+    if parts.len() != types.len() {
+        return Err(format!("key {value} has {} parts but the dataflow's key has {}", parts.len(), types.len()));
+    }
+    let datums = parts
+        .iter()
+        .zip(types)
+        .map(|(v, ty)| match (v, ty) {
+            (Value::String(s), ty) => Datum::parse(s, *ty),
+            (Value::Number(n), FieldType::I64) => n.as_i64().map(Datum::Int).ok_or(format!("{n} is not an i64")),
+            (Value::Number(n), FieldType::U64) => n.as_u64().map(Datum::UInt).ok_or(format!("{n} is not a u64")),
+            (Value::Number(n), FieldType::F64) => {
+                n.as_f64().map(|f| Datum::Float(F64(f))).ok_or(format!("{n} is not an f64"))
+            }
+            (Value::Bool(b), FieldType::Bool) => Ok(Datum::Bool(*b)),
+            (other, ty) => Err(format!("{other} is not a {}", ty.name())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Key::from_parts(datums))
+}
+
+async fn lookup(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Result<Json<LookupBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    let plan = find_dataflow(&shared, &name)?;
+    if body.keys.len() > 10_000 {
+        return Err(ApiError::bad("at most 10000 keys per lookup"));
+    }
+    let types: Vec<FieldType> = plan.key.iter().map(|&i| plan.source.fields[i].ty).collect();
+    let keys = body
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| json_key(k, &types).map_err(|e| ApiError::bad(format!("keys[{i}]: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout_ms = ReadParams { as_of: None, timeout_ms: body.timeout_ms }.timeout_ms()?;
+    let ready = shared.ready()?;
+    let as_of = resolve_as_of(&shared, &ready, &name, body.as_of).await?;
+    let (watermark, results) = read_keys(&shared, &ready, &name, &keys, as_of, timeout_ms).await?;
+    let results: Vec<Value> = keys
+        .iter()
+        .zip(&results)
+        .map(|(k, r)| json!({"key": k.to_json(), "features": features_json(r.as_ref())}))
+        .collect();
+    Ok(Json(json!({"dataflow": name, "as_of": as_of, "watermark": watermark, "results": results})))
+}
+
+fn ndjson(text: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from(text)).into_response()
+}
+
+async fn export(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params?;
+    find_dataflow(&shared, &name)?;
+    let timeout_ms = params.timeout_ms()?;
+    let ready = shared.ready()?;
+    let as_of = resolve_as_of(&shared, &ready, &name, params.as_of).await?;
+    let replies = fan_out(&shared, &ready, |_| Request::Read {
+        after: ready.after,
+        dataflow: name.clone(),
+        as_of,
+        keys: None,
+        timeout_ms,
+    })
+    .await?;
+    let mut results: Vec<KeyResult> = Vec::new();
+    for reply in replies {
+        match reply {
+            Reply::Read { results: part, .. } => results.extend(part),
+            other => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
+        }
+    }
+    results.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut out = String::new();
+    for r in &results {
+        let key = r.key.to_json();
+        for (feature, windows) in &r.features {
+            for w in windows {
+                let line = json!({"key": key, "feature": feature, "start": w.start, "end": w.end, "value": w.value, "closed": w.closed});
+                out.push_str(&line.to_string());
+                out.push('\n');
+            }
+        }
+    }
+    let mut response = ndjson(out);
+    if let Ok(v) = HeaderValue::from_str(&as_of.to_string()) {
+        response.headers_mut().insert("x-sundial-as-of", v);
+    }
+    Ok(response)
+}
+
 async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {}", uri.path()))
+    ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_at_line_boundaries_with_numbers() {
+        let body = "a\nbb\nccc\ndddd\n";
+        let pieces = split_lines(body, 2);
+        assert_eq!(pieces.iter().map(|(_, t)| *t).collect::<String>(), body);
+        assert!(pieces.iter().all(|(_, t)| t.ends_with('\n')));
+        assert_eq!(pieces[0].0, 1);
+        let second_start = 1 + pieces[0].1.matches('\n').count() as u64;
+        assert_eq!(pieces[1].0, second_start);
+        assert_eq!(split_lines("x", 3), vec![(1, "x")]);
+        assert!(split_lines("", 3).is_empty());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Cb%20c").as_deref(), Ok("a,b c"));
+        assert!(percent_decode("%zz").is_err());
+        assert!(percent_decode("%ff").is_err());
+    }
+
+    #[test]
+    fn json_keys_take_numbers_and_strings() {
+        assert_eq!(json_key(&json!(42), &[FieldType::U64]), Ok(Key::One(Datum::UInt(42))));
+        assert_eq!(json_key(&json!(["42"]), &[FieldType::U64]), Ok(Key::One(Datum::UInt(42))));
+        assert!(json_key(&json!([1, 2]), &[FieldType::U64]).is_err());
+        assert!(json_key(&json!(-1), &[FieldType::U64]).is_err());
+    }
 }

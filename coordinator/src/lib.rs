@@ -6,6 +6,7 @@
 //! restarted coordinator gives every worker its old index and can adopt a generation that kept
 //! running while it was away.
 
+pub mod catalog;
 pub mod http;
 pub mod membership;
 pub mod server;
@@ -139,8 +140,21 @@ pub async fn run(
     store::write_json_atomic(&config.data_dir.join("addresses.json"), &bound).map_err(|e| data_err(e.to_string()))?;
     tracing::info!(control = %bound.control, http = %bound.http, workers = config.workers, generation = persisted.generation, "coordinator listening");
 
+    let catalog_file = config.data_dir.join("catalog.json");
+    let catalog = match store::read_json::<catalog::Catalog>(&catalog_file).map_err(data_err)? {
+        None => catalog::Catalog::default(),
+        Some(c) if c.format == catalog::CATALOG_FORMAT => c,
+        Some(c) => {
+            return Err(data_err(format!(
+                "catalog.json has format {}, this coordinator reads format {}",
+                c.format,
+                catalog::CATALOG_FORMAT
+            )))
+        }
+    };
+    tracing::info!(sources = catalog.sources.len(), dataflows = catalog.dataflows.len(), "catalog loaded");
     let membership = Membership::new(config.workers, config.timing, persisted);
-    let shared = server::Shared::new(membership, membership_file);
+    let shared = server::Shared::new(membership, membership_file, catalog, catalog_file);
     let control_task = tokio::spawn(server::serve_control(std::sync::Arc::clone(&shared), control));
     let ticker = {
         let shared = std::sync::Arc::clone(&shared);

@@ -21,6 +21,7 @@ pub type ConnId = u64;
 
 /// What the server must do on behalf of the state machine.
 #[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // moved once per message; boxing would only add allocations
 pub enum Action {
     /// Send a message on a connection.
     Send(ConnId, CoordMsg),
@@ -222,6 +223,16 @@ impl Membership {
             (Phase::Running { .. }, Some(conn)) => Ok((self.generation, conn)),
             _ => Err(self.reason().unwrap_or_else(|| "the cluster is not running".into())),
         }
+    }
+
+    /// When the cluster runs: its generation, the connection of every process by index, and the
+    /// threads per process.
+    pub fn running(&self) -> Option<(u64, Vec<ConnId>, usize)> {
+        if !matches!(self.phase, Phase::Running { .. }) {
+            return None;
+        }
+        let conns: Option<Vec<ConnId>> = self.slots.iter().map(|s| s.conn).collect();
+        Some((self.generation, conns?, self.slots.first().map_or(1, |s| s.threads)))
     }
 
     /// Handles a worker's registration on connection `conn`. Returns the index it holds, or the

@@ -12,8 +12,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use sundial_protocol::{body_len, decode, encode, parse_handshake, CoordMsg, FrameError, Reply, Request, WorkerMsg};
+use sundial_protocol::{
+    body_len, decode, encode, parse_handshake, Command, CoordMsg, FrameError, Reply, Request, WorkerMsg,
+};
 
+use crate::catalog::Catalog;
 use crate::membership::{Action, ConnId, Membership, Persisted};
 use crate::store;
 
@@ -22,6 +25,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a write to a worker may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+#[allow(clippy::large_enum_variant)] // moved once per message; boxing would only add allocations
 enum Out {
     Msg(CoordMsg),
     Close,
@@ -33,12 +37,22 @@ struct Inner {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     next_conn: ConnId,
     next_request: u64,
+    /// The generation whose catalog replay has finished.
+    replayed: u64,
+    /// The generation whose catalog replay is under way.
+    replaying: Option<u64>,
+    /// Commands sequenced in the replayed generation; data requests wait for them.
+    after: u64,
 }
 
 /// State shared by the control port, the ticker and the HTTP API.
 pub struct Shared {
     inner: Mutex<Inner>,
     membership_file: PathBuf,
+    catalog: Mutex<Catalog>,
+    catalog_file: PathBuf,
+    /// Serializes catalog changes and replays, so that commands reach workers in catalog order.
+    commands: tokio::sync::Mutex<()>,
 }
 
 /// Why a request to the computation could not be answered.
@@ -53,11 +67,27 @@ pub enum RequestError {
     /// The generation ended before the reply.
     #[error("the generation ended before the computation replied")]
     Abandoned,
+    /// The computation answered with an error.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The running, replayed cluster: what data requests need.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    /// The generation.
+    pub generation: u64,
+    /// The connection of each process, by index.
+    pub conns: Vec<ConnId>,
+    /// Worker threads per process.
+    pub threads: usize,
+    /// Commands the workers must have applied before serving.
+    pub after: u64,
 }
 
 impl Shared {
-    /// Shared state around a membership; `membership_file` is where assignments are persisted.
-    pub fn new(membership: Membership, membership_file: PathBuf) -> Arc<Self> {
+    /// Shared state around a membership and a catalog.
+    pub fn new(membership: Membership, membership_file: PathBuf, catalog: Catalog, catalog_file: PathBuf) -> Arc<Self> {
         Arc::new(Shared {
             inner: Mutex::new(Inner {
                 membership,
@@ -65,8 +95,14 @@ impl Shared {
                 pending: HashMap::new(),
                 next_conn: 1,
                 next_request: 1,
+                replayed: 0,
+                replaying: None,
+                after: 0,
             }),
             membership_file,
+            catalog: Mutex::new(catalog),
+            catalog_file,
+            commands: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -75,13 +111,26 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `f` on the membership, carries out the actions it returns, and persists changes.
-    fn with_membership<R>(&self, f: impl FnOnce(&mut Membership) -> (R, Vec<Action>)) -> R {
+    /// The catalog (locked briefly; never held across an await).
+    pub fn catalog(&self) -> MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the membership, carries out the actions it returns, persists changes, and
+    /// starts the catalog replay when a new generation runs.
+    fn with_membership<R>(self: &Arc<Self>, f: impl FnOnce(&mut Membership) -> (R, Vec<Action>)) -> R {
         let mut inner = self.lock();
         let (result, actions) = f(&mut inner.membership);
         apply(&mut inner, actions);
         if let Some(p) = inner.membership.take_dirty() {
             self.persist(&p);
+        }
+        if let Some((generation, _, _)) = inner.membership.running() {
+            if inner.replayed < generation && inner.replaying != Some(generation) {
+                inner.replaying = Some(generation);
+                let shared = Arc::clone(self);
+                tokio::spawn(async move { shared.replay(generation).await });
+            }
         }
         result
     }
@@ -94,14 +143,41 @@ impl Shared {
 
     /// The cluster status.
     pub fn status(&self) -> crate::membership::ClusterStatus {
-        self.lock().membership.status(Instant::now())
+        let inner = self.lock();
+        let mut status = inner.membership.status(Instant::now());
+        if status.state == "running" && inner.replayed < status.generation {
+            status.state = "forming";
+            status.reason = Some(format!("generation {} is replaying the catalog", status.generation));
+        }
+        status
     }
 
-    /// Sends `request` to process 0 of the running generation and waits for its reply.
-    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Reply, RequestError> {
+    /// The running cluster, once its catalog is replayed.
+    pub fn ready(&self) -> Result<Ready, RequestError> {
+        let inner = self.lock();
+        match inner.membership.running() {
+            Some((generation, conns, threads)) if inner.replayed == generation => {
+                Ok(Ready { generation, conns, threads, after: inner.after })
+            }
+            Some((generation, _, _)) => {
+                Err(RequestError::NotReady(format!("generation {generation} is replaying the catalog")))
+            }
+            None => Err(RequestError::NotReady(
+                inner.membership.ready().err().unwrap_or_else(|| "the cluster is not running".into()),
+            )),
+        }
+    }
+
+    /// Sends `request` on connection `conn` (a process of `generation`) and waits for the reply.
+    pub async fn request_to(
+        &self,
+        conn: ConnId,
+        generation: u64,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Reply, RequestError> {
         let (id, rx) = {
             let mut inner = self.lock();
-            let (generation, conn) = inner.membership.ready().map_err(RequestError::NotReady)?;
             let id = inner.next_request;
             inner.next_request += 1;
             let (tx, rx) = oneshot::channel();
@@ -112,11 +188,12 @@ impl Shared {
                 .is_some_and(|c| c.send(Out::Msg(CoordMsg::Request { id, generation, request })).is_ok());
             if !sent {
                 inner.pending.remove(&id);
-                return Err(RequestError::NotReady("process 0 is not connected".into()));
+                return Err(RequestError::NotReady("a worker process is not connected".into()));
             }
             (id, rx)
         };
         match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Reply::Error { message })) => Err(RequestError::Failed(message)),
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(RequestError::Abandoned),
             Err(_) => {
@@ -126,11 +203,98 @@ impl Shared {
         }
     }
 
+    /// Sends `request` to process 0 of the running generation and waits for its reply.
+    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Reply, RequestError> {
+        let ready = self.ready()?;
+        let conn = ready.conns.first().copied().ok_or_else(|| RequestError::NotReady("no process 0".into()))?;
+        self.request_to(conn, ready.generation, request, timeout).await
+    }
+
+    /// Applies a catalog change: sequences `command` through the computation and, once every
+    /// worker has it, records the change with `update` and persists the catalog. `check` runs
+    /// first, under the same lock, and may refuse the change.
+    pub async fn change_catalog<E: From<RequestError>>(
+        &self,
+        check: impl FnOnce(&Catalog) -> Result<Command, E>,
+        update: impl FnOnce(&mut Catalog),
+    ) -> Result<(), E> {
+        let _serial = self.commands.lock().await;
+        let command = check(&self.catalog())?;
+        let ready = self.ready()?;
+        let conn = ready.conns.first().copied().ok_or_else(|| RequestError::NotReady("no process 0".into()))?;
+        let reply = self.request_to(conn, ready.generation, Request::Command(command), COMMAND_TIMEOUT).await?;
+        if let Reply::Applied { seq } = reply {
+            let mut inner = self.lock();
+            if inner.replayed == ready.generation {
+                inner.after = inner.after.max(seq);
+            }
+        }
+        let mut catalog = self.catalog();
+        update(&mut catalog);
+        if let Err(e) = store::write_json_atomic(&self.catalog_file, &*catalog) {
+            tracing::error!(file = %self.catalog_file.display(), "cannot persist the catalog: {e}");
+        }
+        Ok(())
+    }
+
+    async fn replay(self: Arc<Self>, generation: u64) {
+        let _serial = self.commands.lock().await;
+        let commands = self.catalog().replay();
+        let conn = {
+            let inner = self.lock();
+            match inner.membership.running() {
+                Some((g, conns, _)) if g == generation => conns.first().copied(),
+                _ => None,
+            }
+        };
+        let mut after = 0;
+        let count = commands.len();
+        let mut ok = conn.is_some();
+        if let Some(conn) = conn {
+            for command in commands {
+                match self.request_to(conn, generation, Request::Command(command), COMMAND_TIMEOUT).await {
+                    Ok(Reply::Applied { seq }) => after = seq,
+                    other => {
+                        tracing::warn!(generation, "catalog replay stopped: {other:?}");
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+        }
+        let mut inner = self.lock();
+        if inner.replaying == Some(generation) {
+            inner.replaying = None;
+        }
+        if ok {
+            inner.replayed = generation;
+            inner.after = after;
+            tracing::info!(generation, commands = count, "catalog replayed; the cluster serves");
+        }
+    }
+
     /// Advances the membership's clock; called every few tens of milliseconds.
-    pub fn tick(&self) {
+    pub fn tick(self: &Arc<Self>) {
         self.with_membership(|m| ((), m.tick(Instant::now())));
+        // A replay that failed (its generation ended) is retried by the next generation; one
+        // that failed while the generation still runs is retried here.
+        let retry = {
+            let inner = self.lock();
+            match inner.membership.running() {
+                Some((g, _, _)) if inner.replayed < g && inner.replaying.is_none() => Some(g),
+                _ => None,
+            }
+        };
+        if let Some(generation) = retry {
+            self.lock().replaying = Some(generation);
+            let shared = Arc::clone(self);
+            tokio::spawn(async move { shared.replay(generation).await });
+        }
     }
 }
+
+/// How long a catalog command may take to reach every worker.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn apply(inner: &mut Inner, actions: Vec<Action>) {
     for action in actions {

@@ -101,10 +101,10 @@ pub fn run(listen: &str) -> ! {
         })
         .unwrap_or_else(|e| fail(&format!("spawning the watch thread: {e}")));
 
-    let router = Router { senders, ctx, process: formation.index, threads, peers: threads * formation.addresses.len(), next: 0 };
+    let router =
+        Router { senders, ctx, process: formation.index, threads, peers: threads * formation.addresses.len(), next: 0 };
     serve_stdin(stdin, router)
 }
-
 
 fn fail(reason: &str) -> ! {
     tracing::error!("{reason}");
@@ -176,7 +176,9 @@ impl Router {
                             let local = owner.checked_sub(self.process * self.threads).filter(|l| *l < self.threads);
                             match local {
                                 Some(l) => by_local[l].push(key),
-                                None => return Err(format!("key {key:?} belongs to worker {owner}, not to this process")),
+                                None => {
+                                    return Err(format!("key {key:?} belongs to worker {owner}, not to this process"))
+                                }
                             }
                         }
                         let parts: Vec<(usize, Vec<Key>)> =

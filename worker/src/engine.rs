@@ -358,7 +358,11 @@ impl Engine {
                             });
                             return None;
                         }
-                        return Some(Job::Part { after, part: PartJob::Read { dataflow, as_of, keys, deadline }, gather });
+                        return Some(Job::Part {
+                            after,
+                            part: PartJob::Read { dataflow, as_of, keys, deadline },
+                            gather,
+                        });
                     }
                     gather.complete(read(df, as_of, keys));
                     None
@@ -396,7 +400,8 @@ impl Engine {
             let n = readers.len();
             let mut accepted = Some(accepted);
             for (i, df) in readers.into_iter().enumerate() {
-                let rows = if i + 1 == n { accepted.take().unwrap_or_default() } else { accepted.clone().unwrap_or_default() };
+                let rows =
+                    if i + 1 == n { accepted.take().unwrap_or_default() } else { accepted.clone().unwrap_or_default() };
                 for row in rows {
                     df.rendered.rows.send(row);
                 }
@@ -421,8 +426,7 @@ impl Engine {
                 partition: self.index as u32,
                 max_ts: source.and_then(|s| s.max_ts),
                 idle: source.is_none_or(|s| {
-                    s.last_event
-                        .is_none_or(|t| t.elapsed() >= Duration::from_millis(s.plan.idle_timeout_ms))
+                    s.last_event.is_none_or(|t| t.elapsed() >= Duration::from_millis(s.plan.idle_timeout_ms))
                 }),
             };
             df.rendered.reports.send(report);
@@ -446,8 +450,7 @@ impl Engine {
                 }
                 let reply = match check {
                     Some(records_per_pair) => {
-                        let received =
-                            counts.borrow_mut().remove(&id).unwrap_or_else(|| vec![vec![0; peers]; peers]);
+                        let received = counts.borrow_mut().remove(&id).unwrap_or_else(|| vec![vec![0; peers]; peers]);
                         Reply::Check(CheckReport {
                             generation,
                             processes,
@@ -500,7 +503,9 @@ fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>) -> Reply {
     let outcome = match keys {
         Some(keys) => keys.into_iter().try_for_each(|key| {
             let slots = read_key(&mut df.rendered.trace, &key, as_of)?;
-            results.push(KeyResult { features: assemble(&layout, &slots, watermark), key });
+            if !slots.is_empty() {
+                results.push(KeyResult { features: assemble(&layout, &slots, watermark), key });
+            }
             Ok(())
         }),
         None => read_all(&mut df.rendered.trace, as_of, |key, slots| {

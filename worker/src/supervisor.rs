@@ -114,9 +114,11 @@ pub fn resolve_data_address(listen: &str, advertise: Option<&str>) -> Result<(St
             adv.to_string()
         }
         Some(host) => format!("{host}:{}", bound.port()),
-        None if bound.ip().is_unspecified() => return Err(WorkerError::Config(format!(
+        None if bound.ip().is_unspecified() => {
+            return Err(WorkerError::Config(format!(
             "--listen {listen} binds every interface; give --advertise HOST[:PORT] so that peers know where to connect"
-        ))),
+        )))
+        }
         None => bind.clone(),
     };
     Ok((bind, advertised))

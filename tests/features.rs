@@ -1,0 +1,279 @@
+//! Features end to end on a cluster of 2 worker processes × 2 threads over loopback: sources and
+//! definitions through the HTTP API (with their validation errors), a generated out-of-order
+//! stream ingested through the coordinator in batches, and the export compared with a naive
+//! model computed in this test; reads of one key and of many keys at the epoch an ingest reply
+//! named (read-your-writes); dropping a dataflow; and the catalog replayed to a new generation
+//! after a worker is killed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use util::*;
+
+const BASE: i64 = 1_700_000_000_000;
+
+fn request(http: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://{http}{path}");
+    let mut response = match method {
+        "POST" => agent.post(&url).header("content-type", content_type).send(body).unwrap(),
+        "DELETE" => agent.delete(&url).call().unwrap(),
+        _ => agent.get(&url).call().unwrap(),
+    };
+    let status = response.status().as_u16();
+    (status, response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap())
+}
+
+fn post_json(http: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = request(http, "POST", path, "application/json", body.to_string().as_bytes());
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A deterministic stream: (user, ts, amount, merchant), event time advancing with jitter.
+fn events(n: usize) -> Vec<(u64, i64, i64, String)> {
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|i| {
+            let user = next() % 50;
+            let ts = BASE + i as i64 * 1_500 - (next() % 4_000) as i64;
+            let amount = (next() % 1_000) as i64 + 1;
+            let merchant = format!("m{}", next() % 7);
+            (user, ts, amount, merchant)
+        })
+        .collect()
+}
+
+type Model = BTreeMap<(String, String, i64), Value>;
+
+fn model(evs: &[(u64, i64, i64, String)]) -> Model {
+    let mut out: Model = BTreeMap::new();
+    let mut w1: BTreeMap<(u64, i64), (u64, i64)> = BTreeMap::new();
+    let mut w2: BTreeMap<(u64, i64), (u64, i64, i64)> = BTreeMap::new();
+    for (user, ts, amount, _) in evs {
+        let minute = ts.div_euclid(60_000) * 60_000;
+        let e = w1.entry((*user, minute)).or_default();
+        e.0 += 1;
+        e.1 += amount;
+        for k in 0..10 {
+            let e = w2.entry((*user, minute - k * 60_000)).or_insert((0, 0, i64::MIN));
+            e.0 += 1;
+            e.1 += amount;
+            e.2 = e.2.max(*amount);
+        }
+    }
+    for ((user, start), (count, sum)) in w1 {
+        out.insert((user.to_string(), "count_1m".into(), start), json!(count));
+        out.insert((user.to_string(), "sum_1m".into(), start), json!(sum));
+    }
+    for ((user, start), (count, sum, max)) in w2 {
+        out.insert((user.to_string(), "count_10m".into(), start), json!(count));
+        out.insert((user.to_string(), "sum_10m".into(), start), json!(sum));
+        out.insert((user.to_string(), "max_10m".into(), start), json!(max));
+    }
+    out
+}
+
+fn export(http: &str, dataflow: &str, as_of: Option<u64>) -> Model {
+    let path = match as_of {
+        Some(e) => format!("/v1/dataflows/{dataflow}/export?as_of={e}"),
+        None => format!("/v1/dataflows/{dataflow}/export"),
+    };
+    let (status, text) = request(http, "GET", &path, "", b"");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let key = v["key"][0].as_str().unwrap().to_string();
+            (
+                (key, v["feature"].as_str().unwrap().to_string(), v["start"].as_i64().unwrap_or(i64::MIN)),
+                v["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_cluster_computes_what_the_model_computes() {
+    let env = Env::new();
+    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
+    let (control, http) = env.coordinator_addresses();
+    let _w0 = env.worker("w0", &control, 2);
+    let mut w1 = env.worker("w1", &control, 2);
+    wait_state(&http, "running", Duration::from_secs(60));
+
+    // Validation errors name the offending part; nothing is installed.
+    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "5s",
+        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64", "merchant": "string"}});
+    let (code, body) = post_json(
+        &http,
+        "/v1/dataflows",
+        &json!({"name": "x", "source": "tx", "key": "user_id",
+        "features": [{"name": "c", "agg": "count", "window": "global"}]}),
+    );
+    assert_eq!(code, 400);
+    assert!(body["error"].as_str().unwrap().contains("no source named \"tx\""), "{body}");
+    let (code, _) = post_json(&http, "/v1/sources", &source);
+    assert_eq!(code, 201);
+    let (code, _) = post_json(&http, "/v1/sources", &source);
+    assert_eq!(code, 200, "the same source again is accepted");
+    let mut other = source.clone();
+    other["fields"]["amount"] = json!("f64");
+    assert_eq!(post_json(&http, "/v1/sources", &other).0, 409);
+    let (code, body) = post_json(
+        &http,
+        "/v1/dataflows",
+        &json!({"name": "x", "source": "tx", "key": "user_id",
+        "features": [{"name": "s", "agg": "sum", "field": "merchant", "window": {"hopping": {"size": "10m", "hop": "3m"}}}]}),
+    );
+    assert_eq!(code, 400);
+    let problems = body["problems"].as_array().unwrap();
+    assert!(problems
+        .iter()
+        .any(|p| p.as_str().unwrap().contains("sum needs a numeric field, but \"merchant\" is string")));
+    assert!(problems.iter().any(|p| p.as_str().unwrap().contains("hop 3m does not divide size 10m")));
+    let (code, body) = post_json(&http, "/v1/dataflows", &json!({"name": "x"}));
+    assert_eq!(code, 400, "{body}");
+
+    let definition = json!({"name": "spend", "source": "tx", "key": ["user_id"], "retention": "forever",
+    "features": [
+        {"name": "count_1m", "agg": "count", "window": {"tumbling": "1m"}},
+        {"name": "sum_1m", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}},
+        {"name": "count_10m", "agg": "count", "window": {"hopping": {"size": "10m", "hop": "1m"}}},
+        {"name": "sum_10m", "agg": "sum", "field": "amount", "window": {"hopping": {"size": "10m", "hop": "1m"}}},
+        {"name": "max_10m", "agg": "max", "field": "amount", "window": {"hopping": {"size": "10m", "hop": "1m"}}}
+    ]});
+    let (code, body) = post_json(&http, "/v1/dataflows", &definition);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(post_json(&http, "/v1/dataflows", &definition).0, 409);
+    let (code, body) = post_json(
+        &http,
+        "/v1/dataflows",
+        &json!({"name": "big_spenders", "source": "tx", "key": "merchant",
+        "filter": "amount > 900", "features": [{"name": "n", "agg": "count", "window": "global"}]}),
+    );
+    assert_eq!(code, 201, "{body}");
+
+    // Ingest in batches, NDJSON and CSV; every batch is readable at the epoch of its reply.
+    let evs = events(3_000);
+    let mut last_epoch = 0;
+    for (b, chunk) in evs.chunks(500).enumerate() {
+        let (content_type, body) = if b % 2 == 0 {
+            let lines: String = chunk
+                .iter()
+                .map(|(u, t, a, m)| format!("{}\n", json!({"user_id": u, "ts": t, "amount": a, "merchant": m})))
+                .collect();
+            ("application/x-ndjson", lines)
+        } else {
+            let mut csv = String::from("user_id,ts,amount,merchant\n");
+            for (u, t, a, m) in chunk {
+                csv.push_str(&format!("{u},{t},{a},{m}\n"));
+            }
+            ("text/csv", csv)
+        };
+        let (code, text) = request(&http, "POST", "/v1/sources/tx/events", content_type, body.as_bytes());
+        assert_eq!(code, 200, "{text}");
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply["accepted"], 500, "{reply}");
+        assert_eq!(reply["rejected"], 0);
+        assert_eq!(reply["late"], 0);
+        let epoch = reply["epoch"].as_u64().unwrap();
+        assert!(epoch >= last_epoch);
+        last_epoch = epoch;
+        // Read-your-writes: the model of everything sent so far, at the reply's epoch.
+        if b == 2 {
+            let sent = &evs[..(b + 1) * 500];
+            assert_eq!(export(&http, "spend", Some(epoch)), model(sent));
+        }
+    }
+    assert_eq!(export(&http, "spend", Some(last_epoch)), model(&evs));
+
+    // One key, and many keys in request order, at the same epoch.
+    let (code, text) = request(&http, "GET", &format!("/v1/dataflows/spend/keys/7?as_of={last_epoch}"), "", b"");
+    assert_eq!(code, 200, "{text}");
+    let one: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(one["as_of"], last_epoch);
+    assert_eq!(one["key"], json!(["7"]));
+    let want = model(&evs);
+    for w in one["features"]["sum_10m"].as_array().unwrap() {
+        assert_eq!(want[&("7".to_string(), "sum_10m".to_string(), w["start"].as_i64().unwrap())], w["value"]);
+    }
+    let (code, many) =
+        post_json(&http, "/v1/dataflows/spend/lookup", &json!({"keys": [[7], "3", [999]], "as_of": last_epoch}));
+    assert_eq!(code, 200, "{many}");
+    let results = many["results"].as_array().unwrap();
+    assert_eq!(results[0]["features"], one["features"]);
+    assert_eq!(results[1]["key"], json!(["3"]));
+    assert_eq!(results[2]["features"], json!({}), "a key with no data has an empty feature set");
+
+    // Errors of reads.
+    assert_eq!(request(&http, "GET", "/v1/dataflows/nope/keys/1", "", b"").0, 404);
+    assert_eq!(request(&http, "GET", "/v1/dataflows/spend/keys/abc", "", b"").0, 400);
+    let (code, text) = request(&http, "GET", "/v1/dataflows/spend/keys/1?as_of=99999999999999&timeout_ms=500", "", b"");
+    assert!(code == 504, "{code} {text}");
+    let (code, text) =
+        request(&http, "POST", "/v1/sources/tx/events", "application/x-ndjson", b"{\"user_id\": 1}\nnot json\n");
+    assert_eq!(code, 200);
+    let reply: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(reply["rejected"], 2, "{reply}");
+    assert_eq!(reply["errors"][1]["line"], 2, "{reply}");
+    assert_eq!(request(&http, "POST", "/v1/sources/nope/events", "text/csv", b"a\n").0, 404);
+    assert_eq!(request(&http, "POST", "/v1/sources/tx/events", "image/png", b"x").0, 415);
+
+    // The filtered dataflow counts only amounts over 900, per merchant.
+    let big = export(&http, "big_spenders", Some(last_epoch));
+    let mut want_big: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, _, a, m) in &evs {
+        if *a > 900 {
+            *want_big.entry(m.clone()).or_default() += 1;
+        }
+    }
+    let got_big: BTreeMap<String, u64> = big.into_iter().map(|((k, _, _), v)| (k, v.as_u64().unwrap())).collect();
+    assert_eq!(got_big, want_big);
+
+    // Drop one dataflow: it is gone from the catalog and from reads.
+    assert_eq!(request(&http, "DELETE", "/v1/dataflows/big_spenders", "", b"").0, 200);
+    assert_eq!(request(&http, "GET", "/v1/dataflows/big_spenders/export", "", b"").0, 404);
+    assert_eq!(request(&http, "DELETE", "/v1/dataflows/big_spenders", "", b"").0, 404);
+
+    // A new generation gets the catalog back (its state starts empty until the ingest log of
+    // the durability work replays it).
+    w1.kill9();
+    wait_state(&http, "degraded", Duration::from_secs(10));
+    let (code, _) = request(&http, "GET", "/v1/dataflows/spend/export", "", b"");
+    assert_eq!(code, 503);
+    let _w1 = env.worker("w1", &control, 2);
+    wait_for(Duration::from_secs(60), "generation 2 serving", || {
+        let (_, v) = get(&http, "/v1/cluster")?;
+        (v["state"] == "running" && v["generation"] == 2).then_some(())
+    });
+    let (code, text) = request(
+        &http,
+        "POST",
+        "/v1/sources/tx/events",
+        "application/x-ndjson",
+        format!("{}\n", json!({"user_id": 5, "ts": BASE + 4_500_000, "amount": 10, "merchant": "m"})).as_bytes(),
+    );
+    assert_eq!(code, 200, "{text}");
+    let epoch = serde_json::from_str::<Value>(&text).unwrap()["epoch"].as_u64().unwrap();
+    let after = export(&http, "spend", Some(epoch));
+    assert_eq!(
+        after[&("5".to_string(), "sum_1m".to_string(), (BASE + 4_500_000).div_euclid(60_000) * 60_000)],
+        json!(10)
+    );
+    assert_eq!(request(&http, "GET", "/v1/dataflows/big_spenders", "", b"").0, 404, "the drop survived");
+}
