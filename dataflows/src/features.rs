@@ -38,7 +38,10 @@ use std::rc::Rc;
 use differential_dataflow::operators::arrange::arrangement::arrange_core;
 use differential_dataflow::operators::arrange::TraceAgent;
 use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
+use hashbrown::hash_map::EntryRef;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange as ExchangePact, Pipeline};
 use timely::dataflow::operators::generic::Operator;
@@ -78,8 +81,8 @@ pub struct Ev {
     pub hash: u64,
     /// Event time, ms.
     pub time: i64,
-    /// One value per input of the layout.
-    pub values: Box<[Datum]>,
+    /// One value per input of the layout (inline up to two: no allocation per event).
+    pub values: SmallVec<[Datum; 2]>,
 }
 
 /// A maintained partial aggregate: one pane, session or global group of one key.
@@ -336,10 +339,49 @@ struct Session {
     accs: Vec<Acc>,
 }
 
+/// A live slot: its accumulators, and whether the current epoch already changed it.
+struct Live {
+    accs: Vec<Acc>,
+    touched: bool,
+}
+
+/// Slots changed in the current epoch: (start, key, value before the epoch if it existed).
+type Touched = Vec<(i64, Key, Option<Vec<Acc>>)>;
+
+/// The accumulators of `key` in `slots` for an update, recording in `touched` the value the
+/// slot had before its first change in this epoch (one clone per slot and epoch, none per event).
+fn touch<'a>(
+    slots: &'a mut SlotMap,
+    key: &Key,
+    start: i64,
+    touched: &mut Touched,
+    live_slots: &mut u64,
+    empty: impl FnOnce() -> Vec<Acc>,
+) -> &'a mut Vec<Acc> {
+    match slots.entry_ref(key) {
+        EntryRef::Occupied(entry) => {
+            let live = entry.into_mut();
+            if !live.touched {
+                live.touched = true;
+                touched.push((start, key.clone(), Some(live.accs.clone())));
+            }
+            &mut live.accs
+        }
+        EntryRef::Vacant(entry) => {
+            *live_slots += 1;
+            touched.push((start, key.clone(), None));
+            &mut entry.insert(Live { accs: empty(), touched: true }).accs
+        }
+    }
+}
+
+/// Live slots by key (one lookup per event, and a key clone only for a new slot).
+type SlotMap = hashbrown::HashMap<Key, Live, rustc_hash::FxBuildHasher>;
+
 enum GroupState {
-    Panes(BTreeMap<i64, HashMap<Key, Vec<Acc>>>),
-    Sessions { by_key: HashMap<Key, Vec<Session>>, by_end: BTreeMap<i64, Vec<Key>> },
-    Global(HashMap<Key, Vec<Acc>>),
+    Panes(BTreeMap<i64, SlotMap>),
+    Sessions { by_key: FxHashMap<Key, Vec<Session>>, by_end: BTreeMap<i64, Vec<Key>> },
+    Global(SlotMap),
 }
 
 /// The aggregate's state on one worker: live slots of every group, and the partitions' reports.
@@ -358,8 +400,8 @@ impl AggregateState {
             .iter()
             .map(|g| match g.kind {
                 GroupKind::Pane(_) => GroupState::Panes(BTreeMap::new()),
-                GroupKind::Session(_) => GroupState::Sessions { by_key: HashMap::new(), by_end: BTreeMap::new() },
-                GroupKind::Global => GroupState::Global(HashMap::new()),
+                GroupKind::Session(_) => GroupState::Sessions { by_key: FxHashMap::default(), by_end: BTreeMap::new() },
+                GroupKind::Global => GroupState::Global(SlotMap::default()),
             })
             .collect();
         AggregateState { layout, groups, partitions: HashMap::new(), watermark: None, stats: Stats::default() }
@@ -372,41 +414,34 @@ impl AggregateState {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
                 (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) => {
-                    // Old values of the slots this epoch changes, taken at their first change.
-                    let mut before: HashMap<(i64, Key), Option<Vec<Acc>>> = HashMap::new();
+                    let pane = pane_ms as i64;
                     let evicted_before = match (self.watermark, layout.plan.retention_ms) {
                         (Some(w), Some(r)) => Some(w.saturating_sub(r as i64).saturating_sub(group.span_ms as i64)),
                         _ => None,
                     };
+                    let mut touched: Touched = Vec::new();
                     for ev in &events {
-                        let start = ev.time.div_euclid(pane_ms as i64) * pane_ms as i64;
+                        let start = ev.time.div_euclid(pane) * pane;
                         if evicted_before.is_some_and(|limit| start <= limit) {
                             self.stats.reopened += 1;
                         }
                         let slots = panes.entry(start).or_default();
-                        let accs = match slots.get_mut(&ev.key) {
-                            Some(accs) => {
-                                before.entry((start, ev.key.clone())).or_insert_with(|| Some(accs.clone()));
-                                accs
-                            }
-                            None => {
-                                before.insert((start, ev.key.clone()), None);
-                                self.stats.live_slots += 1;
-                                slots.entry(ev.key.clone()).or_insert_with(|| layout.empty_accs(group))
-                            }
-                        };
+                        let accs = touch(slots, &ev.key, start, &mut touched, &mut self.stats.live_slots, || {
+                            layout.empty_accs(group)
+                        });
                         for (acc, input) in accs.iter_mut().zip(&group.inputs) {
                             acc.add(ev.time, input.map(|i| &ev.values[i]));
                         }
                     }
-                    for ((start, key), old) in before {
-                        let end = start + pane_ms as i64;
+                    for (start, key, old) in touched {
+                        let end = start + pane;
+                        let Some(live) = panes.get_mut(&start).and_then(|s| s.get_mut(&key)) else { continue };
+                        live.touched = false;
+                        let new = live.accs.clone();
                         if let Some(old) = old {
                             out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
                         }
-                        if let Some(new) = panes.get(&start).and_then(|s| s.get(&key)) {
-                            out.push(((key, Slot { group: gid, start, end, accs: new.clone() }), 1));
-                        }
+                        out.push(((key, Slot { group: gid, start, end, accs: new }), 1));
                     }
                 }
                 (GroupState::Sessions { by_key, by_end }, GroupKind::Session(gap_ms)) => {
@@ -455,36 +490,23 @@ impl AggregateState {
                     }
                 }
                 (GroupState::Global(slots), GroupKind::Global) => {
-                    let mut before: HashMap<Key, Option<Vec<Acc>>> = HashMap::new();
+                    let mut touched: Touched = Vec::new();
                     for ev in &events {
-                        let accs = match slots.get_mut(&ev.key) {
-                            Some(accs) => {
-                                before.entry(ev.key.clone()).or_insert_with(|| Some(accs.clone()));
-                                accs
-                            }
-                            None => {
-                                before.insert(ev.key.clone(), None);
-                                self.stats.live_slots += 1;
-                                slots.entry(ev.key.clone()).or_insert_with(|| layout.empty_accs(group))
-                            }
-                        };
+                        let accs = touch(slots, &ev.key, i64::MIN, &mut touched, &mut self.stats.live_slots, || {
+                            layout.empty_accs(group)
+                        });
                         for (acc, input) in accs.iter_mut().zip(&group.inputs) {
                             acc.add(ev.time, input.map(|i| &ev.values[i]));
                         }
                     }
-                    for (key, old) in before {
+                    for (start, key, old) in touched {
+                        let Some(live) = slots.get_mut(&key) else { continue };
+                        live.touched = false;
+                        let new = live.accs.clone();
                         if let Some(old) = old {
-                            out.push((
-                                (key.clone(), Slot { group: gid, start: i64::MIN, end: i64::MAX, accs: old }),
-                                -1,
-                            ));
+                            out.push(((key.clone(), Slot { group: gid, start, end: i64::MAX, accs: old }), -1));
                         }
-                        if let Some(new) = slots.get(&key) {
-                            out.push((
-                                (key, Slot { group: gid, start: i64::MIN, end: i64::MAX, accs: new.clone() }),
-                                1,
-                            ));
-                        }
+                        out.push(((key, Slot { group: gid, start, end: i64::MAX, accs: new }), 1));
                     }
                 }
                 _ => {}
@@ -530,7 +552,9 @@ impl AggregateState {
                         self.stats.live_slots -= slots.len() as u64;
                         let end = start + pane_ms as i64;
                         out.extend(
-                            slots.into_iter().map(|(key, accs)| ((key, Slot { group: gid, start, end, accs }), -1)),
+                            slots
+                                .into_iter()
+                                .map(|(key, live)| ((key, Slot { group: gid, start, end, accs: live.accs }), -1)),
                         );
                     }
                 }

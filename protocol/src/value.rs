@@ -129,6 +129,12 @@ pub enum Key {
     Many(Box<[Datum]>),
 }
 
+impl From<&Key> for Key {
+    fn from(key: &Key) -> Key {
+        key.clone()
+    }
+}
+
 impl Key {
     /// The parts of the key.
     pub fn parts(&self) -> &[Datum] {

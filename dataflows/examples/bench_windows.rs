@@ -1,0 +1,324 @@
+//! Throughput and memory of the windowed aggregates on the workloads of
+//! `../shared/bench/WORKLOADS.md`, against a hand-written baseline measured the same way.
+//!
+//! ```text
+//! bench_windows --workload w1|w2 --mode baseline|sundial [--threads T] [--events N] [--csv FILE]
+//! ```
+//! Events are parsed rows in memory (generated like `gen.py`: Zipf(1.1) keys over 100,000 users,
+//! event time advancing 1 ms per event and up to 5 s late; or read from a `gen.py` CSV), fed in
+//! epochs of `--batch` events. `baseline` is a single-threaded hash map of per-minute panes (W2's
+//! windows are merged from panes at the end, as a hand-written aggregator would). `sundial` is
+//! the rendered dataflow on T worker threads, fed round-robin, waited on until the last epoch is
+//! complete. Both print one line: events/s, result checksum (so the two can be compared), retained
+//! groups, and the process's peak RSS above what the input rows take. `drop` runs `sundial` and
+//! then drops the dataflow as `DELETE /v1/dataflows/{name}` does, printing the RSS before and
+//! after.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sundial_dataflows::features::{render, Epoch, Report};
+use sundial_dataflows::read::read_all;
+use sundial_dataflows::row::Row;
+use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window};
+use sundial_protocol::value::Datum;
+
+/// The same allocator as the `sundial` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const BASE: i64 = 1_700_000_000_000;
+
+struct Args {
+    workload: String,
+    mode: String,
+    threads: usize,
+    events: usize,
+    batch: usize,
+    csv: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        workload: "w1".into(),
+        mode: "sundial".into(),
+        threads: 1,
+        events: 10_000_000,
+        batch: 200_000,
+        csv: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--workload" => a.workload = value,
+            "--mode" => a.mode = value,
+            "--threads" => a.threads = value.parse().expect("--threads"),
+            "--events" => a.events = value.parse().expect("--events"),
+            "--batch" => a.batch = value.parse().expect("--batch"),
+            "--csv" => a.csv = Some(value),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+fn source() -> SourcePlan {
+    let f = |n: &str, ty| Field { name: n.into(), ty };
+    SourcePlan {
+        name: "events".into(),
+        fields: vec![
+            f("user_id", FieldType::U64),
+            f("ts", FieldType::I64),
+            f("amount", FieldType::I64),
+            f("merchant", FieldType::U64),
+        ],
+        time: 1,
+        time_unit: TimeUnit::Ms,
+        allowed_lateness_ms: 5_000,
+        idle_timeout_ms: 3_600_000,
+    }
+}
+
+fn plan(workload: &str) -> DataflowPlan {
+    let window = match workload {
+        "w1" => Window::Tumbling { size_ms: 60_000 },
+        _ => Window::Hopping { size_ms: 600_000, hop_ms: 60_000 },
+    };
+    let mut features = vec![
+        FeaturePlan { name: "count".into(), agg: Agg::Count, field: None, window },
+        FeaturePlan { name: "sum".into(), agg: Agg::Sum, field: Some(2), window },
+    ];
+    if workload == "w2" {
+        features.push(FeaturePlan { name: "max".into(), agg: Agg::Max, field: Some(2), window });
+    }
+    DataflowPlan { name: workload.into(), source: source(), key: vec![0], filter: None, retention_ms: None, features }
+}
+
+/// xorshift64*, deterministic.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn generate(n: usize) -> Vec<Row> {
+    let keys = 100_000usize;
+    // Bounded Zipf(1.1) by inverse CDF, keys scrambled over the key space as gen.py does.
+    let mut cdf = Vec::with_capacity(keys);
+    let mut total = 0.0;
+    for k in 1..=keys {
+        total += 1.0 / (k as f64).powf(1.1);
+        cdf.push(total);
+    }
+    let mut rng = Rng(42);
+    (0..n)
+        .map(|i| {
+            let u = rng.unit() * total;
+            let rank = cdf.partition_point(|&c| c < u) as u64;
+            let user = (rank * 2_654_435_761) % keys as u64;
+            let ts = BASE + i as i64 - (rng.next() % 5_000) as i64;
+            let amount = (rng.next() % 100_000) as i64 + 1;
+            let merchant = rng.next() % 1_000;
+            Row {
+                time: ts,
+                values: vec![Datum::UInt(user), Datum::Int(ts), Datum::Int(amount), Datum::UInt(merchant)]
+                    .into_boxed_slice(),
+            }
+        })
+        .collect()
+}
+
+fn read_csv(path: &str, limit: usize) -> Vec<Row> {
+    let text = std::fs::read_to_string(path).expect("read the CSV");
+    let (rows, errors) = sundial_dataflows::row::parse_body(&text, true, &source(), 1);
+    assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(3)]);
+    rows.into_iter().map(|(_, r)| r).take(limit).collect()
+}
+
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// (groups, sum of counts, sum of sums, sum of maxes) over every window.
+type Checksum = (u64, u64, i128, i128);
+
+fn baseline(rows: &[Row], workload: &str) -> Checksum {
+    let mut panes: HashMap<(u64, i64), (u64, i64, i64)> = HashMap::new();
+    for row in rows {
+        let (Datum::UInt(user), Datum::Int(amount)) = (&row.values[0], &row.values[2]) else { continue };
+        let pane = row.time.div_euclid(60_000);
+        let e = panes.entry((*user, pane)).or_insert((0, 0, i64::MIN));
+        e.0 += 1;
+        e.1 += amount;
+        e.2 = e.2.max(*amount);
+    }
+    if workload == "w1" {
+        let mut c: Checksum = (0, 0, 0, 0);
+        for (count, sum, _) in panes.values() {
+            c.0 += 1;
+            c.1 += count;
+            c.2 += i128::from(*sum);
+        }
+        return c;
+    }
+    let mut windows: HashMap<(u64, i64), (u64, i64, i64)> = HashMap::new();
+    for ((user, pane), (count, sum, max)) in &panes {
+        for k in 0..10 {
+            let e = windows.entry((*user, pane - k)).or_insert((0, 0, i64::MIN));
+            e.0 += count;
+            e.1 += sum;
+            e.2 = e.2.max(*max);
+        }
+    }
+    let mut c: Checksum = (0, 0, 0, 0);
+    for (count, sum, max) in windows.values() {
+        c.0 += 1;
+        c.1 += count;
+        c.2 += i128::from(*sum);
+        c.3 += i128::from(*max);
+    }
+    c
+}
+
+fn sundial(rows: Vec<Row>, workload: &str, threads: usize, batch: usize, then_drop: bool) -> (Checksum, u64) {
+    let plan = plan(workload);
+    // Each batch is split over the workers (their ingest partitions); rows are moved in, as
+    // ingest does.
+    let mut shares: Vec<Vec<Vec<Row>>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Row> = rows.by_ref().take(batch).collect();
+        let share = chunk.len().div_ceil(threads);
+        let mut chunk = chunk.into_iter();
+        for s in shares.iter_mut() {
+            s.push(chunk.by_ref().take(share).collect());
+        }
+    }
+    let shares: Arc<Vec<std::sync::Mutex<Vec<Vec<Row>>>>> =
+        Arc::new(shares.into_iter().map(std::sync::Mutex::new).collect());
+    let guards = timely::execute(timely::Config::process(threads), move |worker| {
+        let me = worker.index();
+        let mine = std::mem::take(&mut *shares[me].lock().unwrap());
+        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan.clone()));
+        let mut epoch: Epoch = 1;
+        let mut max_ts = None;
+        for chunk in mine {
+            r.rows.advance_to(epoch);
+            r.reports.advance_to(epoch);
+            for row in chunk {
+                max_ts = max_ts.max(Some(row.time));
+                r.rows.send(row);
+            }
+            r.reports.send(Report { partition: me as u32, max_ts, idle: false });
+            epoch += 1;
+            r.rows.advance_to(epoch);
+            r.reports.advance_to(epoch);
+            // Keep at most two epochs in flight.
+            worker.step_while(|| r.probe.less_equal(&(epoch.saturating_sub(2))));
+        }
+        worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
+        let mut c: Checksum = (0, 0, 0, 0);
+        let layout = std::rc::Rc::clone(&r.layout);
+        read_all(&mut r.trace, epoch - 1, |_, slots| {
+            for (name, windows) in sundial_dataflows::features::assemble(&layout, &slots, None) {
+                for w in windows {
+                    match name.as_str() {
+                        "count" => {
+                            c.0 += 1;
+                            c.1 += w.value.as_u64().unwrap_or(0);
+                        }
+                        "sum" => c.2 += i128::from(w.value.as_i64().unwrap_or(0)),
+                        _ => c.3 += i128::from(w.value.as_i64().unwrap_or(0)),
+                    }
+                }
+            }
+        })
+        .unwrap();
+        let live = r.stats.get().live_slots;
+        if then_drop {
+            // What `DELETE /v1/dataflows/{name}` does on a worker: close the inputs, release the
+            // trace; timely then completes and removes the dataflow with its operators' state.
+            let before = rss_kib("VmRSS:");
+            drop((r.rows, r.reports, r.trace));
+            while worker.has_dataflows() {
+                worker.step();
+            }
+            // The allocator returns freed pages after a short delay.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            drop(vec![0u8; 1 << 20]);
+            let after = rss_kib("VmRSS:");
+            if me == 0 {
+                println!(
+                    "drop: rss_before_kib={before} rss_after_kib={after} freed_kib={}",
+                    before.saturating_sub(after)
+                );
+            }
+        }
+        (c, live)
+    })
+    .unwrap();
+    let mut total: Checksum = (0, 0, 0, 0);
+    let mut slots = 0;
+    for result in guards.join() {
+        let (c, s) = result.unwrap();
+        total.0 += c.0;
+        total.1 += c.1;
+        total.2 += c.2;
+        total.3 += c.3;
+        slots += s;
+    }
+    (total, slots)
+}
+
+fn main() {
+    let a = args();
+    let rows = match &a.csv {
+        Some(path) => read_csv(path, a.events),
+        None => generate(a.events),
+    };
+    let n = rows.len();
+    let rss_input = rss_kib("VmRSS:");
+    let started = Instant::now();
+    let (checksum, groups) = match a.mode.as_str() {
+        "baseline" => {
+            let c = baseline(&rows, &a.workload);
+            (c, c.0)
+        }
+        _ => {
+            let (c, _live_panes) = sundial(rows, &a.workload, a.threads, a.batch, a.mode == "drop");
+            (c, c.0)
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let peak_above_input = rss_kib("VmHWM:").saturating_sub(rss_input) * 1024;
+    println!(
+        "workload={} mode={} threads={} events={} secs={:.3} events_per_sec={:.0} checksum={:?} groups={} peak_bytes_above_input={} bytes_per_group={:.0}",
+        a.workload,
+        a.mode,
+        a.threads,
+        n,
+        secs,
+        n as f64 / secs,
+        checksum,
+        groups,
+        peak_above_input,
+        peak_above_input as f64 / groups.max(1) as f64
+    );
+}
