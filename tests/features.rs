@@ -234,6 +234,19 @@ fn a_cluster_computes_what_the_model_computes() {
     assert_eq!(request(&http, "POST", "/v1/sources/nope/events", "text/csv", b"a\n").0, 404);
     assert_eq!(request(&http, "POST", "/v1/sources/tx/events", "image/png", b"x").0, 415);
 
+    // An event far behind the watermark is late: dropped, counted, and kept for inspection.
+    let old = json!({"user_id": 1, "ts": BASE - 3_600_000, "amount": 5, "merchant": "late"});
+    let (code, text) =
+        request(&http, "POST", "/v1/sources/tx/events", "application/x-ndjson", format!("{old}\n").as_bytes());
+    assert_eq!(code, 200, "{text}");
+    let reply: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((reply["accepted"].as_u64(), reply["late"].as_u64()), (Some(0), Some(1)), "{reply}");
+    let (code, text) = request(&http, "GET", "/v1/sources/tx/late", "", b"");
+    assert_eq!(code, 200);
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines, vec![old]);
+    assert_eq!(export(&http, "spend", None), model(&evs), "the late event changed nothing");
+
     // The filtered dataflow counts only amounts over 900, per merchant.
     let big = export(&http, "big_spenders", Some(last_epoch));
     let mut want_big: BTreeMap<String, u64> = BTreeMap::new();

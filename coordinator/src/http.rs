@@ -277,24 +277,6 @@ async fn drop_dataflow(State(shared): State<Arc<Shared>>, Path(name): Path<Strin
 
 const INGEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Splits an NDJSON body into about `parts` pieces at line boundaries: (first line number, text).
-fn split_lines(body: &str, parts: usize) -> Vec<(u64, &str)> {
-    let target = body.len() / parts.max(1) + 1;
-    let mut pieces = Vec::with_capacity(parts);
-    let (mut start, mut line) = (0usize, 1u64);
-    while start < body.len() {
-        let mut end = (start + target).min(body.len());
-        while end < body.len() && body.as_bytes()[end - 1] != b'\n' {
-            end += 1;
-        }
-        let piece = &body[start..end];
-        pieces.push((line, piece));
-        line += piece.matches('\n').count() as u64;
-        start = end;
-    }
-    pieces
-}
-
 async fn ingest(
     State(shared): State<Arc<Shared>>,
     Path(source): Path<String>,
@@ -326,25 +308,24 @@ async fn ingest(
     };
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad(format!("the body is not UTF-8: {e}")))?;
     let ready = shared.ready()?;
-    // NDJSON is spread over every process; CSV (whose quoted cells may span lines) goes whole.
-    let pieces: Vec<(u64, String)> = if csv {
-        vec![(1, text.to_string())]
-    } else {
-        split_lines(text, ready.conns.len()).into_iter().map(|(l, t)| (l, t.to_string())).collect()
-    };
-    let offset = rand::random::<u32>() as usize;
-    let mut tasks = Vec::with_capacity(pieces.len());
-    for (i, (first_line, piece)) in pieces.into_iter().enumerate() {
-        let conn = ready.conns[(offset + i) % ready.conns.len()];
+    // A request goes whole to one process, in turn (and there to one worker thread, in turn):
+    // every ingest partition then sees an ordered stream in order, so the watermark (the
+    // minimum over active partitions) never passes events of a request still being ingested.
+    let conn = ready.conns[shared.next_ingest() % ready.conns.len()];
+    let min_epoch = shared.newest_epoch();
+    let request = Request::Ingest { after: ready.after, source, csv, body: text.to_string(), first_line: 1, min_epoch };
+    let tasks = vec![{
         let shared = Arc::clone(&shared);
-        let request = Request::Ingest { after: ready.after, source: source.clone(), csv, body: piece, first_line };
         let generation = ready.generation;
-        tasks.push(tokio::spawn(async move { shared.request_to(conn, generation, request, INGEST_TIMEOUT).await }));
-    }
+        tokio::spawn(async move { shared.request_to(conn, generation, request, INGEST_TIMEOUT).await })
+    }];
     let mut outcome = IngestOutcome::default();
     for task in tasks {
         match task.await {
-            Ok(Ok(Reply::Ingested(part))) => outcome.merge(part),
+            Ok(Ok(Reply::Ingested(part))) => {
+                shared.saw_epoch(part.epoch);
+                outcome.merge(part)
+            }
             Ok(Ok(other)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
             Ok(Err(e)) => return Err(e.into()),
             Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
@@ -657,19 +638,6 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lines_split_at_line_boundaries_with_numbers() {
-        let body = "a\nbb\nccc\ndddd\n";
-        let pieces = split_lines(body, 2);
-        assert_eq!(pieces.iter().map(|(_, t)| *t).collect::<String>(), body);
-        assert!(pieces.iter().all(|(_, t)| t.ends_with('\n')));
-        assert_eq!(pieces[0].0, 1);
-        let second_start = 1 + pieces[0].1.matches('\n').count() as u64;
-        assert_eq!(pieces[1].0, second_start);
-        assert_eq!(split_lines("x", 3), vec![(1, "x")]);
-        assert!(split_lines("", 3).is_empty());
-    }
 
     #[test]
     fn percent_decoding() {

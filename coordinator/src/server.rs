@@ -53,6 +53,10 @@ pub struct Shared {
     catalog_file: PathBuf,
     /// Serializes catalog changes and replays, so that commands reach workers in catalog order.
     commands: tokio::sync::Mutex<()>,
+    /// Ingest requests so far, to spread them over the processes in turn.
+    ingests: std::sync::atomic::AtomicUsize,
+    /// The newest epoch an ingest reply named.
+    newest_epoch: std::sync::atomic::AtomicU64,
 }
 
 /// Why a request to the computation could not be answered.
@@ -103,12 +107,29 @@ impl Shared {
             catalog: Mutex::new(catalog),
             catalog_file,
             commands: tokio::sync::Mutex::new(()),
+            ingests: std::sync::atomic::AtomicUsize::new(0),
+            newest_epoch: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock would be a bug; the data stays usable either way.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The number of the next ingest request.
+    pub fn next_ingest(&self) -> usize {
+        self.ingests.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The newest epoch an ingest reply named.
+    pub fn newest_epoch(&self) -> u64 {
+        self.newest_epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records an epoch an ingest reply named.
+    pub fn saw_epoch(&self, epoch: u64) {
+        self.newest_epoch.fetch_max(epoch, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The catalog (locked briefly; never held across an await).

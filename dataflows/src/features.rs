@@ -664,3 +664,51 @@ pub fn assemble(layout: &Layout, slots: &[Slot], watermark: Option<i64>) -> Vec<
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundial_protocol::plan::{FeaturePlan, Field, SourcePlan, TimeUnit};
+
+    fn state(lateness: u64) -> AggregateState {
+        let source = SourcePlan {
+            name: "s".into(),
+            fields: vec![
+                Field { name: "k".into(), ty: FieldType::U64 },
+                Field { name: "t".into(), ty: FieldType::I64 },
+            ],
+            time: 1,
+            time_unit: TimeUnit::Ms,
+            allowed_lateness_ms: lateness,
+            idle_timeout_ms: 10_000,
+        };
+        let plan = DataflowPlan {
+            name: "d".into(),
+            source,
+            key: vec![0],
+            filter: None,
+            retention_ms: None,
+            features: vec![FeaturePlan { name: "c".into(), agg: Agg::Count, field: None, window: Window::Global }],
+        };
+        AggregateState::new(Rc::new(Layout::new(plan)))
+    }
+
+    fn report(partition: u32, max_ts: Option<i64>, idle: bool) -> Report {
+        Report { partition, max_ts, idle }
+    }
+
+    #[test]
+    fn watermark_is_the_minimum_of_active_partitions_and_never_goes_back() {
+        let mut s = state(100);
+        s.update_watermark(&[report(0, None, true), report(1, None, true)]);
+        assert_eq!(s.watermark, None, "no partition has seen an event");
+        s.update_watermark(&[report(0, Some(1_000), false), report(1, None, true)]);
+        assert_eq!(s.watermark, Some(900), "partitions without events do not hold it back");
+        s.update_watermark(&[report(1, Some(500), false)]);
+        assert_eq!(s.watermark, Some(900), "a slower partition does not move it back");
+        s.update_watermark(&[report(0, Some(2_000), false), report(1, Some(1_500), false)]);
+        assert_eq!(s.watermark, Some(1_400), "the slowest active partition decides");
+        s.update_watermark(&[report(1, Some(1_500), true)]);
+        assert_eq!(s.watermark, Some(1_900), "an idle partition stops holding it back");
+    }
+}

@@ -214,6 +214,9 @@ pub enum Request {
         body: String,
         /// The number of the body's first line in the client's request.
         first_line: u64,
+        /// The batch enters at this epoch or later, so that epochs of successive batches never
+        /// go back (a read at a later reply's epoch sees the earlier batches too).
+        min_epoch: u64,
     },
     /// The newest epoch at which `dataflow` is complete on every worker of this process.
     Frontier {

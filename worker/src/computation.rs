@@ -148,11 +148,11 @@ impl Router {
             Request::Check { .. } | Request::Command(_) => {
                 return Err("commands are sequenced by process 0".into());
             }
-            Request::Ingest { after, source, csv, body, first_line } => {
+            Request::Ingest { after, source, csv, body, first_line, min_epoch } => {
                 // Each batch goes to one worker thread (its ingest partition), in turn.
                 let local = self.next % self.threads;
                 self.next += 1;
-                self.send(local, Job::Ingest { id, after, source, csv, body, first_line });
+                self.send(local, Job::Ingest { id, after, source, csv, body, first_line, min_epoch });
             }
             Request::Frontier { after, dataflow } => {
                 gather_all(&|| PartJob::Frontier { dataflow: dataflow.clone() }, after, self);

@@ -56,6 +56,8 @@ pub enum Job {
         body: String,
         /// Number of its first line.
         first_line: u64,
+        /// Enter at this epoch or later.
+        min_epoch: Epoch,
     },
     /// A part of a request answered by several workers of this process.
     Part {
@@ -323,7 +325,10 @@ impl Engine {
                 None
             }
             Job::Ingest { after, .. } | Job::Part { after, .. } if after > self.applied => Some(job),
-            Job::Ingest { id, source, csv, body, first_line, .. } => {
+            Job::Ingest { id, source, csv, body, first_line, min_epoch, .. } => {
+                if self.epoch < min_epoch {
+                    self.advance_to(min_epoch);
+                }
                 let reply = self.ingest(&source, csv, &body, first_line);
                 crate::computation::tell(&FromChild::Reply { id, reply });
                 None
@@ -420,6 +425,12 @@ impl Engine {
         if next < self.epoch + TICK.as_millis() as u64 && !force {
             return;
         }
+        self.advance_to(next);
+    }
+
+    /// Advances every dataflow's inputs to `next`, sending this partition's report for the epoch
+    /// being closed.
+    fn advance_to(&mut self, next: Epoch) {
         for df in self.dataflows.values_mut() {
             let source = self.sources.get(&df.rendered.layout.plan.source.name);
             let report = Report {
