@@ -258,8 +258,34 @@ fn a_cluster_computes_what_the_model_computes() {
     let got_big: BTreeMap<String, u64> = big.into_iter().map(|((k, _, _), v)| (k, v.as_u64().unwrap())).collect();
     assert_eq!(got_big, want_big);
 
-    // Drop one dataflow: it is gone from the catalog and from reads.
+    // Drop one dataflow while events flow into the source it shares with another: the other
+    // keeps every event.
+    let more: Vec<(u64, i64, i64, String)> = events(4_000).split_off(3_000);
+    let feeder = {
+        let http = http.clone();
+        let more = more.clone();
+        std::thread::spawn(move || {
+            let mut epoch = 0;
+            for chunk in more.chunks(100) {
+                let lines: String = chunk
+                    .iter()
+                    .map(|(u, t, a, m)| format!("{}\n", json!({"user_id": u, "ts": t, "amount": a, "merchant": m})))
+                    .collect();
+                let (code, text) =
+                    request(&http, "POST", "/v1/sources/tx/events", "application/x-ndjson", lines.as_bytes());
+                assert_eq!(code, 200, "{text}");
+                let reply: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(reply["accepted"], 100, "{reply}");
+                epoch = reply["epoch"].as_u64().unwrap();
+            }
+            epoch
+        })
+    };
+    std::thread::sleep(Duration::from_millis(30));
     assert_eq!(request(&http, "DELETE", "/v1/dataflows/big_spenders", "", b"").0, 200);
+    let final_epoch = feeder.join().unwrap();
+    let all: Vec<_> = evs.iter().cloned().chain(more).collect();
+    assert_eq!(export(&http, "spend", Some(final_epoch)), model(&all));
     assert_eq!(request(&http, "GET", "/v1/dataflows/big_spenders/export", "", b"").0, 404);
     assert_eq!(request(&http, "DELETE", "/v1/dataflows/big_spenders", "", b"").0, 404);
 
