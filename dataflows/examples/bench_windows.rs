@@ -226,7 +226,7 @@ fn sundial(rows: Vec<Row>, workload: &str, threads: usize, batch: usize, then_dr
                 max_ts = max_ts.max(Some(row.time));
                 r.rows.send(row);
             }
-            r.reports.send(Report { partition: me as u32, max_ts, idle: false });
+            r.reports.send(Report { partition: me as u32, max_ts, idle: max_ts.is_none() });
             epoch += 1;
             r.rows.advance_to(epoch);
             r.reports.advance_to(epoch);

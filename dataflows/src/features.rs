@@ -67,7 +67,8 @@ pub struct Report {
     pub partition: u32,
     /// The largest event time it has accepted.
     pub max_ts: Option<i64>,
-    /// No events for the source's idle timeout.
+    /// No events for the source's idle timeout (for a partition without events: none since the
+    /// dataflow started on it, for that long).
     pub idle: bool,
 }
 
@@ -522,9 +523,13 @@ impl AggregateState {
             entry.0 = entry.0.max(r.max_ts);
             entry.1 = r.idle;
         }
-        let active_min =
-            self.partitions.values().filter(|(max, idle)| max.is_some() && !idle).filter_map(|(m, _)| *m).min();
-        if let Some(min) = active_min {
+        // A partition that is not idle but has seen no event yet holds the watermark back (its
+        // first events may be the oldest), as a new Flink source split does until it idles.
+        let active: Vec<Option<i64>> = self.partitions.values().filter(|(_, idle)| !idle).map(|(m, _)| *m).collect();
+        if active.iter().any(Option::is_none) {
+            return;
+        }
+        if let Some(min) = active.into_iter().flatten().min() {
             let candidate = min.saturating_sub(self.layout.plan.source.allowed_lateness_ms as i64);
             self.watermark = Some(self.watermark.map_or(candidate, |w| w.max(candidate)));
         }
@@ -702,8 +707,10 @@ mod tests {
         let mut s = state(100);
         s.update_watermark(&[report(0, None, true), report(1, None, true)]);
         assert_eq!(s.watermark, None, "no partition has seen an event");
-        s.update_watermark(&[report(0, Some(1_000), false), report(1, None, true)]);
-        assert_eq!(s.watermark, Some(900), "partitions without events do not hold it back");
+        s.update_watermark(&[report(0, Some(1_000), false), report(1, None, false)]);
+        assert_eq!(s.watermark, None, "a fresh partition without events holds it back until it idles");
+        s.update_watermark(&[report(1, None, true)]);
+        assert_eq!(s.watermark, Some(900), "an idle partition without events does not");
         s.update_watermark(&[report(1, Some(500), false)]);
         assert_eq!(s.watermark, Some(900), "a slower partition does not move it back");
         s.update_watermark(&[report(0, Some(2_000), false), report(1, Some(1_500), false)]);

@@ -284,7 +284,8 @@ fn run(case: &Case) -> (Results, Option<i64>) {
                     r.rows.send(row(ev));
                 }
             }
-            r.reports.send(Report { partition: me as u32, max_ts, idle: false });
+            // A partition that has had no event declares itself idle (as after the idle timeout).
+            r.reports.send(Report { partition: me as u32, max_ts, idle: max_ts.is_none() });
             epoch += 1;
             r.rows.advance_to(epoch);
             r.reports.advance_to(epoch);

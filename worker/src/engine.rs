@@ -148,6 +148,8 @@ struct SourceRt {
 
 struct DataflowRt {
     rendered: Rendered,
+    /// When this worker built it: a partition without events idles this long after.
+    installed: Instant,
 }
 
 /// Context shared by the worker threads of one computation.
@@ -273,7 +275,7 @@ impl Engine {
                 if self.index == 0 {
                     tracing::info!(dataflow = %name, "dataflow installed");
                 }
-                self.dataflows.insert(name, DataflowRt { rendered });
+                self.dataflows.insert(name, DataflowRt { rendered, installed: Instant::now() });
             }
             Command::DropDataflow { name } => {
                 // Closing the inputs lets the dataflow drain and complete; dropping the trace
@@ -437,7 +439,8 @@ impl Engine {
                 partition: self.index as u32,
                 max_ts: source.and_then(|s| s.max_ts),
                 idle: source.is_none_or(|s| {
-                    s.last_event.is_none_or(|t| t.elapsed() >= Duration::from_millis(s.plan.idle_timeout_ms))
+                    let since = s.last_event.unwrap_or(df.installed);
+                    since.elapsed() >= Duration::from_millis(s.plan.idle_timeout_ms)
                 }),
             };
             df.rendered.reports.send(report);
