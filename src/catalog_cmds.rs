@@ -161,9 +161,72 @@ pub fn export(server: &str, dataflow: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sundial ingest SOURCE FILE|-`: sends the file in batches of lines and prints the totals and
-/// the epoch at which everything is visible.
+/// One batch of lines on its way to a worker.
+struct Batch {
+    body: String,
+    /// The input line number of the batch's first event line.
+    first_line: u64,
+    lines: u64,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Totals {
+    accepted: u64,
+    rejected: u64,
+    late: u64,
+    epoch: u64,
+    errors: Vec<(u64, String)>,
+    failed: Option<String>,
+}
+
+/// Posts one batch, retrying while the cluster answers 503 (re-forming) or cannot be reached,
+/// for up to a minute.
+fn post_batch(target: &str, path: &str, content_type: &str, body: &[u8]) -> Result<Value, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let outcome = call_json(target, Method::Post(content_type, body), path, TIMEOUT);
+        let retry = match &outcome {
+            Ok(r) if (200..300).contains(&r.status) => return Ok(r.body.clone()),
+            Ok(r) if r.status == 503 => format!("503: {}", r.body["error"].as_str().unwrap_or("not ready")),
+            Ok(r) => {
+                return Err(format!("{} answered {}: {}", target, r.status, r.body["error"].as_str().unwrap_or("?")))
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        if std::time::Instant::now() + pause > deadline {
+            return Err(format!("{target}: gave up after a minute: {retry}"));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Where to send batches: every worker's own ingest endpoint when they all have one, else the
+/// coordinator.
+fn ingest_targets(server: &str) -> Vec<String> {
+    let workers: Option<Vec<String>> = call_json(server, Method::Get, "/v1/cluster", TIMEOUT).ok().and_then(|r| {
+        r.body["workers"]
+            .as_array()
+            .map(|ws| ws.iter().map(|w| w["ingest_addr"].as_str().map(|a| format!("http://{a}"))).collect())
+            .and_then(|v: Vec<Option<String>>| v.into_iter().collect())
+    });
+    match workers {
+        Some(ws) if !ws.is_empty() => ws,
+        _ => vec![server.to_string()],
+    }
+}
+
+/// `sundial ingest SOURCE FILE|-`: sends the file in batches of lines, to every worker's ingest
+/// endpoint in parallel (each worker gets every n-th batch, in order, so each ingest partition
+/// sees the stream in order), with a progress bar on a terminal; prints the totals and the epoch
+/// at which everything is visible.
 pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
     let csv = match args.format.as_deref() {
         Some("csv") => true,
         Some("ndjson") | Some("json") => false,
@@ -173,10 +236,12 @@ pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
     if args.batch_lines == 0 {
         bail!("--batch-lines must be at least 1");
     }
-    let reader: Box<dyn Read> = if args.file == "-" {
-        Box::new(std::io::stdin())
+    let (reader, total_bytes): (Box<dyn Read>, Option<u64>) = if args.file == "-" {
+        (Box::new(std::io::stdin()), None)
     } else {
-        Box::new(std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file))?)
+        let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file))?;
+        let len = file.metadata().ok().map(|m| m.len());
+        (Box::new(file), len)
     };
     let mut lines = BufReader::new(reader).lines();
     let header = if csv {
@@ -189,46 +254,148 @@ pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
     };
     let path = format!("/v1/sources/{}/events", encode(&args.source));
     let content_type = if csv { "text/csv" } else { "application/x-ndjson" };
-    let (mut accepted, mut rejected, mut late, mut epoch) = (0u64, 0u64, 0u64, 0u64);
-    let mut errors: Vec<String> = Vec::new();
+    let targets = ingest_targets(server);
+
+    let totals = Arc::new(Mutex::new(Totals::default()));
+    let done_events = Arc::new(AtomicU64::new(0));
+    let done_bytes = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    let mut threads = Vec::new();
+    for target in &targets {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
+        senders.push(tx);
+        let (target, path, totals) = (target.clone(), path.clone(), Arc::clone(&totals));
+        let (done_events, done_bytes) = (Arc::clone(&done_events), Arc::clone(&done_bytes));
+        threads.push(std::thread::spawn(move || {
+            for batch in rx {
+                let result = post_batch(&target, &path, content_type, batch.body.as_bytes());
+                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                match result {
+                    Ok(reply) => {
+                        t.accepted += reply["accepted"].as_u64().unwrap_or(0);
+                        t.rejected += reply["rejected"].as_u64().unwrap_or(0);
+                        t.late += reply["late"].as_u64().unwrap_or(0);
+                        t.epoch = t.epoch.max(reply["epoch"].as_u64().unwrap_or(0));
+                        // Line numbers in a reply count from the batch body's first line (the
+                        // CSV header is line 1 there).
+                        for e in reply["errors"].as_array().into_iter().flatten() {
+                            let line = e["line"].as_u64().unwrap_or(0) + batch.first_line - if csv { 2 } else { 1 };
+                            t.errors.push((line, e["reason"].as_str().unwrap_or("?").to_string()));
+                        }
+                    }
+                    Err(e) => {
+                        t.failed.get_or_insert(e);
+                    }
+                }
+                done_events.fetch_add(batch.lines, Ordering::Relaxed);
+                done_bytes.fetch_add(batch.bytes, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    let started = std::time::Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal {
+        let bar = match total_bytes {
+            Some(total) => indicatif::ProgressBar::new(total),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        Some(bar)
+    } else {
+        None
+    };
+    let mut last_report = std::time::Instant::now();
+    let report = |bar: &Option<indicatif::ProgressBar>, last: &mut std::time::Instant, force: bool| {
+        let events = done_events.load(Ordering::Relaxed);
+        let rate = events as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        match bar {
+            Some(bar) => {
+                bar.set_position(done_bytes.load(Ordering::Relaxed));
+                bar.set_message(format!("{events} events, {rate:.0} events/s"));
+            }
+            None if force || last.elapsed() >= Duration::from_secs(2) => {
+                eprintln!("ingested {events} events ({rate:.0} events/s)");
+                *last = std::time::Instant::now();
+            }
+            None => {}
+        }
+    };
+
     let mut first_line: u64 = if csv { 2 } else { 1 };
-    loop {
+    let mut k = 0usize;
+    let mut read_error = None;
+    'read: loop {
         let mut body = String::new();
         if let Some(h) = &header {
             body.push_str(h);
             body.push('\n');
         }
-        let mut n = 0;
+        let (mut n, mut bytes) = (0u64, 0u64);
         for line in lines.by_ref() {
-            body.push_str(&line.context("reading the input")?);
-            body.push('\n');
-            n += 1;
-            if n == args.batch_lines {
+            match line {
+                Ok(line) => {
+                    bytes += line.len() as u64 + 1;
+                    body.push_str(&line);
+                    body.push('\n');
+                    n += 1;
+                }
+                Err(e) => {
+                    read_error = Some(e);
+                    break;
+                }
+            }
+            if n as usize == args.batch_lines {
                 break;
             }
         }
-        if n == 0 {
+        if n > 0 {
+            let batch = Batch { body, first_line, lines: n, bytes };
+            first_line += n;
+            if senders[k % senders.len()].send(batch).is_err() {
+                break 'read;
+            }
+            k += 1;
+            report(&bar, &mut last_report, false);
+        }
+        if n == 0 || read_error.is_some() {
             break;
         }
-        let response = call_json(server, Method::Post(content_type, body.as_bytes()), &path, TIMEOUT)?;
-        let reply = expect_ok(response, "ingest")?;
-        accepted += reply["accepted"].as_u64().unwrap_or(0);
-        rejected += reply["rejected"].as_u64().unwrap_or(0);
-        late += reply["late"].as_u64().unwrap_or(0);
-        epoch = epoch.max(reply["epoch"].as_u64().unwrap_or(0));
-        // Line numbers in a reply count from the batch's first line.
-        for e in reply["errors"].as_array().into_iter().flatten() {
-            if errors.len() < 10 {
-                let line = e["line"].as_u64().unwrap_or(0) + first_line - if csv { 2 } else { 1 };
-                errors.push(format!("line {line}: {}", e["reason"].as_str().unwrap_or("?")));
-            }
-        }
-        first_line += n as u64;
     }
-    let mut out = format!("accepted {accepted}, rejected {rejected}, late {late}; visible at epoch {epoch}\n");
-    for e in &errors {
-        out.push_str(&format!("  {e}\n"));
+    std::mem::drop(senders);
+    for t in threads {
+        let _ = t.join();
+    }
+    report(&bar, &mut last_report, true);
+    if let Some(bar) = &bar {
+        bar.finish();
+    }
+    let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+    t.errors.sort();
+    let secs = started.elapsed().as_secs_f64();
+    let mut out = format!(
+        "accepted {}, rejected {}, late {}; visible at epoch {} ({:.0} events/s over {} endpoint{})\n",
+        t.accepted,
+        t.rejected,
+        t.late,
+        t.epoch,
+        (t.accepted + t.rejected + t.late) as f64 / secs.max(1e-9),
+        targets.len(),
+        if targets.len() == 1 { "" } else { "s" }
+    );
+    for (line, reason) in t.errors.iter().take(10) {
+        out.push_str(&format!("  line {line}: {reason}\n"));
     }
     emit(&out);
+    if let Some(e) = read_error {
+        bail!("reading {}: {e} (the lines before were sent)", args.file);
+    }
+    if let Some(e) = &t.failed {
+        bail!("some batches were not ingested: {e}");
+    }
     Ok(())
 }

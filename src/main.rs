@@ -133,6 +133,10 @@ struct WorkerArgs {
     /// The address other processes use to reach --listen (HOST or HOST:PORT), when it differs.
     #[arg(long, env = "SUNDIAL_ADVERTISE", value_name = "HOST[:PORT]")]
     advertise: Option<String>,
+    /// Serve `POST /v1/sources/{source}/events` on this worker too (port 0 picks a free port);
+    /// `sundial ingest` then sends batches to every worker in parallel.
+    #[arg(long, env = "SUNDIAL_WORKER_INGEST", value_name = "ADDR")]
+    ingest: Option<String>,
 }
 
 /// Parses durations such as `500ms`, `1s`, `2m`.
@@ -179,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: args.data_dir,
                 listen: args.listen,
                 advertise: args.advertise,
+                ingest: args.ingest,
                 child_program: std::env::current_exe().context("locating the sundial binary")?,
                 child_args: vec!["--log-format".into(), cli.log_format.as_arg().into()],
             };

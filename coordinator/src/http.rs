@@ -24,7 +24,7 @@ use sundial_protocol::{CheckReport, Command, IngestOutcome, KeyResult, Reply, Re
 use crate::server::{Ready, RequestError, Shared};
 
 /// The largest ingest body accepted.
-pub const MAX_BODY_BYTES: usize = 64 << 20;
+pub const MAX_BODY_BYTES: usize = sundial_protocol::MAX_INGEST_BODY_BYTES;
 
 /// An error answered as JSON.
 #[derive(Debug)]
@@ -101,6 +101,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/dataflows/{name}/export", get(export))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_large_bodies))
         .with_state(shared)
 }
 
@@ -293,19 +294,9 @@ async fn ingest(
         ),
         status => ApiError::new(status, e.body_text()),
     })?;
-    let content_type =
-        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/x-ndjson");
-    let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    let csv = match media.as_str() {
-        "text/csv" => true,
-        "application/x-ndjson" | "application/json" | "application/jsonl" | "text/plain" | "" => false,
-        other => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("content type {other:?} is not supported; send application/x-ndjson or text/csv"),
-            ))
-        }
-    };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let csv = sundial_protocol::ingest_format(content_type)
+        .map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e))?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad(format!("the body is not UTF-8: {e}")))?;
     let ready = shared.ready()?;
     // A request goes whole to one process, in turn (and there to one worker thread, in turn):
@@ -629,6 +620,20 @@ async fn export(
         response.headers_mut().insert("x-sundial-as-of", v);
     }
     Ok(response)
+}
+
+/// Refuses a body whose announced length is over the limit before reading any of it.
+async fn refuse_large_bodies(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY_BYTES} bytes; send it in smaller batches"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -84,6 +84,7 @@ struct Slot {
     conn: Option<ConnId>,
     host: String,
     data_addr: String,
+    ingest_addr: Option<String>,
     threads: usize,
     pid: Option<u32>,
     computation_pid: Option<u32>,
@@ -99,6 +100,7 @@ impl Slot {
             conn: None,
             host: String::new(),
             data_addr: String::new(),
+            ingest_addr: None,
             threads: 0,
             pid: None,
             computation_pid: None,
@@ -161,6 +163,8 @@ pub struct WorkerStatus {
     pub host: String,
     /// Its timely data address.
     pub data_addr: String,
+    /// Where it takes ingest requests over HTTP, if it does.
+    pub ingest_addr: Option<String>,
     /// Its thread count.
     pub threads: usize,
     /// The worker (supervisor) process id.
@@ -264,6 +268,7 @@ impl Membership {
         slot.conn = Some(conn);
         slot.host = reg.host.clone();
         slot.data_addr = reg.data_addr.clone();
+        slot.ingest_addr = reg.ingest_addr.clone();
         slot.threads = reg.threads;
         slot.pid = Some(reg.pid);
         slot.computation_pid = None;
@@ -522,6 +527,7 @@ impl Membership {
                     id: s.worker_id.clone(),
                     host: s.host.clone(),
                     data_addr: s.data_addr.clone(),
+                    ingest_addr: s.ingest_addr.clone(),
                     threads: s.threads,
                     pid: s.pid,
                     computation_pid: s.computation_pid,
@@ -555,6 +561,7 @@ mod tests {
             threads,
             pid: 1,
             running: None,
+            ingest_addr: None,
         }
     }
 

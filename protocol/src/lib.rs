@@ -69,6 +69,9 @@ pub struct Register {
     pub pid: u32,
     /// The computation this worker still runs from before it (re)connected, if any.
     pub running: Option<Running>,
+    /// Where the worker takes ingest requests over HTTP (`host:port`), if it does.
+    #[serde(default)]
+    pub ingest_addr: Option<String>,
 }
 
 /// A generation a worker is currently running.
@@ -292,6 +295,20 @@ pub struct IngestOutcome {
     /// The first rejected lines.
     pub errors: Vec<LineError>,
 }
+
+/// The format of an ingest body, from its `Content-Type`: `Ok(true)` for CSV, `Ok(false)` for
+/// NDJSON (also when absent), or the reason it is not supported.
+pub fn ingest_format(content_type: Option<&str>) -> Result<bool, String> {
+    let media = content_type.unwrap_or("application/x-ndjson").split(';').next().unwrap_or_default();
+    match media.trim().to_ascii_lowercase().as_str() {
+        "text/csv" => Ok(true),
+        "application/x-ndjson" | "application/json" | "application/jsonl" | "text/plain" | "" => Ok(false),
+        other => Err(format!("content type {other:?} is not supported; send application/x-ndjson or text/csv")),
+    }
+}
+
+/// The largest ingest body accepted over HTTP, by the coordinator and by workers.
+pub const MAX_INGEST_BODY_BYTES: usize = 64 << 20;
 
 /// How many rejected lines an ingest reply lists.
 pub const MAX_LISTED_ERRORS: usize = 10;
@@ -532,6 +549,7 @@ mod tests {
             threads: 2,
             pid: 7,
             running: None,
+            ingest_addr: None,
         }
     }
 

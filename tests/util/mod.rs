@@ -132,6 +132,41 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Starts a worker that also serves its own ingest endpoint on an ephemeral port.
+    pub fn ingest_worker(&self, name: &str, coordinator: &str, threads: usize) -> Proc {
+        let data = self.path(name);
+        let threads = threads.to_string();
+        self.spawn(
+            name,
+            &[
+                "worker",
+                "--coordinator",
+                coordinator,
+                "--threads",
+                &threads,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--ingest",
+                "127.0.0.1:0",
+            ],
+        )
+    }
+}
+
+/// POST `body` with `content_type` to `http://{addr}{path}`: status and body text.
+pub fn post(addr: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response =
+        agent.post(&format!("http://{addr}{path}")).header("content-type", content_type).send(body).unwrap();
+    let status = response.status().as_u16();
+    (status, response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap())
+}
+
 /// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -9,6 +9,7 @@
 
 pub mod computation;
 pub mod engine;
+pub mod ingest;
 pub mod mesh;
 pub mod supervisor;
 

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use sundial_protocol::child::{FromChild, ToChild};
 use sundial_protocol::{
-    read_msg, write_msg, ComputationState, CoordMsg, Formation, FrameError, Register, Reply, Running, WorkerMsg, MAGIC,
-    PROTOCOL_VERSION,
+    read_msg, write_msg, ComputationState, CoordMsg, Formation, FrameError, Register, Reply, Request, Running,
+    WorkerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
 /// How a worker process is configured.
@@ -35,6 +35,8 @@ pub struct SupervisorConfig {
     pub listen: String,
     /// The address other processes should use to reach `listen`, if it differs.
     pub advertise: Option<String>,
+    /// Where to serve the worker's own ingest endpoint, if anywhere.
+    pub ingest: Option<String>,
     /// The program to run as computation child (this binary), and the arguments before
     /// `computation`.
     pub child_program: PathBuf,
@@ -124,6 +126,28 @@ pub fn resolve_data_address(listen: &str, advertise: Option<&str>) -> Result<(St
     Ok((bind, advertised))
 }
 
+/// Resolves the ingest endpoint's address: what to bind, and what to advertise (the host of
+/// `--advertise` when the bind address is unspecified).
+pub fn resolve_ingest_address(listen: &str, advertise: Option<&str>) -> Result<(String, String), WorkerError> {
+    let addr: SocketAddr = listen
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| WorkerError::Config(format!("--ingest {listen} is not a host:port address")))?;
+    let probe = TcpListener::bind(addr).map_err(|source| WorkerError::Listen { addr: listen.to_string(), source })?;
+    let bound = probe.local_addr().map_err(|source| WorkerError::Listen { addr: listen.to_string(), source })?;
+    drop(probe);
+    let advertised = if bound.ip().is_unspecified() {
+        let host = advertise.map(|a| a.rsplit_once(':').map_or(a, |(h, _)| h)).ok_or_else(|| {
+            WorkerError::Config(format!("--ingest {listen} binds every interface; give --advertise HOST"))
+        })?;
+        format!("{host}:{}", bound.port())
+    } else {
+        bound.to_string()
+    };
+    Ok((bound.to_string(), advertised))
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -132,12 +156,49 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-enum Event {
-    Coord { conn: u64, msg: CoordMsg },
-    CoordLost { conn: u64, reason: String },
-    Child { generation: u64, msg: FromChild },
-    ChildEof { generation: u64 },
+/// What the supervisor's event loop handles.
+pub enum Event {
+    /// A frame from the coordinator.
+    Coord {
+        /// The connection it came on.
+        conn: u64,
+        /// The message.
+        msg: CoordMsg,
+    },
+    /// The coordinator connection ended.
+    CoordLost {
+        /// Which.
+        conn: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A frame from the computation child.
+    Child {
+        /// Its generation.
+        generation: u64,
+        /// The message.
+        msg: FromChild,
+    },
+    /// The computation child's output ended.
+    ChildEof {
+        /// Its generation.
+        generation: u64,
+    },
+    /// A batch from this worker's ingest endpoint.
+    LocalIngest {
+        /// The source.
+        source: String,
+        /// CSV with a header.
+        csv: bool,
+        /// The text.
+        body: String,
+        /// Where the outcome goes.
+        reply: tokio::sync::oneshot::Sender<crate::ingest::IngestResult>,
+    },
 }
+
+/// Request ids of local ingest batches start here, above the coordinator's.
+const LOCAL_IDS: u64 = 1 << 62;
 
 struct Conn {
     id: u64,
@@ -182,6 +243,9 @@ struct Supervisor {
     child: Option<ChildRun>,
     last_generation: u64,
     terminate: Arc<AtomicBool>,
+    ingest_addr: Option<String>,
+    local: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<crate::ingest::IngestResult>>,
+    next_local: u64,
 }
 
 /// Runs the worker process. Returns only on a fatal error (a refusal by the coordinator, an
@@ -199,6 +263,18 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
             .map_err(|e| WorkerError::Config(format!("cannot install the signal handler: {e}")))?;
     }
     let (events_tx, events) = mpsc::channel();
+    let ingest_addr = match &cfg.ingest {
+        None => None,
+        Some(addr) => {
+            let (bind, advertised) = resolve_ingest_address(addr, cfg.advertise.as_deref())?;
+            let listener =
+                TcpListener::bind(&bind).map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
+            crate::ingest::spawn(listener, events_tx.clone())
+                .map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
+            tracing::info!(ingest = %advertised, "ingest endpoint listening");
+            Some(advertised)
+        }
+    };
     let mut sup = Supervisor {
         cfg,
         id,
@@ -214,6 +290,9 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
         child: None,
         last_generation: 0,
         terminate,
+        ingest_addr,
+        local: std::collections::HashMap::new(),
+        next_local: LOCAL_IDS,
     };
     sup.run()
 }
@@ -318,6 +397,7 @@ impl Supervisor {
             threads: self.cfg.threads,
             pid: std::process::id(),
             running,
+            ingest_addr: self.ingest_addr.clone(),
         });
         write_msg(&mut stream, &register).map_err(|e| ConnectError::Retry(format!("sending registration: {e}")))?;
         let (index, interval_ms, timeout_ms) = match read_msg::<_, CoordMsg>(&mut stream) {
@@ -397,6 +477,7 @@ impl Supervisor {
             }
             Event::Child { generation, msg } => self.on_child(generation, msg),
             Event::ChildEof { generation } => self.on_child_eof(generation),
+            Event::LocalIngest { source, csv, body, reply } => self.local_ingest(source, csv, body, reply),
         }
     }
 
@@ -488,7 +569,39 @@ impl Supervisor {
         Ok(ChildRun { generation, index: formation.index, process, stdin, started: false, failure_reported: false })
     }
 
+    fn local_ingest(
+        &mut self,
+        source: String,
+        csv: bool,
+        body: String,
+        reply: tokio::sync::oneshot::Sender<crate::ingest::IngestResult>,
+    ) {
+        let Some(run) = self.child.as_mut().filter(|c| c.started) else {
+            let _ = reply.send(Err((503, "no computation runs on this worker (the cluster is forming)".into())));
+            return;
+        };
+        let id = self.next_local;
+        self.next_local += 1;
+        let request = Request::Ingest { after: 0, source, csv, body, first_line: 1, min_epoch: 0 };
+        match write_msg(&mut run.stdin, &ToChild::Request { id, request }) {
+            Ok(()) => {
+                self.local.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err((503, format!("the computation does not take requests: {e}"))));
+            }
+        }
+    }
+
+    /// Answers every local request still waiting: its computation is gone.
+    fn fail_local(&mut self, reason: &str) {
+        for (_, waiter) in self.local.drain() {
+            let _ = waiter.send(Err((503, reason.to_string())));
+        }
+    }
+
     fn stop_child(&mut self, reason: &str) {
+        self.fail_local(reason);
         if let Some(mut run) = self.child.take() {
             tracing::info!(generation = run.generation, "stopping computation: {reason}");
             let _ = run.process.kill();
@@ -510,6 +623,16 @@ impl Supervisor {
             FromChild::Failed { reason } => {
                 run.failure_reported = true;
                 self.send(&WorkerMsg::Failed { generation, reason });
+            }
+            FromChild::Reply { id, reply } if id >= LOCAL_IDS => {
+                if let Some(waiter) = self.local.remove(&id) {
+                    let _ = waiter.send(match reply {
+                        Reply::Ingested(outcome) => Ok(outcome),
+                        Reply::Error { message } if message.starts_with("unknown source") => Err((404, message)),
+                        Reply::Error { message } => Err((503, message)),
+                        other => Err((502, format!("unexpected reply {other:?}"))),
+                    });
+                }
             }
             FromChild::Reply { id, reply } => self.send(&WorkerMsg::Reply { id, reply }),
         }
@@ -534,6 +657,7 @@ impl Supervisor {
             }
         };
         tracing::warn!(generation, "computation ended: {status}");
+        self.fail_local(&format!("the computation ended: {status}"));
         if !run.failure_reported {
             self.send(&WorkerMsg::Failed { generation, reason: format!("computation exited: {status}") });
         }

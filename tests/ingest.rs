@@ -1,0 +1,184 @@
+//! Ingest through the workers' own endpoints (`sundial worker --ingest`) and through `sundial
+//! ingest`, which sends batches to every worker in parallel: the export equals the naive model;
+//! bad input on a worker's endpoint gets a clear error while good lines are kept; a worker's
+//! endpoint answers 503 while the cluster re-forms.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use util::*;
+
+const BASE: i64 = 1_700_000_000_000;
+
+fn stream(n: usize) -> Vec<(u64, i64, i64)> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n).map(|i| (next() % 200, BASE + i as i64 * 40 - (next() % 3_000) as i64, (next() % 500) as i64)).collect()
+}
+
+fn model(evs: &[(u64, i64, i64)]) -> BTreeMap<(String, String, i64), Value> {
+    let mut w: BTreeMap<(u64, i64), (u64, i64)> = BTreeMap::new();
+    for (u, t, a) in evs {
+        let e = w.entry((*u, t.div_euclid(60_000) * 60_000)).or_default();
+        e.0 += 1;
+        e.1 += a;
+    }
+    let mut out = BTreeMap::new();
+    for ((u, s), (c, sum)) in w {
+        out.insert((u.to_string(), "n".to_string(), s), json!(c));
+        out.insert((u.to_string(), "total".to_string(), s), json!(sum));
+    }
+    out
+}
+
+fn export(http: &str, as_of: u64) -> BTreeMap<(String, String, i64), Value> {
+    let (code, text) = get_text(http, &format!("/v1/dataflows/per_minute/export?as_of={as_of}"));
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                (
+                    v["key"][0].as_str().unwrap().to_string(),
+                    v["feature"].as_str().unwrap().to_string(),
+                    v["start"].as_i64().unwrap(),
+                ),
+                v["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Sends a request head announcing `length` bytes of body, then `partial` of them, and returns
+/// whatever the server answers.
+fn raw_http(addr: &str, request_line: &str, length: usize, partial: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "{request_line} HTTP/1.1\r\nhost: test\r\ncontent-type: application/x-ndjson\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let _ = stream.write_all(partial);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn get_text(addr: &str, path: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent.get(&format!("http://{addr}{path}")).call().unwrap();
+    let status = response.status().as_u16();
+    (status, response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap())
+}
+
+#[test]
+fn workers_ingest_directly_and_the_cli_ingests_in_parallel() {
+    let env = Env::new();
+    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
+    let (control, http) = env.coordinator_addresses();
+    let _w0 = env.ingest_worker("w0", &control, 1);
+    let mut w1 = env.ingest_worker("w1", &control, 1);
+    let status = wait_state(&http, "running", Duration::from_secs(60));
+    let endpoints: Vec<String> =
+        status["workers"].as_array().unwrap().iter().map(|w| w["ingest_addr"].as_str().unwrap().to_string()).collect();
+    assert_eq!(endpoints.len(), 2);
+
+    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "5s",
+        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64"}});
+    assert_eq!(post(&http, "/v1/sources", "application/json", source.to_string().as_bytes()).0, 201);
+    let definition = json!({"name": "per_minute", "source": "tx", "key": "user_id", "retention": "forever",
+        "features": [{"name": "n", "agg": "count", "window": {"tumbling": "1m"}},
+                     {"name": "total", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}}]});
+    assert_eq!(post(&http, "/v1/dataflows", "application/json", definition.to_string().as_bytes()).0, 201);
+
+    // The CLI, in parallel over both workers' endpoints.
+    let evs = stream(20_000);
+    let file = env.path("events.csv");
+    let mut csv = String::from("user_id,ts,amount\n");
+    for (u, t, a) in &evs {
+        csv.push_str(&format!("{u},{t},{a}\n"));
+    }
+    std::fs::write(&file, csv).unwrap();
+    let out = Command::new(bin())
+        .args(["--server", &format!("http://{http}"), "ingest", "tx", file.to_str().unwrap(), "--batch-lines", "1000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("accepted 20000, rejected 0, late 0; visible at epoch "), "{stdout}");
+    assert!(stdout.contains("over 2 endpoints"), "{stdout}");
+    let epoch: u64 = stdout.split("epoch ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(export(&http, epoch), model(&evs));
+
+    // A worker's endpoint directly: good lines are kept, bad ones are listed with their reason.
+    let more = stream(20_100).split_off(20_000);
+    let mut body = String::new();
+    for (i, (u, t, a)) in more.iter().enumerate() {
+        body.push_str(&json!({"user_id": u, "ts": t, "amount": a}).to_string());
+        body.push('\n');
+        if i == 10 {
+            body.push_str("{\"user_id\": \"seven\", \"ts\": 1}\n");
+            body.push_str(&format!("{{\"user_id\": 1, \"ts\": {BASE}, \"amount\": \"{}\"}}\n", "x".repeat(1 << 20)));
+        }
+    }
+    let (code, text) = post(&endpoints[1], "/v1/sources/tx/events", "application/x-ndjson", body.as_bytes());
+    assert_eq!(code, 200, "{text}");
+    let reply: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((reply["accepted"].as_u64(), reply["rejected"].as_u64()), (Some(100), Some(2)), "{reply}");
+    assert_eq!(reply["errors"][0]["line"], 12);
+    assert!(reply["errors"][0]["reason"].as_str().unwrap().contains("must be u64"), "{reply}");
+    assert!(reply["errors"][1]["reason"].as_str().unwrap().contains("over the limit"), "{reply}");
+    let all: Vec<_> = evs.iter().cloned().chain(more).collect();
+    assert_eq!(export(&http, reply["epoch"].as_u64().unwrap()), model(&all));
+
+    // Bad requests.
+    let (code, text) = post(&endpoints[0], "/v1/sources/nope/events", "text/csv", b"user_id,ts\n1,2\n");
+    assert_eq!(code, 404, "{text}");
+    assert_eq!(post(&endpoints[0], "/v1/sources/tx/events", "application/x-ndjson", &[0xff, 0xfe, b'\n']).0, 400);
+    assert_eq!(post(&endpoints[0], "/v1/sources/tx/events", "image/png", b"x").0, 415);
+    let (code, text) = post(&endpoints[0], "/v1/sources/tx/events", "text/csv", b"user_id,amount\n1,2\n");
+    assert_eq!(code, 200);
+    assert!(text.contains("no column for the event time"), "{text}");
+    // A body of 100 MB is refused from its Content-Length, before it is sent; a client that
+    // goes away in the middle of a body changes nothing.
+    for addr in [&endpoints[0], &http] {
+        let answer = raw_http(addr, "POST /v1/sources/tx/events", 100 << 20, b"{\"user_id\": 1");
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("larger than"), "{answer}");
+        let mut cut = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(&mut cut, b"POST /v1/sources/tx/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-ndjson\r\ncontent-length: 1000\r\n\r\n{\"user_id\": 1,").unwrap();
+        drop(cut);
+    }
+    assert_eq!(export(&http, reply["epoch"].as_u64().unwrap()), model(&all), "nothing of the cut bodies was taken");
+
+    // While the cluster re-forms, a worker's endpoint answers 503 with Retry-After.
+    w1.kill9();
+    wait_state(&http, "degraded", Duration::from_secs(10));
+    let (code, text) = post(&endpoints[0], "/v1/sources/tx/events", "text/csv", b"user_id,ts,amount\n1,2,3\n");
+    assert_eq!(code, 503, "{text}");
+}
