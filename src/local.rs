@@ -147,6 +147,8 @@ pub fn run(args: LocalArgs, log_format: &str) -> anyhow::Result<()> {
                 "127.0.0.1:0".into(),
                 "--ingest".into(),
                 "127.0.0.1:0".into(),
+                "--lines".into(),
+                "127.0.0.1:0".into(),
             ];
             procs.push(spawn(&exe, &format!("worker {i}"), worker_args, logs.join(format!("worker-{i}.log")))?);
         }

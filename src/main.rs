@@ -137,6 +137,10 @@ struct WorkerArgs {
     /// `sundial ingest` then sends batches to every worker in parallel.
     #[arg(long, env = "SUNDIAL_WORKER_INGEST", value_name = "ADDR")]
     ingest: Option<String>,
+    /// Serve a raw TCP line port: a first line `{"source": NAME}`, then NDJSON events; one JSON
+    /// reply line per batch.
+    #[arg(long, env = "SUNDIAL_WORKER_LINES", value_name = "ADDR")]
+    lines: Option<String>,
 }
 
 /// Parses durations such as `500ms`, `1s`, `2m`.
@@ -184,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen: args.listen,
                 advertise: args.advertise,
                 ingest: args.ingest,
+                lines: args.lines,
                 child_program: std::env::current_exe().context("locating the sundial binary")?,
                 child_args: vec!["--log-format".into(), cli.log_format.as_arg().into()],
             };

@@ -184,3 +184,82 @@ fn workers_ingest_directly_and_the_cli_ingests_in_parallel() {
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
 }
+
+#[test]
+fn the_line_port_takes_a_stream_and_cuts_off_bad_clients() {
+    use std::io::{BufRead, BufReader, Write};
+    let env = Env::new();
+    let _coordinator = env.coordinator(1, "127.0.0.1:0", "127.0.0.1:0");
+    let (control, http) = env.coordinator_addresses();
+    let data = env.path("w0");
+    let _w0 = env.spawn(
+        "w0",
+        &[
+            "worker",
+            "--coordinator",
+            &control,
+            "--threads",
+            "2",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--lines",
+            "127.0.0.1:0",
+        ],
+    );
+    let status = wait_state(&http, "running", Duration::from_secs(60));
+    let port = status["workers"][0]["lines_addr"].as_str().unwrap().to_string();
+    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "5s",
+        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64"}});
+    assert_eq!(post(&http, "/v1/sources", "application/json", source.to_string().as_bytes()).0, 201);
+    let definition = json!({"name": "per_minute", "source": "tx", "key": "user_id", "retention": "forever",
+        "features": [{"name": "n", "agg": "count", "window": {"tumbling": "1m"}},
+                     {"name": "total", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}}]});
+    assert_eq!(post(&http, "/v1/dataflows", "application/json", definition.to_string().as_bytes()).0, 201);
+
+    // A stream of 25,000 events with one bad line, then the producer closes its side.
+    let evs = stream(25_000);
+    let mut conn = std::net::TcpStream::connect(&port).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut text = String::from("{\"source\": \"tx\"}\n");
+    for (i, (u, t, a)) in evs.iter().enumerate() {
+        text.push_str(&json!({"user_id": u, "ts": t, "amount": a}).to_string());
+        text.push('\n');
+        if i == 99 {
+            text.push_str("{\"user_id\": -1, \"ts\": 5}\n");
+        }
+    }
+    conn.write_all(text.as_bytes()).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let replies: Vec<Value> =
+        BufReader::new(conn).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+    assert!(replies.len() >= 3, "batches of at most 10000 lines: {replies:?}");
+    let sum = |k: &str| replies.iter().map(|r| r[k].as_u64().unwrap_or(0)).sum::<u64>();
+    assert_eq!((sum("accepted"), sum("rejected"), sum("late")), (25_000, 1, 0), "{replies:?}");
+    let bad = replies.iter().flat_map(|r| r["errors"].as_array().cloned().unwrap_or_default()).next().unwrap();
+    assert_eq!(bad["line"], 101, "{bad}");
+    let epoch = replies.iter().map(|r| r["epoch"].as_u64().unwrap()).max().unwrap();
+    assert_eq!(export(&http, epoch), model(&evs));
+
+    // A wrong first line, and a client that never announces its source: an error line, then
+    // the connection is closed.
+    let mut wrong = std::net::TcpStream::connect(&port).unwrap();
+    wrong.write_all(b"hello\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(&wrong).read_line(&mut answer).unwrap();
+    assert!(answer.contains("the first line must be"), "{answer}");
+    let silent = std::net::TcpStream::connect(&port).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = std::time::Instant::now();
+    let mut lines = BufReader::new(silent).lines();
+    let answer = lines.next().unwrap().unwrap();
+    assert!(answer.contains("no source announced within"), "{answer}");
+    assert!(lines.next().is_none(), "closed after the error");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // Meanwhile the port kept serving.
+    let mut again = std::net::TcpStream::connect(&port).unwrap();
+    again.write_all(b"{\"source\": \"tx\"}\n{\"user_id\": 1, \"ts\": 1700001000000, \"amount\": 1}\n").unwrap();
+    again.shutdown(std::net::Shutdown::Write).unwrap();
+    let reply: Value = serde_json::from_str(&BufReader::new(again).lines().next().unwrap().unwrap()).unwrap();
+    assert_eq!(reply["accepted"], 1, "{reply}");
+}

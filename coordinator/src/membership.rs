@@ -85,6 +85,7 @@ struct Slot {
     host: String,
     data_addr: String,
     ingest_addr: Option<String>,
+    lines_addr: Option<String>,
     threads: usize,
     pid: Option<u32>,
     computation_pid: Option<u32>,
@@ -101,6 +102,7 @@ impl Slot {
             host: String::new(),
             data_addr: String::new(),
             ingest_addr: None,
+            lines_addr: None,
             threads: 0,
             pid: None,
             computation_pid: None,
@@ -165,6 +167,8 @@ pub struct WorkerStatus {
     pub data_addr: String,
     /// Where it takes ingest requests over HTTP, if it does.
     pub ingest_addr: Option<String>,
+    /// Where it takes NDJSON over its raw TCP line port, if it does.
+    pub lines_addr: Option<String>,
     /// Its thread count.
     pub threads: usize,
     /// The worker (supervisor) process id.
@@ -269,6 +273,7 @@ impl Membership {
         slot.host = reg.host.clone();
         slot.data_addr = reg.data_addr.clone();
         slot.ingest_addr = reg.ingest_addr.clone();
+        slot.lines_addr = reg.lines_addr.clone();
         slot.threads = reg.threads;
         slot.pid = Some(reg.pid);
         slot.computation_pid = None;
@@ -528,6 +533,7 @@ impl Membership {
                     host: s.host.clone(),
                     data_addr: s.data_addr.clone(),
                     ingest_addr: s.ingest_addr.clone(),
+                    lines_addr: s.lines_addr.clone(),
                     threads: s.threads,
                     pid: s.pid,
                     computation_pid: s.computation_pid,
@@ -562,6 +568,7 @@ mod tests {
             pid: 1,
             running: None,
             ingest_addr: None,
+            lines_addr: None,
         }
     }
 

@@ -72,6 +72,9 @@ pub struct Register {
     /// Where the worker takes ingest requests over HTTP (`host:port`), if it does.
     #[serde(default)]
     pub ingest_addr: Option<String>,
+    /// Where the worker takes NDJSON over its raw TCP line port, if it does.
+    #[serde(default)]
+    pub lines_addr: Option<String>,
 }
 
 /// A generation a worker is currently running.
@@ -550,6 +553,7 @@ mod tests {
             pid: 7,
             running: None,
             ingest_addr: None,
+            lines_addr: None,
         }
     }
 

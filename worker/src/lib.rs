@@ -10,6 +10,7 @@
 pub mod computation;
 pub mod engine;
 pub mod ingest;
+pub mod lines;
 pub mod mesh;
 pub mod supervisor;
 

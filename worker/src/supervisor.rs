@@ -37,6 +37,8 @@ pub struct SupervisorConfig {
     pub advertise: Option<String>,
     /// Where to serve the worker's own ingest endpoint, if anywhere.
     pub ingest: Option<String>,
+    /// Where to serve the raw TCP line port, if anywhere.
+    pub lines: Option<String>,
     /// The program to run as computation child (this binary), and the arguments before
     /// `computation`.
     pub child_program: PathBuf,
@@ -244,6 +246,7 @@ struct Supervisor {
     last_generation: u64,
     terminate: Arc<AtomicBool>,
     ingest_addr: Option<String>,
+    lines_addr: Option<String>,
     local: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<crate::ingest::IngestResult>>,
     next_local: u64,
 }
@@ -275,6 +278,18 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
             Some(advertised)
         }
     };
+    let lines_addr = match &cfg.lines {
+        None => None,
+        Some(addr) => {
+            let (bind, advertised) = resolve_ingest_address(addr, cfg.advertise.as_deref())?;
+            let listener =
+                TcpListener::bind(&bind).map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
+            crate::lines::spawn(listener, events_tx.clone())
+                .map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
+            tracing::info!(lines = %advertised, "line port listening");
+            Some(advertised)
+        }
+    };
     let mut sup = Supervisor {
         cfg,
         id,
@@ -291,6 +306,7 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
         last_generation: 0,
         terminate,
         ingest_addr,
+        lines_addr,
         local: std::collections::HashMap::new(),
         next_local: LOCAL_IDS,
     };
@@ -398,6 +414,7 @@ impl Supervisor {
             pid: std::process::id(),
             running,
             ingest_addr: self.ingest_addr.clone(),
+            lines_addr: self.lines_addr.clone(),
         });
         write_msg(&mut stream, &register).map_err(|e| ConnectError::Retry(format!("sending registration: {e}")))?;
         let (index, interval_ms, timeout_ms) = match read_msg::<_, CoordMsg>(&mut stream) {
