@@ -43,7 +43,12 @@ fn model(evs: &[(u64, i64, i64)]) -> BTreeMap<(String, String, i64), Value> {
 }
 
 fn export(http: &str, as_of: u64) -> BTreeMap<(String, String, i64), Value> {
-    let (code, text) = get_text(http, &format!("/v1/dataflows/per_minute/export?as_of={as_of}"));
+    export_paged(http, as_of, 20_000)
+}
+
+/// The export, asking each process for `page_keys` keys at a time.
+fn export_paged(http: &str, as_of: u64, page_keys: u32) -> BTreeMap<(String, String, i64), Value> {
+    let (code, text) = get_text(http, &format!("/v1/dataflows/per_minute/export?as_of={as_of}&page_keys={page_keys}"));
     assert_eq!(code, 200, "{text}");
     text.lines()
         .map(|l| {
@@ -134,6 +139,7 @@ fn workers_ingest_directly_and_the_cli_ingests_in_parallel() {
     assert!(stdout.contains("over 2 endpoints"), "{stdout}");
     let epoch: u64 = stdout.split("epoch ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert_eq!(export(&http, epoch), model(&evs));
+    assert_eq!(export_paged(&http, epoch, 7), model(&evs), "an export of many small pages is the same");
 
     // A worker's endpoint directly: good lines are kept, bad ones are listed with their reason.
     let more = stream(20_100).split_off(20_000);

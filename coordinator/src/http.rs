@@ -351,6 +351,8 @@ const DEFAULT_READ_TIMEOUT_MS: u64 = 10_000;
 struct ReadParams {
     as_of: Option<u64>,
     timeout_ms: Option<u64>,
+    /// Exports: keys per page asked of each process.
+    page_keys: Option<u32>,
 }
 
 impl ReadParams {
@@ -438,13 +440,14 @@ async fn read_keys(
         as_of,
         keys: Some(by_process.get(&p).cloned().unwrap_or_default()),
         timeout_ms,
+        page: None,
     })
     .await?;
     let mut watermark = None;
     let mut found: BTreeMap<Key, KeyResult> = BTreeMap::new();
     for reply in replies {
         match reply {
-            Reply::Read { watermark: w, results } => {
+            Reply::Read { watermark: w, results, .. } => {
                 watermark = watermark.max(w);
                 found.extend(results.into_iter().map(|r| (r.key.clone(), r)));
             }
@@ -562,7 +565,7 @@ async fn lookup(
         .enumerate()
         .map(|(i, k)| json_key(k, &types).map_err(|e| ApiError::bad(format!("keys[{i}]: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let timeout_ms = ReadParams { as_of: None, timeout_ms: body.timeout_ms }.timeout_ms()?;
+    let timeout_ms = ReadParams { as_of: None, timeout_ms: body.timeout_ms, page_keys: None }.timeout_ms()?;
     let ready = shared.ready()?;
     let as_of = resolve_as_of(&shared, &ready, &name, body.as_of).await?;
     let (watermark, results) = read_keys(&shared, &ready, &name, &keys, as_of, timeout_ms).await?;
@@ -578,34 +581,14 @@ fn ndjson(text: String) -> Response {
     ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from(text)).into_response()
 }
 
-async fn export(
-    State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
-    params: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(params) = params?;
-    find_dataflow(&shared, &name)?;
-    let timeout_ms = params.timeout_ms()?;
-    let ready = shared.ready()?;
-    let as_of = resolve_as_of(&shared, &ready, &name, params.as_of).await?;
-    let replies = fan_out(&shared, &ready, |_| Request::Read {
-        after: ready.after,
-        dataflow: name.clone(),
-        as_of,
-        keys: None,
-        timeout_ms,
-    })
-    .await?;
-    let mut results: Vec<KeyResult> = Vec::new();
-    for reply in replies {
-        match reply {
-            Reply::Read { results: part, .. } => results.extend(part),
-            other => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
-        }
-    }
-    results.sort_by(|a, b| a.key.cmp(&b.key));
+/// Keys per page of an export.
+const EXPORT_PAGE_KEYS: u32 = 20_000;
+/// How long workers keep an export's epoch readable between two pages.
+const EXPORT_HOLD_MS: u64 = 60_000;
+
+fn export_lines(results: &[KeyResult]) -> String {
     let mut out = String::new();
-    for r in &results {
+    for r in results {
         let key = r.key.to_json();
         for (feature, windows) in &r.features {
             for w in windows {
@@ -615,7 +598,82 @@ async fn export(
             }
         }
     }
-    let mut response = ndjson(out);
+    out
+}
+
+/// `GET /v1/dataflows/{name}/export`: every process is read page by page (a page is the next
+/// keys in key order), all at the same epoch, which the workers keep readable while the export
+/// runs; the NDJSON is streamed as pages arrive. Errors before the first byte get a status; an
+/// error later ends the stream with a line `{"error": ...}`.
+async fn export(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params?;
+    find_dataflow(&shared, &name)?;
+    let timeout_ms = params.timeout_ms()?;
+    let limit = params.page_keys.unwrap_or(EXPORT_PAGE_KEYS);
+    if !(1..=1_000_000).contains(&limit) {
+        return Err(ApiError::bad("page_keys must be between 1 and 1000000"));
+    }
+    let ready = shared.ready()?;
+    let as_of = resolve_as_of(&shared, &ready, &name, params.as_of).await?;
+    let page = |start_after: Option<Key>| Request::Read {
+        after: ready.after,
+        dataflow: name.clone(),
+        as_of,
+        keys: None,
+        timeout_ms,
+        page: Some(sundial_protocol::Page { start_after, limit, hold_ms: EXPORT_HOLD_MS }),
+    };
+    // The first page of every process before answering, so that errors get a status.
+    let firsts = fan_out(&shared, &ready, |_| page(None)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let task_shared = Arc::clone(&shared);
+    let task_ready = ready.clone();
+    let task_name = name.clone();
+    tokio::spawn(async move {
+        for (p, first) in firsts.into_iter().enumerate() {
+            let mut reply = first;
+            loop {
+                let (results, more) = match reply {
+                    Reply::Read { results, more, .. } => (results, more),
+                    other => {
+                        let line = json!({"error": format!("unexpected reply {other:?}")}).to_string() + "\n";
+                        let _ = tx.send(Ok(Bytes::from(line))).await;
+                        return;
+                    }
+                };
+                let last = results.last().map(|r| r.key.clone());
+                if tx.send(Ok(Bytes::from(export_lines(&results)))).await.is_err() {
+                    return; // the client went away
+                }
+                let (true, Some(last)) = (more, last) else { break };
+                let request = Request::Read {
+                    after: task_ready.after,
+                    dataflow: task_name.clone(),
+                    as_of,
+                    keys: None,
+                    timeout_ms,
+                    page: Some(sundial_protocol::Page { start_after: Some(last), limit, hold_ms: EXPORT_HOLD_MS }),
+                };
+                reply = match task_shared
+                    .request_to(task_ready.conns[p], task_ready.generation, request, Duration::from_secs(130))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let line = json!({"error": e.to_string()}).to_string() + "\n";
+                        let _ = tx.send(Ok(Bytes::from(line))).await;
+                        return;
+                    }
+                };
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut response = ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response();
     if let Ok(v) = HeaderValue::from_str(&as_of.to_string()) {
         response.headers_mut().insert("x-sundial-as-of", v);
     }

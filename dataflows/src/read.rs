@@ -66,19 +66,42 @@ pub fn read_key(trace: &mut SlotTrace, key: &Key, as_of: Epoch) -> Result<Vec<Sl
 }
 
 /// Calls `f` with every key that has live slots at `as_of`, in key order.
-pub fn read_all(trace: &mut SlotTrace, as_of: Epoch, mut f: impl FnMut(&Key, Vec<Slot>)) -> Result<(), ReadError> {
+pub fn read_all(trace: &mut SlotTrace, as_of: Epoch, f: impl FnMut(&Key, Vec<Slot>)) -> Result<(), ReadError> {
+    read_from(trace, as_of, None, usize::MAX, f).map(|_| ())
+}
+
+/// Calls `f` with the keys after `start_after` (all keys when `None`) that have live slots at
+/// `as_of`, in key order, at most `limit` of them. Returns whether more such keys remain.
+pub fn read_from(
+    trace: &mut SlotTrace,
+    as_of: Epoch,
+    start_after: Option<&Key>,
+    limit: usize,
+    mut f: impl FnMut(&Key, Vec<Slot>),
+) -> Result<bool, ReadError> {
     check(trace, as_of)?;
     let Some(batches) = trace.batches_through(Antichain::new().borrow()) else {
-        return Ok(());
+        return Ok(false);
     };
     let (mut cursor, storage) = cursor_list(batches);
+    if let Some(start) = start_after {
+        cursor.seek_key(&storage, start);
+        if cursor.get_key(&storage) == Some(start) {
+            cursor.step_key(&storage);
+        }
+    }
+    let mut taken = 0;
     while let Some(key) = cursor.get_key(&storage) {
         let key = key.clone();
         let slots = live_slots(&mut cursor, &storage, as_of);
         if !slots.is_empty() {
+            if taken == limit {
+                return Ok(true);
+            }
             f(&key, slots);
+            taken += 1;
         }
         cursor.step_key(&storage);
     }
-    Ok(())
+    Ok(false)
 }

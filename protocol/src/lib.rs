@@ -243,6 +243,9 @@ pub enum Request {
         keys: Option<Vec<value::Key>>,
         /// How long to wait for `as_of` to complete.
         timeout_ms: u64,
+        /// For exports: one page of keys, in key order.
+        #[serde(default)]
+        page: Option<Page>,
     },
     /// The most recent late events of a source kept by this process.
     Late {
@@ -251,6 +254,17 @@ pub enum Request {
         /// The source.
         source: String,
     },
+}
+
+/// A page of an export.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Page {
+    /// Keys after this one (exclusive); `None` starts at the first key.
+    pub start_after: Option<value::Key>,
+    /// At most this many keys.
+    pub limit: u32,
+    /// Keep `as_of` readable (not compacted) for this long, for the next pages.
+    pub hold_ms: u64,
 }
 
 /// One window of one feature in a read.
@@ -358,6 +372,9 @@ pub enum Reply {
         watermark: Option<i64>,
         /// The keys that have data, in key order for exports and request order for keys.
         results: Vec<KeyResult>,
+        /// For pages: keys remain after the last one returned.
+        #[serde(default)]
+        more: bool,
     },
     /// Late events, as NDJSON lines.
     Late {

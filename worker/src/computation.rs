@@ -160,14 +160,25 @@ impl Router {
             Request::Late { after, source } => {
                 gather_all(&|| PartJob::Late { source: source.clone() }, after, self);
             }
-            Request::Read { after, dataflow, as_of, keys, timeout_ms } => {
+            Request::Read { after, dataflow, as_of, keys, timeout_ms, page } => {
                 let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
                 match keys {
-                    None => gather_all(
-                        &|| PartJob::Read { dataflow: dataflow.clone(), as_of, keys: None, deadline },
-                        after,
-                        self,
-                    ),
+                    None => {
+                        let gather = match &page {
+                            Some(p) => Gather::page(id, self.threads, p.limit as usize),
+                            None => Gather::new(id, self.threads),
+                        };
+                        for local in 0..self.threads {
+                            let part = PartJob::Read {
+                                dataflow: dataflow.clone(),
+                                as_of,
+                                keys: None,
+                                deadline,
+                                page: page.clone(),
+                            };
+                            self.send(local, Job::Part { after, part, gather: Arc::clone(&gather) });
+                        }
+                    }
                     Some(keys) => {
                         // Each key goes to the worker thread that owns it.
                         let mut by_local: Vec<Vec<Key>> = vec![Vec::new(); self.threads];
@@ -184,12 +195,21 @@ impl Router {
                         let parts: Vec<(usize, Vec<Key>)> =
                             by_local.into_iter().enumerate().filter(|(_, k)| !k.is_empty()).collect();
                         if parts.is_empty() {
-                            tell(&FromChild::Reply { id, reply: Reply::Read { watermark: None, results: Vec::new() } });
+                            tell(&FromChild::Reply {
+                                id,
+                                reply: Reply::Read { watermark: None, results: Vec::new(), more: false },
+                            });
                             return Ok(());
                         }
                         let gather = Gather::new(id, parts.len());
                         for (local, keys) in parts {
-                            let part = PartJob::Read { dataflow: dataflow.clone(), as_of, keys: Some(keys), deadline };
+                            let part = PartJob::Read {
+                                dataflow: dataflow.clone(),
+                                as_of,
+                                keys: Some(keys),
+                                deadline,
+                                page: None,
+                            };
                             self.send(local, Job::Part { after, part, gather: Arc::clone(&gather) });
                         }
                     }

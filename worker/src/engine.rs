@@ -18,7 +18,7 @@ use timely::worker::Worker;
 use sundial_dataflows::control::{collect_commands, control_probe, control_stream, ControlInput, Seq};
 use sundial_dataflows::diagnostic::{exchange_check, CheckCounts};
 use sundial_dataflows::features::{assemble, render, Epoch, Rendered, Report};
-use sundial_dataflows::read::{read_all, read_key};
+use sundial_dataflows::read::{read_from, read_key};
 use sundial_dataflows::row::{parse_body, Row};
 use sundial_protocol::child::FromChild;
 use sundial_protocol::plan::SourcePlan;
@@ -87,6 +87,8 @@ pub enum PartJob {
         keys: Option<Vec<Key>>,
         /// When to give up waiting for `as_of`.
         deadline: Instant,
+        /// For exports: one page of keys.
+        page: Option<sundial_protocol::Page>,
     },
     /// Late events kept for a source.
     Late {
@@ -98,13 +100,21 @@ pub enum PartJob {
 /// Collects the parts of one request from several workers and replies once all are in.
 pub struct Gather {
     id: u64,
+    /// For a page of an export: the most keys to answer with.
+    limit: Option<usize>,
     state: Mutex<(usize, Option<Reply>)>,
 }
 
 impl Gather {
     /// A gather for request `id` expecting `parts` answers.
     pub fn new(id: u64, parts: usize) -> Arc<Gather> {
-        Arc::new(Gather { id, state: Mutex::new((parts, None)) })
+        Arc::new(Gather { id, limit: None, state: Mutex::new((parts, None)) })
+    }
+
+    /// A gather for one page of an export: the parts' keys are merged in key order and cut at
+    /// `limit`.
+    pub fn page(id: u64, parts: usize, limit: usize) -> Arc<Gather> {
+        Arc::new(Gather { id, limit: Some(limit), state: Mutex::new((parts, None)) })
     }
 
     fn complete(&self, part: Reply) {
@@ -115,9 +125,9 @@ impl Gather {
             (Some(Reply::Frontier { complete: a }), Reply::Frontier { complete: b }) => {
                 Reply::Frontier { complete: a.zip(b).map(|(a, b)| a.min(b)) }
             }
-            (Some(Reply::Read { watermark, mut results }), Reply::Read { results: more, .. }) => {
-                results.extend(more);
-                Reply::Read { watermark, results }
+            (Some(Reply::Read { watermark, mut results, more }), Reply::Read { results: extra, more: more2, .. }) => {
+                results.extend(extra);
+                Reply::Read { watermark, results, more: more || more2 }
             }
             (Some(Reply::Late { mut lines }), Reply::Late { lines: more }) => {
                 lines.extend(more);
@@ -127,6 +137,13 @@ impl Gather {
         });
         state.0 = state.0.saturating_sub(1);
         if state.0 == 0 {
+            if let (Some(limit), Some(Reply::Read { results, more, .. })) = (self.limit, state.1.as_mut()) {
+                results.sort_by(|a, b| a.key.cmp(&b.key));
+                if results.len() > limit {
+                    results.truncate(limit);
+                    *more = true;
+                }
+            }
             if let Some(reply) = state.1.take() {
                 crate::computation::tell(&FromChild::Reply { id: self.id, reply });
             }
@@ -179,6 +196,8 @@ struct Engine {
     dataflows: HashMap<String, DataflowRt>,
     epoch: Epoch,
     deferred: VecDeque<Job>,
+    /// Read holds of paged exports: dataflow → (epoch kept readable, until when).
+    holds: HashMap<String, Vec<(Epoch, Instant)>>,
 }
 
 /// Runs one worker thread forever.
@@ -217,6 +236,7 @@ pub fn run(worker: &mut Worker, ctx: &Context) -> ! {
         dataflows: HashMap::new(),
         epoch: unix_ms(),
         deferred: VecDeque::new(),
+        holds: HashMap::new(),
     };
     loop {
         if let Some(jobs) = &jobs {
@@ -350,7 +370,13 @@ impl Engine {
                     });
                     None
                 }
-                PartJob::Read { dataflow, as_of, keys, deadline } => {
+                PartJob::Read { dataflow, as_of, keys, deadline, page } => {
+                    if let Some(p) = &page {
+                        let until = Instant::now() + Duration::from_millis(p.hold_ms);
+                        let holds = self.holds.entry(dataflow.clone()).or_default();
+                        holds.retain(|(e, _)| *e != as_of);
+                        holds.push((as_of, until));
+                    }
                     let Some(df) = self.dataflows.get_mut(&dataflow) else {
                         gather.complete(unknown_dataflow(&dataflow));
                         return None;
@@ -367,11 +393,11 @@ impl Engine {
                         }
                         return Some(Job::Part {
                             after,
-                            part: PartJob::Read { dataflow, as_of, keys, deadline },
+                            part: PartJob::Read { dataflow, as_of, keys, deadline, page },
                             gather,
                         });
                     }
-                    gather.complete(read(df, as_of, keys));
+                    gather.complete(read(df, as_of, keys, page.as_ref()));
                     None
                 }
             },
@@ -486,9 +512,15 @@ impl Engine {
             if let Some(source) = self.sources.get_mut(name) {
                 source.watermark = source.watermark.max(current);
             }
-            // Keep HISTORY_MS of epochs readable; let the rest compact.
+            // Keep HISTORY_MS of epochs readable, and the epochs of exports in progress; let the
+            // rest compact. The compaction frontier never goes back.
             if let Some(complete) = complete_epoch(&df.rendered.probe) {
-                let since = complete.saturating_sub(HISTORY_MS);
+                let holds = self.holds.entry(df.rendered.layout.plan.name.clone()).or_default();
+                let now = Instant::now();
+                holds.retain(|(_, until)| *until > now);
+                let held = holds.iter().map(|(e, _)| *e).min().unwrap_or(u64::MAX);
+                let current = df.rendered.trace.get_logical_compaction().iter().next().copied().unwrap_or(0);
+                let since = complete.saturating_sub(HISTORY_MS).min(held).max(current);
                 let frontier = Antichain::from_elem(since);
                 df.rendered.trace.set_logical_compaction(frontier.borrow());
                 df.rendered.trace.set_physical_compaction(frontier.borrow());
@@ -510,10 +542,11 @@ fn complete_epoch(probe: &ProbeHandle<Epoch>) -> Option<Epoch> {
     })
 }
 
-fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>) -> Reply {
+fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>, page: Option<&sundial_protocol::Page>) -> Reply {
     let watermark = df.rendered.watermarks.borrow().at(as_of);
     let layout = std::rc::Rc::clone(&df.rendered.layout);
     let mut results = Vec::new();
+    let mut more_keys = false;
     let outcome = match keys {
         Some(keys) => keys.into_iter().try_for_each(|key| {
             let slots = read_key(&mut df.rendered.trace, &key, as_of)?;
@@ -522,12 +555,21 @@ fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>) -> Reply {
             }
             Ok(())
         }),
-        None => read_all(&mut df.rendered.trace, as_of, |key, slots| {
-            results.push(KeyResult { key: key.clone(), features: assemble(&layout, &slots, watermark) });
-        }),
+        None => {
+            let (start, limit) = match page {
+                Some(p) => (p.start_after.as_ref(), p.limit as usize),
+                None => (None, usize::MAX),
+            };
+            read_from(&mut df.rendered.trace, as_of, start, limit, |key, slots| {
+                results.push(KeyResult { key: key.clone(), features: assemble(&layout, &slots, watermark) });
+            })
+            .map(|more| {
+                more_keys = more;
+            })
+        }
     };
     match outcome {
-        Ok(()) => Reply::Read { watermark, results },
+        Ok(()) => Reply::Read { watermark, results, more: more_keys },
         Err(e) => Reply::Error { message: e.to_string() },
     }
 }
