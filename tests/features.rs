@@ -89,10 +89,14 @@ fn model(evs: &[(u64, i64, i64, String)]) -> Model {
 }
 
 fn export(http: &str, dataflow: &str, as_of: Option<u64>) -> Model {
-    let path = match as_of {
-        Some(e) => format!("/v1/dataflows/{dataflow}/export?as_of={e}"),
-        None => format!("/v1/dataflows/{dataflow}/export"),
-    };
+    match as_of {
+        Some(e) => export_query(http, dataflow, &format!("as_of={e}")),
+        None => export_query(http, dataflow, ""),
+    }
+}
+
+fn export_query(http: &str, dataflow: &str, query: &str) -> Model {
+    let path = format!("/v1/dataflows/{dataflow}/export?{query}");
     let (status, text) = request(http, "GET", &path, "", b"");
     assert_eq!(status, 200, "{text}");
     text.lines()
@@ -201,6 +205,8 @@ fn a_cluster_computes_what_the_model_computes() {
         }
     }
     assert_eq!(export(&http, "spend", Some(last_epoch)), model(&evs));
+    // The same export in pages of 3 keys per process (each process merges its two threads' pages).
+    assert_eq!(export_query(&http, "spend", &format!("page_keys=3&as_of={last_epoch}")), model(&evs));
 
     // One key, and many keys in request order, at the same epoch.
     let (code, text) = request(&http, "GET", &format!("/v1/dataflows/spend/keys/7?as_of={last_epoch}"), "", b"");

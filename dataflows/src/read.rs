@@ -67,16 +67,18 @@ pub fn read_key(trace: &mut SlotTrace, key: &Key, as_of: Epoch) -> Result<Vec<Sl
 
 /// Calls `f` with every key that has live slots at `as_of`, in key order.
 pub fn read_all(trace: &mut SlotTrace, as_of: Epoch, f: impl FnMut(&Key, Vec<Slot>)) -> Result<(), ReadError> {
-    read_from(trace, as_of, None, usize::MAX, f).map(|_| ())
+    read_from(trace, as_of, None, usize::MAX, usize::MAX, f).map(|_| ())
 }
 
 /// Calls `f` with the keys after `start_after` (all keys when `None`) that have live slots at
-/// `as_of`, in key order, at most `limit` of them. Returns whether more such keys remain.
+/// `as_of`, in key order: at most `limit` keys, and no further key once `max_slots` slots have
+/// been read (the first key is always read whole). Returns whether more such keys remain.
 pub fn read_from(
     trace: &mut SlotTrace,
     as_of: Epoch,
     start_after: Option<&Key>,
     limit: usize,
+    max_slots: usize,
     mut f: impl FnMut(&Key, Vec<Slot>),
 ) -> Result<bool, ReadError> {
     check(trace, as_of)?;
@@ -90,14 +92,15 @@ pub fn read_from(
             cursor.step_key(&storage);
         }
     }
-    let mut taken = 0;
+    let (mut taken, mut slots_taken) = (0, 0);
     while let Some(key) = cursor.get_key(&storage) {
         let key = key.clone();
         let slots = live_slots(&mut cursor, &storage, as_of);
         if !slots.is_empty() {
-            if taken == limit {
+            if taken == limit || (taken > 0 && slots_taken >= max_slots) {
                 return Ok(true);
             }
+            slots_taken += slots.len();
             f(&key, slots);
             taken += 1;
         }

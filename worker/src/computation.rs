@@ -42,8 +42,20 @@ pub const MESH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Writes one message to the supervisor. A failure means the supervisor is gone: exit.
 pub fn tell(msg: &FromChild) {
     let mut out = io::stdout().lock();
-    if write_msg(&mut out, msg).is_err() {
-        std::process::exit(0);
+    match write_msg(&mut out, msg) {
+        Ok(()) => {}
+        // A reply that cannot be framed (too large) becomes an error reply; nothing was written.
+        Err(e @ (FrameError::TooLarge(_) | FrameError::Malformed(_))) => {
+            tracing::error!("cannot send a reply to the supervisor: {e}");
+            if let FromChild::Reply { id, .. } = msg {
+                let reply = Reply::Error { message: format!("the reply could not be sent: {e}") };
+                if write_msg(&mut out, &FromChild::Reply { id: *id, reply }).is_err() {
+                    std::process::exit(0);
+                }
+            }
+        }
+        // The supervisor is gone.
+        Err(_) => std::process::exit(0),
     }
 }
 

@@ -30,6 +30,9 @@ pub const TICK: Duration = Duration::from_millis(20);
 /// How much history (in epochs, i.e. milliseconds) stays readable behind the newest complete
 /// epoch before it is compacted away.
 pub const HISTORY_MS: u64 = 30_000;
+/// Slots (panes, sessions) a worker reads for one page of an export at most, so that a page's
+/// reply stays a few megabytes whatever the number of windows per key.
+pub const PAGE_SLOTS: usize = 50_000;
 /// Late events kept per source on each worker, for `GET /v1/sources/{source}/late`.
 pub const LATE_KEPT: usize = 100;
 
@@ -102,24 +105,49 @@ pub struct Gather {
     id: u64,
     /// For a page of an export: the most keys to answer with.
     limit: Option<usize>,
-    state: Mutex<(usize, Option<Reply>)>,
+    state: Mutex<GatherState>,
+}
+
+struct GatherState {
+    /// Parts still to come.
+    remaining: usize,
+    /// The merged answer so far.
+    reply: Option<Reply>,
+    /// For pages: the smallest last key among parts that stopped early. Keys after it may be
+    /// missing from that part, so the page ends there.
+    cut: Option<Key>,
 }
 
 impl Gather {
     /// A gather for request `id` expecting `parts` answers.
     pub fn new(id: u64, parts: usize) -> Arc<Gather> {
-        Arc::new(Gather { id, limit: None, state: Mutex::new((parts, None)) })
+        Arc::new(Gather {
+            id,
+            limit: None,
+            state: Mutex::new(GatherState { remaining: parts, reply: None, cut: None }),
+        })
     }
 
     /// A gather for one page of an export: the parts' keys are merged in key order and cut at
     /// `limit`.
     pub fn page(id: u64, parts: usize, limit: usize) -> Arc<Gather> {
-        Arc::new(Gather { id, limit: Some(limit), state: Mutex::new((parts, None)) })
+        Arc::new(Gather {
+            id,
+            limit: Some(limit),
+            state: Mutex::new(GatherState { remaining: parts, reply: None, cut: None }),
+        })
     }
 
     fn complete(&self, part: Reply) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.1 = Some(match (state.1.take(), part) {
+        if let Reply::Read { results, more: true, .. } = &part {
+            if let Some(last) = results.last() {
+                if state.cut.as_ref().is_none_or(|c| last.key < *c) {
+                    state.cut = Some(last.key.clone());
+                }
+            }
+        }
+        state.reply = Some(match (state.reply.take(), part) {
             (None, p) => p,
             (Some(Reply::Error { message }), _) | (_, Reply::Error { message }) => Reply::Error { message },
             (Some(Reply::Frontier { complete: a }), Reply::Frontier { complete: b }) => {
@@ -135,18 +163,27 @@ impl Gather {
             }
             (Some(_), other) => other,
         });
-        state.0 = state.0.saturating_sub(1);
-        if state.0 == 0 {
-            if let (Some(limit), Some(Reply::Read { results, more, .. })) = (self.limit, state.1.as_mut()) {
-                results.sort_by(|a, b| a.key.cmp(&b.key));
-                if results.len() > limit {
-                    results.truncate(limit);
+        state.remaining = state.remaining.saturating_sub(1);
+        if state.remaining > 0 {
+            return;
+        }
+        let cut = state.cut.take();
+        if let (Some(limit), Some(Reply::Read { results, more, .. })) = (self.limit, state.reply.as_mut()) {
+            results.sort_by(|a, b| a.key.cmp(&b.key));
+            if let Some(cut) = &cut {
+                let keep = results.partition_point(|r| r.key <= *cut);
+                if keep < results.len() {
+                    results.truncate(keep);
                     *more = true;
                 }
             }
-            if let Some(reply) = state.1.take() {
-                crate::computation::tell(&FromChild::Reply { id: self.id, reply });
+            if results.len() > limit {
+                results.truncate(limit);
+                *more = true;
             }
+        }
+        if let Some(reply) = state.reply.take() {
+            crate::computation::tell(&FromChild::Reply { id: self.id, reply });
         }
     }
 }
@@ -560,7 +597,7 @@ fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>, page: Option<
                 Some(p) => (p.start_after.as_ref(), p.limit as usize),
                 None => (None, usize::MAX),
             };
-            read_from(&mut df.rendered.trace, as_of, start, limit, |key, slots| {
+            read_from(&mut df.rendered.trace, as_of, start, limit, PAGE_SLOTS, |key, slots| {
                 results.push(KeyResult { key: key.clone(), features: assemble(&layout, &slots, watermark) });
             })
             .map(|more| {
