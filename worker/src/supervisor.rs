@@ -128,26 +128,31 @@ pub fn resolve_data_address(listen: &str, advertise: Option<&str>) -> Result<(St
     Ok((bind, advertised))
 }
 
-/// Resolves the ingest endpoint's address: what to bind, and what to advertise (the host of
-/// `--advertise` when the bind address is unspecified).
-pub fn resolve_ingest_address(listen: &str, advertise: Option<&str>) -> Result<(String, String), WorkerError> {
-    let addr: SocketAddr = listen
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| WorkerError::Config(format!("--ingest {listen} is not a host:port address")))?;
-    let probe = TcpListener::bind(addr).map_err(|source| WorkerError::Listen { addr: listen.to_string(), source })?;
-    let bound = probe.local_addr().map_err(|source| WorkerError::Listen { addr: listen.to_string(), source })?;
-    drop(probe);
+/// Binds `addr` (if given) for an ingest front end and starts `serve` on it. Returns the
+/// address to advertise: the bound one, or the host of `--advertise` with the bound port when
+/// the bind address is unspecified (0.0.0.0).
+fn serve_ingest(
+    addr: Option<&str>,
+    advertise: Option<&str>,
+    what: &str,
+    events: &Sender<Event>,
+    serve: fn(TcpListener, Sender<Event>) -> io::Result<()>,
+) -> Result<Option<String>, WorkerError> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listen_err = |source| WorkerError::Listen { addr: addr.to_string(), source };
+    let listener = TcpListener::bind(addr).map_err(listen_err)?;
+    let bound = listener.local_addr().map_err(listen_err)?;
     let advertised = if bound.ip().is_unspecified() {
         let host = advertise.map(|a| a.rsplit_once(':').map_or(a, |(h, _)| h)).ok_or_else(|| {
-            WorkerError::Config(format!("--ingest {listen} binds every interface; give --advertise HOST"))
+            WorkerError::Config(format!("{what} {addr} binds every interface; give --advertise HOST"))
         })?;
         format!("{host}:{}", bound.port())
     } else {
         bound.to_string()
     };
-    Ok((bound.to_string(), advertised))
+    serve(listener, events.clone()).map_err(listen_err)?;
+    tracing::info!(address = %advertised, "{what} listening");
+    Ok(Some(advertised))
 }
 
 fn host_name() -> String {
@@ -266,30 +271,10 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
             .map_err(|e| WorkerError::Config(format!("cannot install the signal handler: {e}")))?;
     }
     let (events_tx, events) = mpsc::channel();
-    let ingest_addr = match &cfg.ingest {
-        None => None,
-        Some(addr) => {
-            let (bind, advertised) = resolve_ingest_address(addr, cfg.advertise.as_deref())?;
-            let listener =
-                TcpListener::bind(&bind).map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
-            crate::ingest::spawn(listener, events_tx.clone())
-                .map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
-            tracing::info!(ingest = %advertised, "ingest endpoint listening");
-            Some(advertised)
-        }
-    };
-    let lines_addr = match &cfg.lines {
-        None => None,
-        Some(addr) => {
-            let (bind, advertised) = resolve_ingest_address(addr, cfg.advertise.as_deref())?;
-            let listener =
-                TcpListener::bind(&bind).map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
-            crate::lines::spawn(listener, events_tx.clone())
-                .map_err(|source| WorkerError::Listen { addr: addr.clone(), source })?;
-            tracing::info!(lines = %advertised, "line port listening");
-            Some(advertised)
-        }
-    };
+    let advertise = cfg.advertise.as_deref();
+    let ingest_addr =
+        serve_ingest(cfg.ingest.as_deref(), advertise, "ingest endpoint", &events_tx, crate::ingest::spawn)?;
+    let lines_addr = serve_ingest(cfg.lines.as_deref(), advertise, "line port", &events_tx, crate::lines::spawn)?;
     let mut sup = Supervisor {
         cfg,
         id,
