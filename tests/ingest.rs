@@ -141,8 +141,47 @@ fn workers_ingest_directly_and_the_cli_ingests_in_parallel() {
     assert_eq!(export(&http, epoch), model(&evs));
     assert_eq!(export_paged(&http, epoch, 7), model(&evs), "an export of many small pages is the same");
 
+    // Two readers at the same epoch get identical answers while ingest continues.
+    let feeder = {
+        let endpoint = endpoints[0].clone();
+        std::thread::spawn(move || {
+            for chunk in stream(30_000)[20_000..].chunks(500) {
+                let body: String = chunk
+                    .iter()
+                    .map(|(u, t, a)| format!("{}\n", json!({"user_id": u, "ts": t, "amount": a})))
+                    .collect();
+                assert_eq!(post(&endpoint, "/v1/sources/tx/events", "application/x-ndjson", body.as_bytes()).0, 200);
+            }
+        })
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let http = http.clone();
+            std::thread::spawn(move || {
+                let keys = json!({"keys": (0..200).collect::<Vec<u64>>(), "as_of": epoch});
+                (0..5)
+                    .map(|_| {
+                        let (code, text) = post(
+                            &http,
+                            "/v1/dataflows/per_minute/lookup",
+                            "application/json",
+                            keys.to_string().as_bytes(),
+                        );
+                        assert_eq!(code, 200, "{text}");
+                        text
+                    })
+                    .collect::<Vec<String>>()
+            })
+        })
+        .collect();
+    let answers: Vec<Vec<String>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    feeder.join().unwrap();
+    assert!(answers.iter().flatten().all(|a| *a == answers[0][0]), "every read at epoch {epoch} is the same snapshot");
+    assert_eq!(export(&http, epoch), model(&evs), "and still the model of what was sent before it");
+
     // A worker's endpoint directly: good lines are kept, bad ones are listed with their reason.
-    let more = stream(20_100).split_off(20_000);
+    let fed: Vec<(u64, i64, i64)> = stream(30_000).split_off(20_000);
+    let more = stream(30_100).split_off(30_000);
     let mut body = String::new();
     for (i, (u, t, a)) in more.iter().enumerate() {
         body.push_str(&json!({"user_id": u, "ts": t, "amount": a}).to_string());
@@ -159,7 +198,7 @@ fn workers_ingest_directly_and_the_cli_ingests_in_parallel() {
     assert_eq!(reply["errors"][0]["line"], 12);
     assert!(reply["errors"][0]["reason"].as_str().unwrap().contains("must be u64"), "{reply}");
     assert!(reply["errors"][1]["reason"].as_str().unwrap().contains("over the limit"), "{reply}");
-    let all: Vec<_> = evs.iter().cloned().chain(more).collect();
+    let all: Vec<_> = evs.iter().cloned().chain(fed).chain(more).collect();
     assert_eq!(export(&http, reply["epoch"].as_u64().unwrap()), model(&all));
 
     // Bad requests.
