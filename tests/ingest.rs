@@ -90,6 +90,17 @@ fn raw_http(addr: &str, request_line: &str, length: usize, partial: &[u8]) -> St
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Creates the source `tx` and the dataflow `per_minute` (count and sum per user and minute).
+fn create_per_minute(http: &str) {
+    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "5s",
+        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64"}});
+    assert_eq!(post(http, "/v1/sources", "application/json", source.to_string().as_bytes()).0, 201);
+    let definition = json!({"name": "per_minute", "source": "tx", "key": "user_id", "retention": "forever",
+        "features": [{"name": "n", "agg": "count", "window": {"tumbling": "1m"}},
+                     {"name": "total", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}}]});
+    assert_eq!(post(http, "/v1/dataflows", "application/json", definition.to_string().as_bytes()).0, 201);
+}
+
 fn get_text(addr: &str, path: &str) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(60)))
@@ -113,13 +124,7 @@ fn workers_ingest_directly_and_the_cli_ingests_in_parallel() {
         status["workers"].as_array().unwrap().iter().map(|w| w["ingest_addr"].as_str().unwrap().to_string()).collect();
     assert_eq!(endpoints.len(), 2);
 
-    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "5s",
-        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64"}});
-    assert_eq!(post(&http, "/v1/sources", "application/json", source.to_string().as_bytes()).0, 201);
-    let definition = json!({"name": "per_minute", "source": "tx", "key": "user_id", "retention": "forever",
-        "features": [{"name": "n", "agg": "count", "window": {"tumbling": "1m"}},
-                     {"name": "total", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}}]});
-    assert_eq!(post(&http, "/v1/dataflows", "application/json", definition.to_string().as_bytes()).0, 201);
+    create_per_minute(&http);
 
     // The CLI, in parallel over both workers' endpoints.
     let evs = stream(20_000);
@@ -253,13 +258,7 @@ fn the_line_port_takes_a_stream_and_cuts_off_bad_clients() {
     );
     let status = wait_state(&http, "running", Duration::from_secs(60));
     let port = status["workers"][0]["lines_addr"].as_str().unwrap().to_string();
-    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "5s",
-        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64"}});
-    assert_eq!(post(&http, "/v1/sources", "application/json", source.to_string().as_bytes()).0, 201);
-    let definition = json!({"name": "per_minute", "source": "tx", "key": "user_id", "retention": "forever",
-        "features": [{"name": "n", "agg": "count", "window": {"tumbling": "1m"}},
-                     {"name": "total", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}}]});
-    assert_eq!(post(&http, "/v1/dataflows", "application/json", definition.to_string().as_bytes()).0, 201);
+    create_per_minute(&http);
 
     // A stream of 25,000 events with one bad line, then the producer closes its side.
     let evs = stream(25_000);
