@@ -401,6 +401,10 @@ async fn resolve_as_of(
     if let Some(e) = as_of {
         return Ok(e);
     }
+    // Processes report their complete epochs as they advance; fall back to asking them.
+    if let Some(e) = shared.newest_complete(ready, dataflow) {
+        return Ok(e);
+    }
     let replies =
         fan_out(shared, ready, |_| Request::Frontier { after: ready.after, dataflow: dataflow.to_string() }).await?;
     let mut newest: Option<u64> = None;

@@ -367,7 +367,7 @@ impl Membership {
                 }
                 Vec::new()
             }
-            WorkerMsg::Register(_) | WorkerMsg::Reply { .. } => Vec::new(),
+            WorkerMsg::Register(_) | WorkerMsg::Reply { .. } | WorkerMsg::Frontiers { .. } => Vec::new(),
         }
     }
 

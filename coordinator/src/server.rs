@@ -43,6 +43,8 @@ struct Inner {
     replaying: Option<u64>,
     /// Commands sequenced in the replayed generation; data requests wait for them.
     after: u64,
+    /// What each process last reported as complete: (generation, dataflow → epoch).
+    frontiers: HashMap<ConnId, (u64, HashMap<String, u64>)>,
 }
 
 /// State shared by the control port, the ticker and the HTTP API.
@@ -102,6 +104,7 @@ impl Shared {
                 replayed: 0,
                 replaying: None,
                 after: 0,
+                frontiers: HashMap::new(),
             }),
             membership_file,
             catalog: Mutex::new(catalog),
@@ -171,6 +174,21 @@ impl Shared {
             status.reason = Some(format!("generation {} is replaying the catalog", status.generation));
         }
         status
+    }
+
+    /// The newest epoch of `dataflow` complete on every process of `ready`, from what the
+    /// processes reported; `None` until each has reported it.
+    pub fn newest_complete(&self, ready: &Ready, dataflow: &str) -> Option<u64> {
+        let inner = self.lock();
+        ready
+            .conns
+            .iter()
+            .map(|c| match inner.frontiers.get(c) {
+                Some((generation, f)) if *generation == ready.generation => f.get(dataflow).copied(),
+                _ => None,
+            })
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|v| v.into_iter().min())
     }
 
     /// The running cluster, once its catalog is replayed.
@@ -445,6 +463,9 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             },
             frame = in_rx.recv() => match frame {
                 Some(Ok(body)) => match decode::<WorkerMsg>(&body) {
+                    Ok(WorkerMsg::Frontiers { generation, frontiers }) => {
+                        shared.lock().frontiers.insert(conn, (generation, frontiers.into_iter().collect()));
+                    }
                     Ok(WorkerMsg::Reply { id, reply }) => {
                         if let Some(waiter) = shared.lock().pending.remove(&id) {
                             let _ = waiter.send(reply);
@@ -462,5 +483,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = wr.shutdown().await;
     tracing::info!(%peer, index, "control connection ended: {reason}");
     shared.with_membership(|m| ((), m.disconnected(conn, &reason, Instant::now())));
-    shared.lock().conns.remove(&conn);
+    let mut inner = shared.lock();
+    inner.conns.remove(&conn);
+    inner.frontiers.remove(&conn);
 }

@@ -145,6 +145,14 @@ pub enum WorkerMsg {
         /// What happened, for the log and the cluster status.
         reason: String,
     },
+    /// The newest epoch complete on every worker thread of this process, per dataflow, sent when
+    /// it changes; the coordinator answers reads without `as_of` from it.
+    Frontiers {
+        /// The generation of the computation.
+        generation: u64,
+        /// (dataflow, newest complete epoch).
+        frontiers: Vec<(String, u64)>,
+    },
     /// The answer to [`CoordMsg::Request`] `id`.
     Reply {
         /// The request's id.
@@ -669,6 +677,11 @@ pub mod child {
     pub enum FromChild {
         /// The mesh is connected and the timely workers run.
         Started,
+        /// The newest epoch complete on every worker thread, per dataflow (when it changes).
+        Frontiers {
+            /// (dataflow, newest complete epoch).
+            frontiers: Vec<(String, u64)>,
+        },
         /// The computation could not start; it exits after this.
         Failed {
             /// Why.

@@ -92,6 +92,7 @@ pub fn run(listen: &str) -> ! {
         processes: formation.addresses.len(),
         jobs: Mutex::new(receivers),
         threads: (0..threads).map(|_| OnceLock::new()).collect(),
+        frontiers: Mutex::new(std::collections::HashMap::new()),
     });
     let guards = match start_timely(&formation, sockets, Arc::clone(&ctx)) {
         Ok(g) => g,
@@ -112,6 +113,33 @@ pub fn run(listen: &str) -> ! {
             thread::sleep(Duration::from_millis(20));
         })
         .unwrap_or_else(|e| fail(&format!("spawning the watch thread: {e}")));
+
+    // Report each dataflow's newest epoch complete on every local thread when it changes.
+    let reporter_ctx = Arc::clone(&ctx);
+    thread::Builder::new()
+        .name("sundial:frontiers".into())
+        .spawn(move || {
+            let mut last: Vec<(String, u64)> = Vec::new();
+            loop {
+                thread::sleep(Duration::from_millis(10));
+                let mut now: Vec<(String, u64)> = match reporter_ctx.frontiers.lock() {
+                    Ok(f) => f
+                        .iter()
+                        .filter_map(|(name, slots)| {
+                            let all: Option<Vec<u64>> = slots.iter().copied().collect();
+                            all.and_then(|v| v.into_iter().min()).map(|m| (name.clone(), m))
+                        })
+                        .collect(),
+                    Err(_) => continue,
+                };
+                now.sort();
+                if now != last {
+                    tell(&FromChild::Frontiers { frontiers: now.clone() });
+                    last = now;
+                }
+            }
+        })
+        .unwrap_or_else(|e| fail(&format!("spawning the frontier reporter: {e}")));
 
     let router =
         Router { senders, ctx, process: formation.index, threads, peers: threads * formation.addresses.len(), next: 0 };

@@ -216,6 +216,8 @@ pub struct Context {
     pub jobs: Mutex<Vec<Option<Receiver<Job>>>>,
     /// Each worker thread's handle, for unparking it when a job arrives.
     pub threads: Vec<std::sync::OnceLock<std::thread::Thread>>,
+    /// Per dataflow, each local thread's newest complete epoch (reported to the coordinator).
+    pub frontiers: Mutex<HashMap<String, Vec<Option<Epoch>>>>,
 }
 
 struct Engine {
@@ -235,6 +237,8 @@ struct Engine {
     deferred: VecDeque<Job>,
     /// Read holds of paged exports: dataflow → (epoch kept readable, until when).
     holds: HashMap<String, Vec<(Epoch, Instant)>>,
+    /// Dataflows dropped since the last report of frontiers.
+    dropped: Vec<String>,
 }
 
 /// Runs one worker thread forever.
@@ -274,6 +278,7 @@ pub fn run(worker: &mut Worker, ctx: &Context) -> ! {
         epoch: unix_ms(),
         deferred: VecDeque::new(),
         holds: HashMap::new(),
+        dropped: Vec::new(),
     };
     loop {
         if let Some(jobs) = &jobs {
@@ -339,6 +344,7 @@ impl Engine {
                 // handle releases the arrangement. timely then removes the dataflow and frees
                 // its operators' state.
                 if let Some(df) = self.dataflows.remove(&name) {
+                    self.dropped.push(name.clone());
                     let Rendered { rows, reports, trace, .. } = df.rendered;
                     drop((rows, reports, trace));
                     if self.index == 0 {
@@ -542,6 +548,13 @@ impl Engine {
                 false
             });
         }
+        if !self.dropped.is_empty() {
+            if let Ok(mut frontiers) = ctx.frontiers.lock() {
+                for name in self.dropped.drain(..) {
+                    frontiers.remove(&name);
+                }
+            }
+        }
         // Watermarks agreed in the dataflows are what ingest checks lateness against.
         for df in self.dataflows.values_mut() {
             let name = &df.rendered.layout.plan.source.name;
@@ -552,6 +565,14 @@ impl Engine {
             // Keep HISTORY_MS of epochs readable, and the epochs of exports in progress; let the
             // rest compact. The compaction frontier never goes back.
             if let Some(complete) = complete_epoch(&df.rendered.probe) {
+                if let Ok(mut frontiers) = ctx.frontiers.lock() {
+                    let slots = frontiers
+                        .entry(df.rendered.layout.plan.name.clone())
+                        .or_insert_with(|| vec![None; ctx.threads.len()]);
+                    if let Some(slot) = slots.get_mut(self.index % ctx.threads.len().max(1)) {
+                        *slot = Some(complete);
+                    }
+                }
                 let holds = self.holds.entry(df.rendered.layout.plan.name.clone()).or_default();
                 let now = Instant::now();
                 holds.retain(|(_, until)| *until > now);

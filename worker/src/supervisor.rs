@@ -622,6 +622,7 @@ impl Supervisor {
                 tracing::info!(generation, "computation connected to all peers");
                 self.send(&WorkerMsg::Started { generation, computation_pid });
             }
+            FromChild::Frontiers { frontiers } => self.send(&WorkerMsg::Frontiers { generation, frontiers }),
             FromChild::Failed { reason } => {
                 run.failure_reported = true;
                 self.send(&WorkerMsg::Failed { generation, reason });
