@@ -40,9 +40,16 @@ fn time_ms(datum: &Datum, unit: TimeUnit) -> Result<i64, String> {
     }
 }
 
+/// Event times are limited to the years 0 to 9999 (as RFC 3339 is), so that window arithmetic
+/// (start + size, time + gap) can never overflow.
+pub const MAX_ABS_TIME_MS: i64 = 253_402_300_800_000;
+
 fn finish(values: Vec<Datum>, source: &SourcePlan) -> Result<Row, String> {
-    let time = time_ms(&values[source.time], source.time_unit)
-        .map_err(|e| format!("field {:?}: {e}", source.fields[source.time].name))?;
+    let name = &source.fields[source.time].name;
+    let time = time_ms(&values[source.time], source.time_unit).map_err(|e| format!("field {name:?}: {e}"))?;
+    if !(-MAX_ABS_TIME_MS..=MAX_ABS_TIME_MS).contains(&time) {
+        return Err(format!("field {name:?}: time {time} ms is outside the years 0 to 9999"));
+    }
     Ok(Row { time, values: values.into_boxed_slice() })
 }
 
@@ -408,6 +415,9 @@ mod tests {
         }
         let s = source(TimeUnit::S);
         assert_eq!(parse_json_line(r#"{"ts": 3}"#, &s).unwrap().time, 3000);
+        let s = source(TimeUnit::Ms);
+        let err = parse_json_line(r#"{"ts": 9223372036854775807}"#, &s).unwrap_err();
+        assert!(err.contains("outside the years 0 to 9999"), "{err}");
     }
 
     #[test]
