@@ -379,6 +379,18 @@ fn touch<'a>(
 /// Live slots by key (one lookup per event, and a key clone only for a new slot).
 type SlotMap = hashbrown::HashMap<Key, Live, rustc_hash::FxBuildHasher>;
 
+/// Removes `key` from the sessions ending at `end`.
+fn unindex(by_end: &mut BTreeMap<i64, Vec<Key>>, end: i64, key: &Key) {
+    if let Some(keys) = by_end.get_mut(&end) {
+        if let Some(i) = keys.iter().position(|k| k == key) {
+            keys.swap_remove(i);
+        }
+        if keys.is_empty() {
+            by_end.remove(&end);
+        }
+    }
+}
+
 enum GroupState {
     Panes(BTreeMap<i64, SlotMap>),
     Sessions { by_key: FxHashMap<Key, Vec<Session>>, by_end: BTreeMap<i64, Vec<Key>> },
@@ -469,10 +481,12 @@ impl AggregateState {
                                 for (a, b) in merged.accs.iter_mut().zip(&s.accs) {
                                     a.merge(b);
                                 }
+                                unindex(by_end, s.end, &ev.key);
                             } else {
                                 kept.push(s);
                             }
                         }
+                        // One index entry per live session (not per event).
                         by_end.entry(merged.end).or_default().push(ev.key.clone());
                         kept.push(merged);
                         kept.sort_by_key(|s| s.start);
