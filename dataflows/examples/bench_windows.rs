@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use sundial_dataflows::features::{render, Epoch, Report};
 use sundial_dataflows::read::read_all;
 use sundial_dataflows::row::Row;
-use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window};
+use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, SourcePlan, Window};
 use sundial_protocol::value::Datum;
 
 /// The same allocator as the `sundial` binary.
@@ -68,20 +68,11 @@ fn args() -> Args {
 }
 
 fn source() -> SourcePlan {
-    let f = |n: &str, ty| Field { name: n.into(), ty };
-    SourcePlan {
-        name: "events".into(),
-        fields: vec![
-            f("user_id", FieldType::U64),
-            f("ts", FieldType::I64),
-            f("amount", FieldType::I64),
-            f("merchant", FieldType::U64),
-        ],
-        time: 1,
-        time_unit: TimeUnit::Ms,
-        allowed_lateness_ms: 5_000,
-        idle_timeout_ms: 3_600_000,
-    }
+    sundial_definition::source_from_json(
+        r#"{"name": "events", "time": "ts", "allowed_lateness": "5s", "idle_timeout": "1h",
+            "fields": {"user_id": "u64", "ts": "i64", "amount": "i64", "merchant": "u64"}}"#,
+    )
+    .unwrap()
 }
 
 fn plan(workload: &str) -> DataflowPlan {

@@ -160,26 +160,15 @@ pub fn matches(filter: &Expr, row: &Row) -> bool {
 mod tests {
     use super::*;
     use sundial_definition::expr::parse_filter;
-    use sundial_protocol::plan::{Field, FieldType, SourcePlan, TimeUnit};
+    use sundial_protocol::plan::SourcePlan;
     use sundial_protocol::value::F64;
 
     fn source() -> SourcePlan {
-        let f = |n: &str, ty| Field { name: n.into(), ty };
-        SourcePlan {
-            name: "tx".into(),
-            fields: vec![
-                f("user_id", FieldType::U64),
-                f("ts", FieldType::I64),
-                f("amount", FieldType::I64),
-                f("merchant", FieldType::String),
-                f("score", FieldType::F64),
-                f("online", FieldType::Bool),
-            ],
-            time: 1,
-            time_unit: TimeUnit::Ms,
-            allowed_lateness_ms: 0,
-            idle_timeout_ms: 10_000,
-        }
+        sundial_definition::source_from_json(
+            r#"{"name": "tx", "time": "ts", "fields": {"user_id": "u64", "ts": "i64", "amount": "i64",
+                "merchant": "string", "score": "f64", "online": "bool"}}"#,
+        )
+        .unwrap()
     }
 
     fn row(amount: Option<i64>, merchant: &str, score: f64, online: bool) -> Row {

@@ -18,26 +18,17 @@ use serde_json::Value;
 use sundial_dataflows::features::{assemble, render, Epoch, Report};
 use sundial_dataflows::read::read_all;
 use sundial_dataflows::row::Row;
-use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window};
+use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, SourcePlan, Window};
 use sundial_protocol::value::{Datum, F64};
 
 const LATENESS: i64 = 50;
 
 fn source() -> SourcePlan {
-    let f = |n: &str, ty| Field { name: n.into(), ty };
-    SourcePlan {
-        name: "tx".into(),
-        fields: vec![
-            f("user", FieldType::U64),
-            f("ts", FieldType::I64),
-            f("amount", FieldType::I64),
-            f("score", FieldType::F64),
-        ],
-        time: 1,
-        time_unit: TimeUnit::Ms,
-        allowed_lateness_ms: LATENESS as u64,
-        idle_timeout_ms: 10_000,
-    }
+    let json = format!(
+        r#"{{"name": "tx", "time": "ts", "allowed_lateness": "{LATENESS}ms",
+            "fields": {{"user": "u64", "ts": "i64", "amount": "i64", "score": "f64"}}}}"#
+    );
+    sundial_definition::source_from_json(&json).unwrap()
 }
 
 #[derive(Clone, Debug)]

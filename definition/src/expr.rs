@@ -487,25 +487,13 @@ pub fn parse_filter(text: &str, source: &SourcePlan) -> Result<Expr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sundial_protocol::plan::{Field, TimeUnit};
 
     fn source() -> SourcePlan {
-        let f = |n: &str, ty| Field { name: n.into(), ty };
-        SourcePlan {
-            name: "tx".into(),
-            fields: vec![
-                f("user_id", FieldType::U64),
-                f("ts", FieldType::I64),
-                f("amount", FieldType::I64),
-                f("merchant", FieldType::String),
-                f("score", FieldType::F64),
-                f("card_present", FieldType::Bool),
-            ],
-            time: 1,
-            time_unit: TimeUnit::Ms,
-            allowed_lateness_ms: 0,
-            idle_timeout_ms: 10_000,
-        }
+        crate::source_from_json(
+            r#"{"name": "tx", "time": "ts", "fields": {"user_id": "u64", "ts": "i64", "amount": "i64",
+                "merchant": "string", "score": "f64", "card_present": "bool"}}"#,
+        )
+        .unwrap()
     }
 
     #[test]

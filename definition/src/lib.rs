@@ -342,6 +342,11 @@ pub fn validate_source(spec: &SourceSpec) -> Result<SourcePlan, DefinitionError>
     })
 }
 
+/// Parses and validates a source given as JSON text.
+pub fn source_from_json(text: &str) -> Result<SourcePlan, DefinitionError> {
+    validate_source(&parse_document::<SourceSpec>(text, Format::Json)?)
+}
+
 /// Validates a definition against the sources that exist.
 pub fn validate_definition<'a>(
     spec: &DefinitionSpec,
