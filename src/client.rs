@@ -82,6 +82,7 @@ pub fn expect_ok(response: ApiResponse, what: &str) -> anyhow::Result<Value> {
 /// Prints the cluster's health; with `--check`, also runs the diagnostic exchange.
 pub fn status(server: &str, args: &StatusArgs) -> anyhow::Result<()> {
     let cluster = expect_ok(get(server, "/v1/cluster", Duration::from_secs(10))?, "cluster status")?;
+    let stats = expect_ok(get(server, "/v1/stats", Duration::from_secs(10))?, "cluster stats")?;
     let check = if args.check {
         Some(expect_ok(get(server, "/v1/cluster/check", Duration::from_secs(30))?, "exchange check")?)
     } else {
@@ -89,14 +90,15 @@ pub fn status(server: &str, args: &StatusArgs) -> anyhow::Result<()> {
     };
     let check_ok = check.as_ref().map(|c| c.get("ok").and_then(Value::as_bool) == Some(true));
     if args.json {
-        let out = match check {
-            Some(check) => serde_json::json!({"cluster": cluster, "check": check}),
-            None => cluster,
-        };
+        let mut out = serde_json::json!({"cluster": cluster, "stats": stats});
+        if let Some(check) = check {
+            out["check"] = check;
+        }
         emit(&format!("{}\n", serde_json::to_string_pretty(&out)?));
     } else {
         let mut out = String::new();
         print_cluster(&mut out, &cluster);
+        print_stats(&mut out, &stats);
         if let Some(check) = &check {
             print_check(&mut out, check);
         }
@@ -158,6 +160,110 @@ fn print_cluster(out: &mut String, c: &Value) {
         );
         if let Some(reason) = w.get("lost_reason").and_then(Value::as_str) {
             let _ = writeln!(out, "       lost: {reason}");
+        }
+    }
+}
+
+/// A count with thousands separators.
+fn count(v: Option<u64>) -> String {
+    let Some(n) = v else { return "-".into() };
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn per_second(v: Option<f64>) -> String {
+    match v {
+        Some(r) if r >= 1e6 => format!("{:.2}M/s", r / 1e6),
+        Some(r) if r >= 1e3 => format!("{:.1}k/s", r / 1e3),
+        Some(r) => format!("{r:.0}/s"),
+        None => "-".into(),
+    }
+}
+
+fn size(v: Option<u64>) -> String {
+    let Some(n) = v else { return "-".into() };
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut i = 0;
+    while x >= 1024.0 && i + 1 < units.len() {
+        x /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", units[i])
+    }
+}
+
+fn millis(v: Option<u64>) -> String {
+    match v {
+        Some(ms) if ms >= 1000 => format!("{:.1}s", ms as f64 / 1000.0),
+        Some(ms) => format!("{ms}ms"),
+        None => "-".into(),
+    }
+}
+
+/// The health summary of `GET /v1/stats`: rates, totals, and per dataflow and source.
+fn print_stats(out: &mut String, s: &Value) {
+    let ingest = &s["ingest"];
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "ingest {} · reads {} · accepted {} · rejected {} · late {} · state {}",
+        per_second(ingest["events_per_second"].as_f64()),
+        per_second(s["reads"]["per_second"].as_f64()),
+        count(ingest["accepted"].as_u64()),
+        count(ingest["rejected"].as_u64()),
+        count(ingest["late"].as_u64()),
+        size(s["state_bytes"].as_u64()),
+    );
+    let dataflows = s["dataflows"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !dataflows.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<24} {:<16} {:>9} {:>12} {:>11} {:>12}",
+            "DATAFLOW", "SOURCE", "FEATURES", "LIVE GROUPS", "STATE", "READ LAG"
+        );
+        for d in dataflows {
+            let _ = writeln!(
+                out,
+                "{:<24} {:<16} {:>9} {:>12} {:>11} {:>12}",
+                text(d, "name"),
+                text(d, "source"),
+                d["features"].as_array().map_or(0, Vec::len),
+                count(d["live_slots"].as_u64()),
+                size(d["state_bytes"].as_u64()),
+                millis(d["epoch_lag_ms"].as_u64()),
+            );
+        }
+    }
+    let sources = s["sources"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !sources.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<24} {:>14} {:>10} {:>10} {:>15}",
+            "SOURCE", "ACCEPTED", "REJECTED", "LATE", "WATERMARK LAG"
+        );
+        for src in sources {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>14} {:>10} {:>10} {:>15}",
+                text(src, "name"),
+                count(src["accepted"].as_u64()),
+                count(src["rejected"].as_u64()),
+                count(src["late"].as_u64()),
+                millis(src["watermark_lag_ms"].as_u64()),
+            );
         }
     }
 }

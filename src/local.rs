@@ -145,7 +145,7 @@ pub fn run(args: LocalArgs, log_format: &str) -> anyhow::Result<()> {
                 args.data_dir.join(format!("worker-{i}")).display().to_string(),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
-                "--ingest".into(),
+                "--http".into(),
                 "127.0.0.1:0".into(),
                 "--lines".into(),
                 "127.0.0.1:0".into(),

@@ -133,10 +133,11 @@ struct WorkerArgs {
     /// The address other processes use to reach --listen (HOST or HOST:PORT), when it differs.
     #[arg(long, env = "SUNDIAL_ADVERTISE", value_name = "HOST[:PORT]")]
     advertise: Option<String>,
-    /// Serve `POST /v1/sources/{source}/events` on this worker too (port 0 picks a free port);
-    /// `sundial ingest` then sends batches to every worker in parallel.
-    #[arg(long, env = "SUNDIAL_WORKER_INGEST", value_name = "ADDR")]
-    ingest: Option<String>,
+    /// The worker's HTTP endpoint (port 0 picks a free port): `GET /metrics`, and `POST
+    /// /v1/sources/{source}/events`, so that `sundial ingest` sends batches to every worker in
+    /// parallel. Bind 0.0.0.0 (with --advertise) for other hosts to reach it.
+    #[arg(long, alias = "ingest", env = "SUNDIAL_WORKER_HTTP", value_name = "ADDR", default_value = "127.0.0.1:0")]
+    http: String,
     /// Serve a raw TCP line port: a first line `{"source": NAME}`, then NDJSON events; one JSON
     /// reply line per batch.
     #[arg(long, env = "SUNDIAL_WORKER_LINES", value_name = "ADDR")]
@@ -187,7 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: args.data_dir,
                 listen: args.listen,
                 advertise: args.advertise,
-                ingest: args.ingest,
+                http: Some(args.http),
                 lines: args.lines,
                 child_program: std::env::current_exe().context("locating the sundial binary")?,
                 child_args: vec!["--log-format".into(), cli.log_format.as_arg().into()],

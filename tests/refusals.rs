@@ -49,7 +49,8 @@ fn bad_handshakes_are_refused_and_the_cluster_keeps_running() {
     ));
     assert!(reason.contains("must be a registration"), "{reason}");
 
-    let reason = refusal(raw_control_exchange(&control, &frame(&register(1, "w-fresh"))));
+    let reason =
+        refusal(raw_control_exchange(&control, &frame(&register(sundial_protocol::PROTOCOL_VERSION, "w-fresh"))));
     assert!(reason.contains("already has all of its 2 workers"), "{reason}");
 
     // A client that connects and says nothing is dropped after the handshake timeout.

@@ -48,6 +48,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // Refused input is logged once per request, with its cause; unknown names (404) are
+        // ordinary answers and only logged at debug level.
+        match self.status {
+            StatusCode::NOT_FOUND => tracing::debug!(status = self.status.as_u16(), "{}", self.message),
+            s if s.is_client_error() => {
+                tracing::warn!(status = s.as_u16(), problems = ?self.problems, "refused a request: {}", self.message)
+            }
+            s => tracing::warn!(status = s.as_u16(), "request failed: {}", self.message),
+        }
         let body = if self.problems.is_empty() {
             json!({"error": self.message})
         } else {
@@ -99,10 +108,70 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/dataflows/{name}/keys/{*key}", get(read_one))
         .route("/v1/dataflows/{name}/lookup", post(lookup))
         .route("/v1/dataflows/{name}/export", get(export))
+        .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route("/", get(status_page))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&shared), observe))
         .with_state(shared)
+}
+
+/// The status page: one static file, compiled into the binary, that polls `GET /v1/stats` and
+/// `GET /v1/cluster`.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+async fn status_page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], STATUS_PAGE)
+        .into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let status = shared.status();
+    let text = {
+        let catalog = shared.catalog();
+        shared.ops.render(&status, &catalog)
+    };
+    ([(header::CONTENT_TYPE, sundial_metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let status = shared.status();
+    let catalog = shared.catalog();
+    Json(shared.ops.summary(&status, &catalog))
+}
+
+/// Which read endpoint a request is for, if any.
+fn read_endpoint(method: &Method, path: &str) -> Option<&'static str> {
+    let rest = path.strip_prefix("/v1/dataflows/")?;
+    let (_, tail) = rest.split_once('/')?;
+    match (method, tail) {
+        (&Method::GET, t) if t.starts_with("keys/") => Some("key"),
+        (&Method::POST, "lookup") => Some("lookup"),
+        (&Method::GET, "export") => Some("export"),
+        _ => None,
+    }
+}
+
+/// Measures reads and counts ingest requests.
+async fn observe(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let path = request.uri().path();
+    let read = read_endpoint(request.method(), path);
+    let ingest = request.method() == Method::POST && path.starts_with("/v1/sources/") && path.ends_with("/events");
+    let response = next.run(request).await;
+    if let Some(endpoint) = read {
+        shared.ops.read_seconds.with_label_values(&[endpoint]).observe(started.elapsed().as_secs_f64());
+    }
+    if ingest {
+        shared.ops.ingest_requests.with_label_values(&[response.status().as_str()]).inc();
+    }
+    response
 }
 
 async fn cluster(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod http;
 pub mod membership;
+pub mod ops;
 pub mod server;
 pub mod store;
 
@@ -154,7 +155,8 @@ pub async fn run(
     };
     tracing::info!(sources = catalog.sources.len(), dataflows = catalog.dataflows.len(), "catalog loaded");
     let membership = Membership::new(config.workers, config.timing, persisted);
-    let shared = server::Shared::new(membership, membership_file, catalog, catalog_file);
+    let ops = ops::Ops::new().map_err(|e| CoordinatorError::Config(format!("setting up the metrics: {e}")))?;
+    let shared = server::Shared::new(membership, membership_file, catalog, catalog_file, ops);
     let control_task = tokio::spawn(server::serve_control(std::sync::Arc::clone(&shared), control));
     let ticker = {
         let shared = std::sync::Arc::clone(&shared);
@@ -167,10 +169,21 @@ pub async fn run(
             }
         })
     };
+    let sampler = {
+        let shared = std::sync::Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                interval.tick().await;
+                shared.ops.sample();
+            }
+        })
+    };
     let app = http::router(shared);
     let result = axum::serve(http, app).with_graceful_shutdown(shutdown).await.map_err(CoordinatorError::Http);
     control_task.abort();
     ticker.abort();
+    sampler.abort();
     tracing::info!("coordinator stopped");
     result
 }

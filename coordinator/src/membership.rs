@@ -324,6 +324,8 @@ impl Membership {
             return Vec::new();
         };
         match msg {
+            // Stats are kept by the server, not the membership.
+            WorkerMsg::Stats(_) => Vec::new(),
             WorkerMsg::Heartbeat { generation, state, computation_pid } => {
                 let slot = &mut self.slots[index];
                 slot.last_heartbeat = Some((now, SystemTime::now()));

@@ -59,6 +59,8 @@ pub struct Shared {
     ingests: std::sync::atomic::AtomicUsize,
     /// The newest epoch an ingest reply named.
     newest_epoch: std::sync::atomic::AtomicU64,
+    /// Metrics and the workers' reports.
+    pub ops: crate::ops::Ops,
 }
 
 /// Why a request to the computation could not be answered.
@@ -93,7 +95,13 @@ pub struct Ready {
 
 impl Shared {
     /// Shared state around a membership and a catalog.
-    pub fn new(membership: Membership, membership_file: PathBuf, catalog: Catalog, catalog_file: PathBuf) -> Arc<Self> {
+    pub fn new(
+        membership: Membership,
+        membership_file: PathBuf,
+        catalog: Catalog,
+        catalog_file: PathBuf,
+        ops: crate::ops::Ops,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             inner: Mutex::new(Inner {
                 membership,
@@ -112,6 +120,7 @@ impl Shared {
             commands: tokio::sync::Mutex::new(()),
             ingests: std::sync::atomic::AtomicUsize::new(0),
             newest_epoch: std::sync::atomic::AtomicU64::new(0),
+            ops,
         })
     }
 
@@ -466,6 +475,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     Ok(WorkerMsg::Frontiers { generation, frontiers }) => {
                         shared.lock().frontiers.insert(conn, (generation, frontiers.into_iter().collect()));
                     }
+                    Ok(WorkerMsg::Stats(stats)) => shared.ops.record_worker(index, stats),
                     Ok(WorkerMsg::Reply { id, reply }) => {
                         if let Some(waiter) = shared.lock().pending.remove(&id) {
                             let _ = waiter.send(reply);

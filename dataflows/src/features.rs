@@ -262,6 +262,37 @@ pub struct Rendered {
     pub layout: Rc<Layout>,
 }
 
+/// The size of a rendered dataflow's state on one worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateSize {
+    /// Live slots in the aggregate's state.
+    pub live_slots: u64,
+    /// Updates held by the arrangement's batches.
+    pub arrangement_updates: u64,
+    /// Bytes of both, at the in-memory sizes of their types (keys' heap parts not counted).
+    pub bytes: u64,
+}
+
+impl Rendered {
+    /// The size of this dataflow's state on this worker: the arrangement's own batch lengths and
+    /// the aggregate's live slots, each at the in-memory size of one record. Cheap (it walks the
+    /// batch list, not the data), so it can run every second.
+    pub fn state_size(&self) -> StateSize {
+        use differential_dataflow::trace::implementations::spine_fueled::SpineBatch;
+        use differential_dataflow::trace::TraceReader;
+        let mut updates = 0u64;
+        self.trace.map_spans(|span| updates += span.inner.as_ref().map_or(0, |b| b.len() as u64));
+        let live_slots = self.stats.get().live_slots;
+        let groups = self.layout.groups.len().max(1);
+        let features: usize = self.layout.groups.iter().map(|g| g.features.len()).sum();
+        let accs = (features.div_ceil(groups) * std::mem::size_of::<Acc>()) as u64;
+        let update = (std::mem::size_of::<(Key, Slot, Epoch, isize)>() as u64) + accs;
+        // A hash-map entry: key, accumulators' vector, flag, and one control byte.
+        let slot = (std::mem::size_of::<(Key, Live)>() as u64) + 1 + accs;
+        StateSize { live_slots, arrangement_updates: updates, bytes: updates * update + live_slots * slot }
+    }
+}
+
 /// Builds the dataflow of `plan` in `scope`.
 pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan) -> Rendered {
     let layout = Rc::new(Layout::new(plan));
@@ -543,7 +574,15 @@ impl AggregateState {
         if active.iter().any(Option::is_none) {
             return;
         }
-        if let Some(min) = active.into_iter().flatten().min() {
+        // Once every partition is idle (the stream paused), the slowest partition that has seen
+        // events decides, so that a burst followed by silence still closes its windows even when
+        // its partition went idle together with the fresh ones that were holding it back.
+        let min = if active.is_empty() {
+            self.partitions.values().filter_map(|(m, _)| *m).min()
+        } else {
+            active.into_iter().flatten().min()
+        };
+        if let Some(min) = min {
             let candidate = min.saturating_sub(self.layout.plan.source.allowed_lateness_ms as i64);
             self.watermark = Some(self.watermark.map_or(candidate, |w| w.max(candidate)));
         }
@@ -731,5 +770,18 @@ mod tests {
         assert_eq!(s.watermark, Some(1_400), "the slowest active partition decides");
         s.update_watermark(&[report(1, Some(1_500), true)]);
         assert_eq!(s.watermark, Some(1_900), "an idle partition stops holding it back");
+    }
+
+    #[test]
+    fn when_every_partition_is_idle_the_slowest_with_events_decides() {
+        let mut s = state(100);
+        s.update_watermark(&[report(0, Some(1_000), false), report(1, None, false), report(2, Some(3_000), false)]);
+        assert_eq!(s.watermark, None, "a fresh partition holds it back");
+        s.update_watermark(&[report(0, Some(1_000), true), report(1, None, true), report(2, Some(3_000), true)]);
+        assert_eq!(s.watermark, Some(900), "all idle at once: the slowest partition with events decides");
+        s.update_watermark(&[report(2, Some(3_000), false)]);
+        assert_eq!(s.watermark, Some(2_900), "the active partition decides again");
+        s.update_watermark(&[report(2, Some(3_000), true)]);
+        assert_eq!(s.watermark, Some(2_900), "and it never goes back");
     }
 }

@@ -41,7 +41,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The version of this protocol; both sides must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The magic string at the start of every handshake, so that a stray client is told apart from
 /// a worker of another version.
@@ -160,6 +160,8 @@ pub enum WorkerMsg {
         /// The answer.
         reply: Reply,
     },
+    /// What the worker has done and holds, sent every second for metrics and the status page.
+    Stats(stats::WorkerStats),
 }
 
 /// Messages from the coordinator to a worker process.
@@ -646,6 +648,7 @@ mod tests {
 }
 
 pub mod plan;
+pub mod stats;
 pub mod value;
 
 /// The pipe protocol between a worker supervisor and the computation child it spawns for one
@@ -681,6 +684,13 @@ pub mod child {
         Frontiers {
             /// (dataflow, newest complete epoch).
             frontiers: Vec<(String, u64)>,
+        },
+        /// What the worker threads hold, sent every second.
+        Stats {
+            /// Per source (as agreed in the dataflows).
+            sources: Vec<crate::stats::SourceGauges>,
+            /// Per dataflow, summed over this process's worker threads.
+            dataflows: Vec<crate::stats::DataflowGauges>,
         },
         /// The computation could not start; it exits after this.
         Failed {

@@ -133,7 +133,7 @@ impl Env {
 }
 
 impl Env {
-    /// Starts a worker that also serves its own ingest endpoint on an ephemeral port.
+    /// Starts a worker whose HTTP endpoint (ingest, metrics) is on an ephemeral port.
     pub fn ingest_worker(&self, name: &str, coordinator: &str, threads: usize) -> Proc {
         let data = self.path(name);
         let threads = threads.to_string();
@@ -147,7 +147,7 @@ impl Env {
                 &threads,
                 "--data-dir",
                 data.to_str().unwrap(),
-                "--ingest",
+                "--http",
                 "127.0.0.1:0",
             ],
         )

@@ -36,6 +36,9 @@ pub const EXIT_WORKERS_ENDED: i32 = 3;
 /// Exit code of a computation that could not start.
 pub const EXIT_START_FAILED: i32 = 4;
 
+/// How often the child reports its gauges to the supervisor.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long the mesh may take to connect before the generation is given up.
 pub const MESH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -93,6 +96,7 @@ pub fn run(listen: &str) -> ! {
         jobs: Mutex::new(receivers),
         threads: (0..threads).map(|_| OnceLock::new()).collect(),
         frontiers: Mutex::new(std::collections::HashMap::new()),
+        gauges: Mutex::new(vec![engine::ThreadGauges::default(); threads]),
     });
     let guards = match start_timely(&formation, sockets, Arc::clone(&ctx)) {
         Ok(g) => g,
@@ -140,6 +144,17 @@ pub fn run(listen: &str) -> ! {
             }
         })
         .unwrap_or_else(|e| fail(&format!("spawning the frontier reporter: {e}")));
+
+    // Report what the threads hold every second.
+    let stats_ctx = Arc::clone(&ctx);
+    thread::Builder::new()
+        .name("sundial:stats".into())
+        .spawn(move || loop {
+            thread::sleep(STATS_INTERVAL);
+            let (sources, dataflows) = stats_ctx.process_gauges();
+            tell(&FromChild::Stats { sources, dataflows });
+        })
+        .unwrap_or_else(|e| fail(&format!("spawning the stats reporter: {e}")));
 
     let router =
         Router { senders, ctx, process: formation.index, threads, peers: threads * formation.addresses.len(), next: 0 };

@@ -5,7 +5,7 @@
 //! sequence number (`after`) waits until this worker has applied that many commands, so a read
 //! or an ingest never overtakes the command that created its dataflow or source.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +22,7 @@ use sundial_dataflows::read::{read_from, read_key};
 use sundial_dataflows::row::{parse_body, Row};
 use sundial_protocol::child::FromChild;
 use sundial_protocol::plan::SourcePlan;
+use sundial_protocol::stats::{DataflowGauges, SourceGauges};
 use sundial_protocol::value::Key;
 use sundial_protocol::{CheckReport, Command, IngestOutcome, KeyResult, Reply, MAX_LISTED_ERRORS};
 
@@ -218,6 +219,47 @@ pub struct Context {
     pub threads: Vec<std::sync::OnceLock<std::thread::Thread>>,
     /// Per dataflow, each local thread's newest complete epoch (reported to the coordinator).
     pub frontiers: Mutex<HashMap<String, Vec<Option<Epoch>>>>,
+    /// Each local thread's gauges, refreshed every [`GAUGE_INTERVAL`].
+    pub gauges: Mutex<Vec<ThreadGauges>>,
+}
+
+/// How often worker threads refresh their gauges.
+pub const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What one worker thread holds, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ThreadGauges {
+    /// Per source: (agreed watermark, largest accepted event time).
+    pub sources: HashMap<String, (Option<i64>, Option<i64>)>,
+    /// Per dataflow: the size of its state on this thread.
+    pub dataflows: HashMap<String, sundial_dataflows::features::StateSize>,
+}
+
+impl Context {
+    /// The gauges of this process: watermarks and event times at their largest over the threads
+    /// (the watermark is agreed, so they differ only while it travels), state sizes summed.
+    pub fn process_gauges(&self) -> (Vec<SourceGauges>, Vec<DataflowGauges>) {
+        let Ok(threads) = self.gauges.lock() else { return (Vec::new(), Vec::new()) };
+        let mut sources: BTreeMap<&str, SourceGauges> = BTreeMap::new();
+        let mut dataflows: BTreeMap<&str, DataflowGauges> = BTreeMap::new();
+        for thread in threads.iter() {
+            for (name, (watermark, max_ts)) in &thread.sources {
+                let g =
+                    sources.entry(name).or_insert_with(|| SourceGauges { name: name.clone(), ..Default::default() });
+                g.watermark_ms = g.watermark_ms.max(*watermark);
+                g.max_event_time_ms = g.max_event_time_ms.max(*max_ts);
+            }
+            for (name, size) in &thread.dataflows {
+                let g = dataflows
+                    .entry(name)
+                    .or_insert_with(|| DataflowGauges { name: name.clone(), ..Default::default() });
+                g.live_slots += size.live_slots;
+                g.arrangement_updates += size.arrangement_updates;
+                g.state_bytes += size.bytes;
+            }
+        }
+        (sources.into_values().collect(), dataflows.into_values().collect())
+    }
 }
 
 struct Engine {
@@ -239,6 +281,8 @@ struct Engine {
     holds: HashMap<String, Vec<(Epoch, Instant)>>,
     /// Dataflows dropped since the last report of frontiers.
     dropped: Vec<String>,
+    /// When to refresh this thread's gauges next.
+    next_gauges: Instant,
 }
 
 /// Runs one worker thread forever.
@@ -279,6 +323,7 @@ pub fn run(worker: &mut Worker, ctx: &Context) -> ! {
         deferred: VecDeque::new(),
         holds: HashMap::new(),
         dropped: Vec::new(),
+        next_gauges: Instant::now(),
     };
     loop {
         if let Some(jobs) = &jobs {
@@ -552,6 +597,18 @@ impl Engine {
             if let Ok(mut frontiers) = ctx.frontiers.lock() {
                 for name in self.dropped.drain(..) {
                     frontiers.remove(&name);
+                }
+            }
+        }
+        if Instant::now() >= self.next_gauges {
+            self.next_gauges = Instant::now() + GAUGE_INTERVAL;
+            let gauges = ThreadGauges {
+                sources: self.sources.iter().map(|(name, s)| (name.clone(), (s.watermark, s.max_ts))).collect(),
+                dataflows: self.dataflows.iter().map(|(name, df)| (name.clone(), df.rendered.state_size())).collect(),
+            };
+            if let Ok(mut all) = ctx.gauges.lock() {
+                if let Some(slot) = all.get_mut(self.index % ctx.threads.len().max(1)) {
+                    *slot = gauges;
                 }
             }
         }

@@ -1,11 +1,13 @@
-//! The worker's own ingest endpoint (`sundial worker --ingest ADDR`): `POST
-//! /v1/sources/{source}/events`, the same contract as the coordinator's, served by the worker
-//! process so that ingest scales with the workers instead of funnelling through the coordinator.
+//! The worker's HTTP endpoint (`sundial worker --http ADDR`): `POST /v1/sources/{source}/events`,
+//! the same contract as the coordinator's, served by the worker process so that ingest scales
+//! with the workers instead of funnelling through the coordinator; and `GET /metrics`, the
+//! worker's Prometheus metrics.
 //! A batch goes to this worker's computation (one of its threads, in turn); while no computation
 //! runs (the cluster re-forms) the answer is 503 with `Retry-After`.
 
 use std::net::TcpListener;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -13,14 +15,26 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use sundial_protocol::IngestOutcome;
 
+use crate::metrics::WorkerMetrics;
 use crate::supervisor::Event;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Http {
+    events: Sender<Event>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+async fn metrics(State(http): State<Http>) -> Response {
+    ([(header::CONTENT_TYPE, sundial_metrics::CONTENT_TYPE)], http.metrics.render()).into_response()
+}
 
 /// The largest body accepted (as on the coordinator).
 pub const MAX_BODY_BYTES: usize = sundial_protocol::MAX_INGEST_BODY_BYTES;
@@ -38,7 +52,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn ingest(
-    State(events): State<Sender<Event>>,
+    State(Http { events, .. }): State<Http>,
     Path(source): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -94,7 +108,7 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 
 /// Serves the endpoint on `listener` (already bound) in a thread of its own, forwarding batches
 /// to the supervisor's event loop.
-pub fn spawn(listener: TcpListener, events: Sender<Event>) -> std::io::Result<()> {
+pub fn spawn(listener: TcpListener, events: Sender<Event>, metrics: Arc<WorkerMetrics>) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("sundial:ingest-http".into()).spawn(move || {
@@ -108,10 +122,11 @@ pub fn spawn(listener: TcpListener, events: Sender<Event>) -> std::io::Result<()
             };
             let app = Router::new()
                 .route("/v1/sources/{source}/events", post(ingest))
+                .route("/metrics", get(self::metrics))
                 .fallback(not_found)
                 .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
                 .layer(axum::middleware::from_fn(refuse_large_bodies))
-                .with_state(events);
+                .with_state(Http { events, metrics });
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("ingest endpoint stopped: {e}");
             }

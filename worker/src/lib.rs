@@ -12,6 +12,7 @@ pub mod engine;
 pub mod ingest;
 pub mod lines;
 pub mod mesh;
+pub mod metrics;
 pub mod supervisor;
 
 pub use supervisor::{run, SupervisorConfig, WorkerError};

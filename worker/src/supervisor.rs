@@ -17,6 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use sundial_protocol::child::{FromChild, ToChild};
+
+use crate::metrics::WorkerMetrics;
 use sundial_protocol::{
     read_msg, write_msg, ComputationState, CoordMsg, Formation, FrameError, Register, Reply, Request, Running,
     WorkerMsg, MAGIC, PROTOCOL_VERSION,
@@ -35,8 +37,8 @@ pub struct SupervisorConfig {
     pub listen: String,
     /// The address other processes should use to reach `listen`, if it differs.
     pub advertise: Option<String>,
-    /// Where to serve the worker's own ingest endpoint, if anywhere.
-    pub ingest: Option<String>,
+    /// Where to serve the worker's HTTP endpoint (ingest and `/metrics`), if anywhere.
+    pub http: Option<String>,
     /// Where to serve the raw TCP line port, if anywhere.
     pub lines: Option<String>,
     /// The program to run as computation child (this binary), and the arguments before
@@ -135,8 +137,7 @@ fn serve_ingest(
     addr: Option<&str>,
     advertise: Option<&str>,
     what: &str,
-    events: &Sender<Event>,
-    serve: fn(TcpListener, Sender<Event>) -> io::Result<()>,
+    serve: impl FnOnce(TcpListener) -> io::Result<()>,
 ) -> Result<Option<String>, WorkerError> {
     let Some(addr) = addr else { return Ok(None) };
     let listen_err = |source| WorkerError::Listen { addr: addr.to_string(), source };
@@ -150,7 +151,7 @@ fn serve_ingest(
     } else {
         bound.to_string()
     };
-    serve(listener, events.clone()).map_err(listen_err)?;
+    serve(listener).map_err(listen_err)?;
     tracing::info!(address = %advertised, "{what} listening");
     Ok(Some(advertised))
 }
@@ -254,7 +255,23 @@ struct Supervisor {
     lines_addr: Option<String>,
     local: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<crate::ingest::IngestResult>>,
     next_local: u64,
+    metrics: Arc<WorkerMetrics>,
+    /// Requests the computation is serving, for counting their outcomes.
+    inflight: std::collections::HashMap<u64, Inflight>,
+    /// When to send the next stats to the coordinator.
+    next_stats: Instant,
 }
+
+/// A request the computation is serving, as the metrics need it.
+enum Inflight {
+    /// An ingest batch of this source.
+    Ingest(String),
+    /// A read (`keys` or `export`), since this instant.
+    Read(&'static str, Instant),
+}
+
+/// How often the worker sends its stats to the coordinator.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the worker process. Returns only on a fatal error (a refusal by the coordinator, an
 /// unusable data dir or address); a missing coordinator is waited for.
@@ -272,9 +289,14 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
     }
     let (events_tx, events) = mpsc::channel();
     let advertise = cfg.advertise.as_deref();
-    let ingest_addr =
-        serve_ingest(cfg.ingest.as_deref(), advertise, "ingest endpoint", &events_tx, crate::ingest::spawn)?;
-    let lines_addr = serve_ingest(cfg.lines.as_deref(), advertise, "line port", &events_tx, crate::lines::spawn)?;
+    let metrics =
+        Arc::new(WorkerMetrics::new().map_err(|e| WorkerError::Config(format!("cannot set up the metrics: {e}")))?);
+    let ingest_addr = serve_ingest(cfg.http.as_deref(), advertise, "HTTP endpoint", |listener| {
+        crate::ingest::spawn(listener, events_tx.clone(), Arc::clone(&metrics))
+    })?;
+    let lines_addr = serve_ingest(cfg.lines.as_deref(), advertise, "line port", |listener| {
+        crate::lines::spawn(listener, events_tx.clone())
+    })?;
     let mut sup = Supervisor {
         cfg,
         id,
@@ -294,6 +316,9 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
         lines_addr,
         local: std::collections::HashMap::new(),
         next_local: LOCAL_IDS,
+        metrics,
+        inflight: std::collections::HashMap::new(),
+        next_stats: Instant::now(),
     };
     sup.run()
 }
@@ -361,6 +386,11 @@ impl Supervisor {
                 None => (self.last_generation, ComputationState::Idle, None),
             };
             self.send(&WorkerMsg::Heartbeat { generation, state, computation_pid });
+        }
+        if now >= self.next_stats {
+            self.next_stats = now + STATS_INTERVAL;
+            let stats = self.metrics.snapshot();
+            self.send(&WorkerMsg::Stats(stats));
         }
     }
 
@@ -450,6 +480,7 @@ impl Supervisor {
     fn drop_conn(&mut self, reason: &str) {
         if let Some(conn) = self.conn.take() {
             tracing::warn!(coordinator = %self.cfg.coordinator, "lost the coordinator: {reason}; reconnecting (the computation keeps running)");
+            self.metrics.coordinator_heard(false);
             let _ = conn.stream.shutdown(Shutdown::Both);
             self.next_connect = Instant::now() + BACKOFF_START;
         }
@@ -470,6 +501,7 @@ impl Supervisor {
                     return;
                 }
                 c.last_heard = Instant::now();
+                self.metrics.coordinator_heard(true);
                 self.on_coord(msg);
             }
             Event::CoordLost { conn, reason } => {
@@ -493,10 +525,21 @@ impl Supervisor {
                 }
             }
             CoordMsg::Request { id, generation, request } => {
+                let inflight = match &request {
+                    Request::Ingest { source, .. } => Some(Inflight::Ingest(source.clone())),
+                    Request::Read { keys: Some(_), .. } => Some(Inflight::Read("keys", Instant::now())),
+                    Request::Read { keys: None, .. } => Some(Inflight::Read("export", Instant::now())),
+                    _ => None,
+                };
                 let error = match &mut self.child {
                     Some(c) if c.generation == generation && c.started => {
                         match write_msg(&mut c.stdin, &ToChild::Request { id, request }) {
-                            Ok(()) => None,
+                            Ok(()) => {
+                                if let Some(what) = inflight {
+                                    self.inflight.insert(id, what);
+                                }
+                                None
+                            }
                             Err(e) => Some(format!("the computation does not take requests: {e}")),
                         }
                     }
@@ -584,10 +627,12 @@ impl Supervisor {
         };
         let id = self.next_local;
         self.next_local += 1;
+        let inflight = Inflight::Ingest(source.clone());
         let request = Request::Ingest { after: 0, source, csv, body, first_line: 1, min_epoch: 0 };
         match write_msg(&mut run.stdin, &ToChild::Request { id, request }) {
             Ok(()) => {
                 self.local.insert(id, reply);
+                self.inflight.insert(id, inflight);
             }
             Err(e) => {
                 let _ = reply.send(Err((503, format!("the computation does not take requests: {e}"))));
@@ -597,6 +642,9 @@ impl Supervisor {
 
     /// Answers every local request still waiting: its computation is gone.
     fn fail_local(&mut self, reason: &str) {
+        // The computation that was serving these is gone.
+        self.inflight.clear();
+        self.metrics.computation(self.last_generation, false);
         for (_, waiter) in self.local.drain() {
             let _ = waiter.send(Err((503, reason.to_string())));
         }
@@ -618,14 +666,25 @@ impl Supervisor {
         match msg {
             FromChild::Started => {
                 run.started = true;
+                self.metrics.computation(generation, true);
                 let computation_pid = run.process.id();
                 tracing::info!(generation, "computation connected to all peers");
                 self.send(&WorkerMsg::Started { generation, computation_pid });
             }
-            FromChild::Frontiers { frontiers } => self.send(&WorkerMsg::Frontiers { generation, frontiers }),
+            FromChild::Frontiers { frontiers } => {
+                self.metrics.frontiers(&frontiers);
+                self.send(&WorkerMsg::Frontiers { generation, frontiers })
+            }
+            FromChild::Stats { sources, dataflows } => self.metrics.gauges(&sources, &dataflows),
             FromChild::Failed { reason } => {
                 run.failure_reported = true;
                 self.send(&WorkerMsg::Failed { generation, reason });
+            }
+            FromChild::Reply { id, reply } if self.inflight.contains_key(&id) => {
+                if let Some(what) = self.inflight.remove(&id) {
+                    self.account(what, &reply);
+                }
+                self.on_child(generation, FromChild::Reply { id, reply });
             }
             FromChild::Reply { id, reply } if id >= LOCAL_IDS => {
                 if let Some(waiter) = self.local.remove(&id) {
@@ -638,6 +697,31 @@ impl Supervisor {
                 }
             }
             FromChild::Reply { id, reply } => self.send(&WorkerMsg::Reply { id, reply }),
+        }
+    }
+
+    /// Counts the outcome of a request for the metrics, and logs a batch with rejected lines
+    /// (once per batch, with the first reason).
+    fn account(&mut self, what: Inflight, reply: &Reply) {
+        match (what, reply) {
+            (Inflight::Ingest(source), Reply::Ingested(outcome)) => {
+                self.metrics.ingested(&source, outcome);
+                if let Some(first) = outcome.errors.first() {
+                    tracing::warn!(
+                        source = %source,
+                        rejected = outcome.rejected,
+                        accepted = outcome.accepted,
+                        "ingest batch had rejected lines; first: line {}: {}",
+                        first.line,
+                        first.reason
+                    );
+                }
+            }
+            (Inflight::Ingest(source), Reply::Error { message }) => {
+                tracing::warn!(source = %source, "ingest batch refused: {message}");
+            }
+            (Inflight::Read(endpoint, started), Reply::Read { .. }) => self.metrics.read(endpoint, started),
+            _ => {}
         }
     }
 
