@@ -91,6 +91,12 @@ enum Command {
         /// The local address to bind for timely data.
         #[arg(long, value_name = "ADDR")]
         listen: String,
+        /// The worker's data dir (ingest logs, checkpoints).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// When ingest log records are synced.
+        #[arg(long, value_name = "POLICY", default_value = "batch")]
+        fsync: sundial_worker::log::Fsync,
     },
 }
 
@@ -142,6 +148,11 @@ struct WorkerArgs {
     /// reply line per batch.
     #[arg(long, env = "SUNDIAL_WORKER_LINES", value_name = "ADDR")]
     lines: Option<String>,
+    /// When ingest log records reach the disk before the reply: `always` (fsync every record),
+    /// `batch` (fdatasync once per ingest reply), or `interval:MS` (at most every MS
+    /// milliseconds; replies do not wait, so a machine crash can lose that much).
+    #[arg(long, env = "SUNDIAL_FSYNC", value_name = "POLICY", default_value = "batch")]
+    fsync: sundial_worker::log::Fsync,
 }
 
 /// Parses durations such as `500ms`, `1s`, `2m`.
@@ -190,15 +201,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise: args.advertise,
                 http: Some(args.http),
                 lines: args.lines,
+                fsync: args.fsync,
                 child_program: std::env::current_exe().context("locating the sundial binary")?,
                 child_args: vec!["--log-format".into(), cli.log_format.as_arg().into()],
             };
             sundial_worker::run(config)?;
             Ok(())
         }
-        Command::Computation { listen } => {
+        Command::Computation { listen, data_dir, fsync } => {
             init_logging(cli.log_format);
-            sundial_worker::computation::run(&listen)
+            sundial_worker::computation::run(&listen, data_dir, fsync)
         }
         Command::Local(args) => local::run(args, cli.log_format.as_arg()),
         Command::Status(args) => client::status(&cli.server, &args),

@@ -37,11 +37,14 @@ pub struct Catalog {
     pub sources: Vec<SourceEntry>,
     /// Dataflows, in creation order.
     pub dataflows: Vec<DataflowEntry>,
+    /// The id of the newest dataflow ever created (ids are never reused).
+    #[serde(default)]
+    pub last_id: u64,
 }
 
 impl Default for Catalog {
     fn default() -> Self {
-        Catalog { format: CATALOG_FORMAT, sources: Vec::new(), dataflows: Vec::new() }
+        Catalog { format: CATALOG_FORMAT, sources: Vec::new(), dataflows: Vec::new(), last_id: 0 }
     }
 }
 
@@ -54,6 +57,22 @@ impl Catalog {
     /// The dataflow called `name`.
     pub fn dataflow(&self, name: &str) -> Option<&DataflowEntry> {
         self.dataflows.iter().find(|d| d.plan.name == name)
+    }
+
+    /// The id the next dataflow gets.
+    pub fn next_id(&self) -> u64 {
+        self.last_id.max(self.dataflows.iter().map(|d| d.plan.id).max().unwrap_or(0)) + 1
+    }
+
+    /// Gives every dataflow without an id (written by an older coordinator) one.
+    pub fn assign_ids(&mut self) {
+        for i in 0..self.dataflows.len() {
+            if self.dataflows[i].plan.id == 0 {
+                let id = self.next_id();
+                self.dataflows[i].plan.id = id;
+                self.last_id = id;
+            }
+        }
     }
 
     /// The commands that rebuild the catalog on a new generation: sources, then dataflows.

@@ -21,6 +21,7 @@ use sundial_protocol::plan::{DataflowPlan, FieldType};
 use sundial_protocol::value::{parse_key, Datum, Key, F64};
 use sundial_protocol::{CheckReport, Command, IngestOutcome, KeyResult, Reply, Request};
 
+use crate::catalog::DataflowEntry;
 use crate::server::{Ready, RequestError, Shared};
 
 /// The largest ingest body accepted.
@@ -78,6 +79,7 @@ impl From<RequestError> for ApiError {
             RequestError::Failed(ref m) if m.contains("did not complete in time") => StatusCode::GATEWAY_TIMEOUT,
             RequestError::Failed(ref m) if m.contains("compacted") => StatusCode::BAD_REQUEST,
             RequestError::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RequestError::Refused(status, _) => StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
         };
         ApiError::new(status, e.to_string())
     }
@@ -292,7 +294,7 @@ async fn submit(
             problems: e.problems.clone(),
         })?
     };
-    let entry = crate::catalog::DataflowEntry { spec: value.clone(), plan: plan.clone() };
+    let entry = DataflowEntry { spec: value.clone(), plan: plan.clone() };
     shared
         .change_catalog(
             |catalog| match catalog.dataflow(&plan.name) {
@@ -300,9 +302,13 @@ async fn submit(
                     StatusCode::CONFLICT,
                     format!("dataflow {:?} exists; drop it first to replace it", plan.name),
                 )),
-                None => Ok(Command::InstallDataflow(plan.clone())),
+                None => Ok(Command::InstallDataflow(DataflowPlan { id: catalog.next_id(), ..plan.clone() })),
             },
-            |catalog| catalog.dataflows.push(entry),
+            |catalog| {
+                let id = catalog.next_id();
+                catalog.last_id = id;
+                catalog.dataflows.push(DataflowEntry { plan: DataflowPlan { id, ..entry.plan }, ..entry });
+            },
         )
         .await?;
     tracing::info!(dataflow = %plan.name, "dataflow installed");
@@ -367,13 +373,20 @@ async fn ingest(
     let csv = sundial_protocol::ingest_format(content_type)
         .map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e))?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad(format!("the body is not UTF-8: {e}")))?;
+    let batch = batch_id(&headers)?;
     let ready = shared.ready()?;
     // A request goes whole to one process, in turn (and there to one worker thread, in turn):
     // every ingest partition then sees an ordered stream in order, so the watermark (the
     // minimum over active partitions) never passes events of a request still being ingested.
-    let conn = ready.conns[shared.next_ingest() % ready.conns.len()];
+    // A batch with an id always goes to the same process, which answers its retries.
+    let turn = match &batch {
+        Some(id) => sundial_protocol::value::fnv1a(id.as_bytes()) as usize,
+        None => shared.next_ingest(),
+    };
+    let conn = ready.conns[turn % ready.conns.len()];
     let min_epoch = shared.newest_epoch();
-    let request = Request::Ingest { after: ready.after, source, csv, body: text.to_string(), first_line: 1, min_epoch };
+    let request =
+        Request::Ingest { after: ready.after, source, csv, body: text.to_string(), first_line: 1, min_epoch, batch };
     let tasks = vec![{
         let shared = Arc::clone(&shared);
         let generation = ready.generation;
@@ -392,6 +405,14 @@ async fn ingest(
         }
     }
     Ok(Json(outcome))
+}
+
+/// The producer's batch id from the `x-sundial-batch` header, if any.
+fn batch_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(sundial_protocol::BATCH_HEADER) else { return Ok(None) };
+    let text = value.to_str().map_err(|_| ApiError::bad("the x-sundial-batch header is not ASCII"))?;
+    sundial_protocol::check_batch_id(text).map_err(ApiError::bad)?;
+    Ok(Some(text.to_string()))
 }
 
 async fn late(State(shared): State<Arc<Shared>>, Path(source): Path<String>) -> Result<Response, ApiError> {
@@ -468,7 +489,8 @@ async fn resolve_as_of(
     as_of: Option<u64>,
 ) -> Result<u64, ApiError> {
     if let Some(e) = as_of {
-        return Ok(e);
+        // Epochs before the generation's recovery hold less than what was accepted by then.
+        return Ok(e.max(ready.recovered_at));
     }
     // Processes report their complete epochs as they advance; fall back to asking them.
     if let Some(e) = shared.newest_complete(ready, dataflow) {

@@ -142,7 +142,7 @@ pub async fn run(
     tracing::info!(control = %bound.control, http = %bound.http, workers = config.workers, generation = persisted.generation, "coordinator listening");
 
     let catalog_file = config.data_dir.join("catalog.json");
-    let catalog = match store::read_json::<catalog::Catalog>(&catalog_file).map_err(data_err)? {
+    let mut catalog = match store::read_json::<catalog::Catalog>(&catalog_file).map_err(data_err)? {
         None => catalog::Catalog::default(),
         Some(c) if c.format == catalog::CATALOG_FORMAT => c,
         Some(c) => {
@@ -153,6 +153,7 @@ pub async fn run(
             )))
         }
     };
+    catalog.assign_ids();
     tracing::info!(sources = catalog.sources.len(), dataflows = catalog.dataflows.len(), "catalog loaded");
     let membership = Membership::new(config.workers, config.timing, persisted);
     let ops = ops::Ops::new().map_err(|e| CoordinatorError::Config(format!("setting up the metrics: {e}")))?;

@@ -43,6 +43,8 @@ struct Inner {
     replaying: Option<u64>,
     /// Commands sequenced in the replayed generation; data requests wait for them.
     after: u64,
+    /// The epoch from which the replayed generation holds everything accepted before it.
+    recovered_at: u64,
     /// What each process last reported as complete: (generation, dataflow → epoch).
     frontiers: HashMap<ConnId, (u64, HashMap<String, u64>)>,
 }
@@ -78,6 +80,9 @@ pub enum RequestError {
     /// The computation answered with an error.
     #[error("{0}")]
     Failed(String),
+    /// The computation refused the request with this HTTP status.
+    #[error("{1}")]
+    Refused(u16, String),
 }
 
 /// The running, replayed cluster: what data requests need.
@@ -91,6 +96,9 @@ pub struct Ready {
     pub threads: usize,
     /// Commands the workers must have applied before serving.
     pub after: u64,
+    /// Everything accepted before this generation (replayed from the workers' logs) is
+    /// readable from this epoch on; earlier epochs of this generation hold less.
+    pub recovered_at: u64,
 }
 
 impl Shared {
@@ -112,6 +120,7 @@ impl Shared {
                 replayed: 0,
                 replaying: None,
                 after: 0,
+                recovered_at: 0,
                 frontiers: HashMap::new(),
             }),
             membership_file,
@@ -205,7 +214,7 @@ impl Shared {
         let inner = self.lock();
         match inner.membership.running() {
             Some((generation, conns, threads)) if inner.replayed == generation => {
-                Ok(Ready { generation, conns, threads, after: inner.after })
+                Ok(Ready { generation, conns, threads, after: inner.after, recovered_at: inner.recovered_at })
             }
             Some((generation, _, _)) => {
                 Err(RequestError::NotReady(format!("generation {generation} is replaying the catalog")))
@@ -242,6 +251,7 @@ impl Shared {
         };
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Reply::Error { message })) => Err(RequestError::Failed(message)),
+            Ok(Ok(Reply::Refused { status, message })) => Err(RequestError::Refused(status, message)),
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(RequestError::Abandoned),
             Err(_) => {
@@ -298,8 +308,11 @@ impl Shared {
         let mut after = 0;
         let count = commands.len();
         let mut ok = conn.is_some();
+        let dataflows: Vec<String> = self.catalog().dataflows.iter().map(|d| d.plan.name.clone()).collect();
+        let mut recovered_at = 0;
         if let Some(conn) = conn {
-            for command in commands {
+            // The catalog first, then every worker replays its log into the dataflows.
+            for command in commands.into_iter().chain(std::iter::once(Command::Recover)) {
                 match self.request_to(conn, generation, Request::Command(command), COMMAND_TIMEOUT).await {
                     Ok(Reply::Applied { seq }) => after = seq,
                     other => {
@@ -310,6 +323,11 @@ impl Shared {
                 }
             }
         }
+        if ok {
+            // Serve once every dataflow is complete through an epoch after the replays.
+            recovered_at = unix_ms();
+            ok = self.wait_recovered(generation, &dataflows, recovered_at, after).await;
+        }
         let mut inner = self.lock();
         if inner.replaying == Some(generation) {
             inner.replaying = None;
@@ -317,7 +335,39 @@ impl Shared {
         if ok {
             inner.replayed = generation;
             inner.after = after;
+            inner.recovered_at = recovered_at;
             tracing::info!(generation, commands = count, "catalog replayed; the cluster serves");
+        }
+    }
+
+    /// Waits until every dataflow is complete through `epoch` on every process of `generation`
+    /// (the workers' log replays are done); false if the generation ends first.
+    async fn wait_recovered(&self, generation: u64, dataflows: &[String], epoch: u64, after: u64) -> bool {
+        let started = Instant::now();
+        let mut reported = false;
+        loop {
+            let ready = {
+                let inner = self.lock();
+                match inner.membership.running() {
+                    Some((g, conns, threads)) if g == generation => {
+                        Ready { generation, conns, threads, after, recovered_at: epoch }
+                    }
+                    _ => return false,
+                }
+            };
+            if dataflows.iter().all(|d| self.newest_complete(&ready, d).is_some_and(|c| c >= epoch)) {
+                tracing::info!(
+                    generation,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "the workers replayed their logs"
+                );
+                return true;
+            }
+            if !reported && started.elapsed() > Duration::from_secs(5) {
+                tracing::info!(generation, "waiting for the workers to replay their logs");
+                reported = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -496,4 +546,8 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let mut inner = shared.lock();
     inner.conns.remove(&conn);
     inner.frontiers.remove(&conn);
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -87,7 +87,15 @@ fn plan(workload: &str) -> DataflowPlan {
     if workload == "w2" {
         features.push(FeaturePlan { name: "max".into(), agg: Agg::Max, field: Some(2), window });
     }
-    DataflowPlan { name: workload.into(), source: source(), key: vec![0], filter: None, retention_ms: None, features }
+    DataflowPlan {
+        name: workload.into(),
+        id: 0,
+        source: source(),
+        key: vec![0],
+        filter: None,
+        retention_ms: None,
+        features,
+    }
 }
 
 /// xorshift64*, deterministic.

@@ -742,6 +742,7 @@ mod tests {
         };
         let plan = DataflowPlan {
             name: "d".into(),
+            id: 0,
             source,
             key: vec![0],
             filter: None,

@@ -104,8 +104,15 @@ fn case() -> impl Strategy<Value = Case> {
                 .collect();
             let filter = filter
                 .then(|| sundial_definition::expr::parse_filter("amount is null or amount > 0", &source()).unwrap());
-            let plan =
-                DataflowPlan { name: "p".into(), source: source(), key: vec![0], filter, retention_ms, features };
+            let plan = DataflowPlan {
+                name: "p".into(),
+                id: 0,
+                source: source(),
+                key: vec![0],
+                filter,
+                retention_ms,
+                features,
+            };
             // Event time roughly follows the order of arrival, with jitter: out of order, and
             // sometimes behind the watermark.
             let n = raw.len().max(1) as i64;

@@ -423,7 +423,7 @@ pub fn validate_definition<'a>(
     if !problems.is_empty() {
         return Err(DefinitionError { problems });
     }
-    Ok(DataflowPlan { name: spec.name.clone(), source: source.clone(), key, filter, retention_ms, features })
+    Ok(DataflowPlan { name: spec.name.clone(), id: 0, source: source.clone(), key, filter, retention_ms, features })
 }
 
 fn default_retention(window: &Window) -> u64 {

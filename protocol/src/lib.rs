@@ -233,6 +233,10 @@ pub enum Request {
         /// The batch enters at this epoch or later, so that epochs of successive batches never
         /// go back (a read at a later reply's epoch sees the earlier batches too).
         min_epoch: u64,
+        /// The producer's id for this batch: a retry with the same id is answered from the
+        /// first attempt's outcome instead of being ingested twice.
+        #[serde(default)]
+        batch: Option<String>,
     },
     /// The newest epoch at which `dataflow` is complete on every worker of this process.
     Frontier {
@@ -334,6 +338,17 @@ pub fn ingest_format(content_type: Option<&str>) -> Result<bool, String> {
     }
 }
 
+/// The HTTP header carrying a producer's batch id (see [`Request::Ingest`]).
+pub const BATCH_HEADER: &str = "x-sundial-batch";
+
+/// Checks a batch id: 1 to 128 visible ASCII characters.
+pub fn check_batch_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("batch id {id:?} must be 1 to 128 visible ASCII characters"));
+    }
+    Ok(())
+}
+
 /// The largest ingest body accepted over HTTP, by the coordinator and by workers.
 pub const MAX_INGEST_BODY_BYTES: usize = 64 << 20;
 
@@ -361,6 +376,14 @@ pub enum Reply {
     Check(CheckReport),
     /// The request could not be served.
     Error {
+        /// Why.
+        message: String,
+    },
+    /// The request was refused for a reason with its own HTTP status (507: the ingest log
+    /// cannot be written).
+    Refused {
+        /// The HTTP status to answer.
+        status: u16,
         /// Why.
         message: String,
     },
@@ -441,6 +464,9 @@ pub enum Command {
         /// Records each worker sends to each worker.
         records_per_pair: u32,
     },
+    /// Recover after the catalog replay of a new generation: every worker thread replays its
+    /// ingest log (after the checkpoint it restored) into the dataflows, then takes ingest.
+    Recover,
 }
 
 /// Errors of the framing layer.

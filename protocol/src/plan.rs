@@ -165,6 +165,10 @@ pub struct FeaturePlan {
 pub struct DataflowPlan {
     /// Its name.
     pub name: String,
+    /// Its catalog id, unique over the catalog's life (a dataflow dropped and submitted again
+    /// gets a new one); 0 until the coordinator assigns it. Names its checkpoints and log marks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub id: u64,
     /// The source it reads.
     pub source: SourcePlan,
     /// The key fields.
@@ -272,4 +276,8 @@ pub enum Expr {
         /// `is not null`.
         negated: bool,
     },
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }

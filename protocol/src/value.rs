@@ -194,6 +194,13 @@ impl Key {
     }
 }
 
+/// A 64-bit hash of bytes (FNV-1a, mixed), for spreading names such as batch ids.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = Fnv::new();
+    h.bytes(bytes);
+    mix(h.0)
+}
+
 struct Fnv(u64);
 
 impl Fnv {

@@ -64,7 +64,7 @@ pub fn tell(msg: &FromChild) {
 
 /// Runs the child until its supervisor goes away or the computation dies. `listen` is the local
 /// address to bind for timely data traffic.
-pub fn run(listen: &str) -> ! {
+pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync) -> ! {
     let mut stdin = io::stdin().lock();
     let formation = match read_msg::<_, ToChild>(&mut stdin) {
         Ok(ToChild::Form(f)) => f,
@@ -97,6 +97,9 @@ pub fn run(listen: &str) -> ! {
         threads: (0..threads).map(|_| OnceLock::new()).collect(),
         frontiers: Mutex::new(std::collections::HashMap::new()),
         gauges: Mutex::new(vec![engine::ThreadGauges::default(); threads]),
+        data_dir,
+        fsync,
+        batches: Arc::new(Mutex::new(engine::Batches::default())),
     });
     let guards = match start_timely(&formation, sockets, Arc::clone(&ctx)) {
         Ok(g) => g,
@@ -203,11 +206,11 @@ impl Router {
             Request::Check { .. } | Request::Command(_) => {
                 return Err("commands are sequenced by process 0".into());
             }
-            Request::Ingest { after, source, csv, body, first_line, min_epoch } => {
+            Request::Ingest { after, source, csv, body, first_line, min_epoch, batch } => {
                 // Each batch goes to one worker thread (its ingest partition), in turn.
                 let local = self.next % self.threads;
                 self.next += 1;
-                self.send(local, Job::Ingest { id, after, source, csv, body, first_line, min_epoch });
+                self.send(local, Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch });
             }
             Request::Frontier { after, dataflow } => {
                 gather_all(&|| PartJob::Frontier { dataflow: dataflow.clone() }, after, self);

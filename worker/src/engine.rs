@@ -26,6 +26,8 @@ use sundial_protocol::stats::{DataflowGauges, SourceGauges};
 use sundial_protocol::value::Key;
 use sundial_protocol::{CheckReport, Command, IngestOutcome, KeyResult, Reply, MAX_LISTED_ERRORS};
 
+use crate::log::{Fsync, Log, Record};
+
 /// How often epochs advance when nothing is ingested.
 pub const TICK: Duration = Duration::from_millis(20);
 /// How much history (in epochs, i.e. milliseconds) stays readable behind the newest complete
@@ -62,6 +64,8 @@ pub enum Job {
         first_line: u64,
         /// Enter at this epoch or later.
         min_epoch: Epoch,
+        /// The producer's batch id.
+        batch: Option<String>,
     },
     /// A part of a request answered by several workers of this process.
     Part {
@@ -221,6 +225,71 @@ pub struct Context {
     pub frontiers: Mutex<HashMap<String, Vec<Option<Epoch>>>>,
     /// Each local thread's gauges, refreshed every [`GAUGE_INTERVAL`].
     pub gauges: Mutex<Vec<ThreadGauges>>,
+    /// The worker's data dir: ingest logs in `log/t{thread}`.
+    pub data_dir: std::path::PathBuf,
+    /// When log records are synced.
+    pub fsync: Fsync,
+    /// The batch ids this process has seen, shared by its threads.
+    pub batches: Arc<Mutex<Batches>>,
+}
+
+/// How long a batch id is remembered for answering retries.
+pub const BATCH_MEMORY: Duration = Duration::from_secs(15 * 60);
+/// How many batch ids are remembered at most.
+pub const BATCH_IDS: usize = 200_000;
+
+/// What is known of a batch id.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Seen {
+    /// Being ingested now.
+    InFlight,
+    /// Ingested with this outcome.
+    Done(IngestOutcome),
+}
+
+/// Batch ids seen recently, to answer a producer's retry with the first attempt's outcome.
+#[derive(Default)]
+pub struct Batches {
+    ids: HashMap<String, Seen>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Batches {
+    /// Claims `id` for ingesting, or tells what is known of it.
+    pub fn begin(&mut self, id: &str) -> Option<Seen> {
+        if let Some(seen) = self.ids.get(id) {
+            return Some(seen.clone());
+        }
+        self.ids.insert(id.to_string(), Seen::InFlight);
+        self.order.push_back((Instant::now(), id.to_string()));
+        self.forget_old();
+        None
+    }
+
+    /// Records the outcome of `id`.
+    pub fn done(&mut self, id: &str, outcome: IngestOutcome) {
+        if self.ids.insert(id.to_string(), Seen::Done(outcome)).is_none() {
+            self.order.push_back((Instant::now(), id.to_string()));
+            self.forget_old();
+        }
+    }
+
+    /// Forgets `id` (its ingest failed; a retry ingests it).
+    pub fn abandon(&mut self, id: &str) {
+        if self.ids.get(id) == Some(&Seen::InFlight) {
+            self.ids.remove(id);
+        }
+    }
+
+    fn forget_old(&mut self) {
+        while let Some((at, id)) = self.order.front() {
+            if self.order.len() <= BATCH_IDS && at.elapsed() < BATCH_MEMORY {
+                break;
+            }
+            self.ids.remove(id);
+            self.order.pop_front();
+        }
+    }
 }
 
 /// How often worker threads refresh their gauges.
@@ -283,6 +352,14 @@ struct Engine {
     dropped: Vec<String>,
     /// When to refresh this thread's gauges next.
     next_gauges: Instant,
+    /// This partition's ingest log, or why it cannot be opened.
+    log: Result<Log, String>,
+    /// Where the log lives.
+    log_dir: std::path::PathBuf,
+    /// The generation's `Recover` command has run: the log is replayed and ingest is taken.
+    recovered: bool,
+    /// The process's batch ids.
+    batches: Arc<Mutex<Batches>>,
 }
 
 /// Runs one worker thread forever.
@@ -324,7 +401,12 @@ pub fn run(worker: &mut Worker, ctx: &Context) -> ! {
         holds: HashMap::new(),
         dropped: Vec::new(),
         next_gauges: Instant::now(),
+        log: Err("not opened".into()),
+        log_dir: ctx.data_dir.join("log").join(format!("t{local}")),
+        recovered: false,
+        batches: Arc::clone(&ctx.batches),
     };
+    engine.log = open_log(&engine.log_dir, ctx.fsync);
     loop {
         if let Some(jobs) = &jobs {
             while let Ok(job) = jobs.try_recv() {
@@ -358,6 +440,13 @@ impl Engine {
     fn apply(&mut self, worker: &mut Worker, cmd: Command) {
         match cmd {
             Command::Check { .. } => {}
+            Command::Recover => {
+                // Once per generation (a coordinator that restarts replays its catalog again).
+                if !self.recovered {
+                    self.recover(worker);
+                    self.recovered = true;
+                }
+            }
             Command::CreateSource(plan) => {
                 tracing::debug!(source = %plan.name, "source created");
                 let name = plan.name.clone();
@@ -376,9 +465,24 @@ impl Engine {
                     return;
                 }
                 let name = plan.name.clone();
+                let id = plan.id;
                 let mut rendered = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan));
                 rendered.rows.advance_to(self.epoch);
                 rendered.reports.advance_to(self.epoch);
+                // A dataflow installed now reads this partition's batches from now on; replays
+                // after a restart follow the same mark. (During a generation's catalog replay the
+                // marks are in the log already.)
+                if self.recovered {
+                    let mark = Record::Installed { dataflow: id, epoch: self.epoch };
+                    match self.log.as_mut() {
+                        Ok(log) => {
+                            if let Err(e) = log.append(&mark, true) {
+                                tracing::error!(dataflow = %name, "cannot mark the install in the ingest log: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!(dataflow = %name, "cannot mark the install in the ingest log: {e}"),
+                    }
+                }
                 if self.index == 0 {
                     tracing::info!(dataflow = %name, "dataflow installed");
                 }
@@ -435,11 +539,13 @@ impl Engine {
                 None
             }
             Job::Ingest { after, .. } | Job::Part { after, .. } if after > self.applied => Some(job),
-            Job::Ingest { id, source, csv, body, first_line, min_epoch, .. } => {
+            // Ingest waits for the log replay of a new generation.
+            Job::Ingest { .. } if !self.recovered => Some(job),
+            Job::Ingest { id, source, csv, body, first_line, min_epoch, batch, .. } => {
                 if self.epoch < min_epoch {
                     self.advance_to(min_epoch);
                 }
-                let reply = self.ingest(&source, csv, &body, first_line);
+                let reply = self.ingest(&source, csv, &body, first_line, batch.as_deref());
                 crate::computation::tell(&FromChild::Reply { id, reply });
                 None
             }
@@ -492,45 +598,179 @@ impl Engine {
         }
     }
 
-    fn ingest(&mut self, source: &str, csv: bool, body: &str, first_line: u64) -> Reply {
-        let Some(src) = self.sources.get_mut(source) else {
+    fn ingest(&mut self, source: &str, csv: bool, body: &str, first_line: u64, batch: Option<&str>) -> Reply {
+        let Some(src) = self.sources.get(source) else {
             return Reply::Error { message: format!("unknown source {source:?}") };
         };
+        if let Some(id) = batch {
+            let seen = self.batches.lock().map(|mut b| b.begin(id)).unwrap_or(None);
+            match seen {
+                Some(Seen::Done(outcome)) => {
+                    tracing::info!(batch = id, "answered a retried batch from its first attempt");
+                    return Reply::Ingested(IngestOutcome { epoch: outcome.epoch.max(self.epoch), ..outcome });
+                }
+                Some(Seen::InFlight) => {
+                    return Reply::Refused {
+                        status: 409,
+                        message: format!("batch {id:?} is being ingested by an earlier attempt; retry shortly"),
+                    }
+                }
+                None => {}
+            }
+        }
         let (rows, errors) = parse_body(body, csv, &src.plan, first_line);
         let mut outcome =
             IngestOutcome { rejected: errors.len() as u64, epoch: self.epoch, ..IngestOutcome::default() };
         outcome.errors = errors.into_iter().take(MAX_LISTED_ERRORS).collect();
         let mut accepted: Vec<Row> = Vec::with_capacity(rows.len());
+        let mut late: Vec<Row> = Vec::new();
         for (_, row) in rows {
             if src.watermark.is_some_and(|w| row.time < w) {
-                outcome.late += 1;
-                if src.late.len() >= LATE_KEPT {
-                    src.late.pop_front();
-                }
-                src.late.push_back(row_json(&src.plan, &row));
-                continue;
+                late.push(row);
+            } else {
+                accepted.push(row);
             }
-            src.max_ts = src.max_ts.max(Some(row.time));
-            accepted.push(row);
         }
         outcome.accepted = accepted.len() as u64;
+        outcome.late = late.len() as u64;
+
+        // The accepted events reach the log before anything else sees them; if they cannot,
+        // nothing of the batch is accepted.
         if !accepted.is_empty() {
-            src.last_event = Some(Instant::now());
-            let readers: Vec<&mut DataflowRt> =
-                self.dataflows.values_mut().filter(|df| df.rendered.layout.plan.source.name == source).collect();
-            let n = readers.len();
-            let mut accepted = Some(accepted);
-            for (i, df) in readers.into_iter().enumerate() {
-                let rows =
-                    if i + 1 == n { accepted.take().unwrap_or_default() } else { accepted.clone().unwrap_or_default() };
-                for row in rows {
-                    df.rendered.rows.send(row);
+            let logged = match self.log.as_mut() {
+                Ok(log) => log
+                    .append_batch(self.epoch, source, batch, &accepted, outcome.rejected, outcome.late)
+                    .map_err(|e| e.to_string()),
+                Err(_) => {
+                    // The log could not be opened before (an unwritable data dir): try again.
+                    self.log = open_log(&self.log_dir, self.log.as_ref().map_or(Fsync::Batch, |l| l.fsync()));
+                    match self.log.as_mut() {
+                        Ok(log) => log
+                            .append_batch(self.epoch, source, batch, &accepted, outcome.rejected, outcome.late)
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.clone()),
+                    }
                 }
+            };
+            if let Err(e) = logged {
+                if let Some(id) = batch {
+                    if let Ok(mut b) = self.batches.lock() {
+                        b.abandon(id);
+                    }
+                }
+                tracing::error!(source, "refused an ingest batch: the ingest log cannot be written: {e}");
+                return Reply::Refused {
+                    status: 507,
+                    message: format!("the ingest log cannot be written ({e}); nothing of this batch was accepted"),
+                };
+            }
+        }
+
+        let Some(src) = self.sources.get_mut(source) else {
+            return Reply::Error { message: format!("unknown source {source:?}") };
+        };
+        for row in &late {
+            if src.late.len() >= LATE_KEPT {
+                src.late.pop_front();
+            }
+            src.late.push_back(row_json(&src.plan, row));
+        }
+        if let Some(max) = accepted.iter().map(|r| r.time).max() {
+            src.max_ts = src.max_ts.max(Some(max));
+            src.last_event = Some(Instant::now());
+        }
+        self.feed(source, accepted, None);
+        if let Some(id) = batch {
+            if let Ok(mut b) = self.batches.lock() {
+                b.done(id, IngestOutcome { errors: Vec::new(), ..outcome.clone() });
             }
         }
         // The batch is complete at this epoch; move on so it becomes readable promptly.
         self.tick(true);
         Reply::Ingested(outcome)
+    }
+
+    /// Sends rows of `source` into the dataflows reading it (only those in `only`, if given).
+    fn feed(&mut self, source: &str, rows: Vec<Row>, only: Option<&std::collections::HashSet<u64>>) {
+        if rows.is_empty() {
+            return;
+        }
+        let readers: Vec<&mut DataflowRt> = self
+            .dataflows
+            .values_mut()
+            .filter(|df| df.rendered.layout.plan.source.name == source)
+            .filter(|df| only.is_none_or(|ids| ids.contains(&df.rendered.layout.plan.id)))
+            .collect();
+        let n = readers.len();
+        let mut rows = Some(rows);
+        for (i, df) in readers.into_iter().enumerate() {
+            let batch = if i + 1 == n { rows.take().unwrap_or_default() } else { rows.clone().unwrap_or_default() };
+            for row in batch {
+                df.rendered.rows.send(row);
+            }
+        }
+    }
+
+    /// Replays this partition's ingest log into the dataflows: each batch goes to the dataflows
+    /// that were installed before it (as the log's install marks say), in the log's order, and
+    /// its batch id is remembered for retries. Steps the worker every so many events, so that
+    /// the dataflows digest the replay as it goes.
+    fn recover(&mut self, worker: &mut Worker) {
+        let dir = self.log_dir.clone();
+        if let Err(e) = &self.log {
+            tracing::error!(dir = %dir.display(), "cannot replay the ingest log: {e}");
+            return;
+        }
+        let started = Instant::now();
+        let mut feeding = std::collections::HashSet::new();
+        let (mut batches, mut events, mut since_step) = (0u64, 0u64, 0usize);
+        let result = crate::log::replay(&dir, 0, |record| match record {
+            Record::Installed { dataflow, .. } => {
+                feeding.insert(dataflow);
+            }
+            Record::Batch { epoch, source, batch, rows, rejected, late } => {
+                batches += 1;
+                events += rows.len() as u64;
+                since_step += rows.len();
+                if let Some(id) = batch {
+                    let outcome =
+                        IngestOutcome { accepted: rows.len() as u64, rejected, late, epoch, errors: Vec::new() };
+                    if let Ok(mut b) = self.batches.lock() {
+                        b.done(&id, outcome);
+                    }
+                }
+                if let Some(src) = self.sources.get_mut(&source) {
+                    if let Some(max) = rows.iter().map(|r| r.time).max() {
+                        src.max_ts = src.max_ts.max(Some(max));
+                        src.last_event = Some(Instant::now());
+                    }
+                }
+                self.feed(&source, rows, Some(&feeding));
+                if since_step >= 65_536 {
+                    since_step = 0;
+                    self.tick(true);
+                    worker.step();
+                }
+            }
+        });
+        match result {
+            Ok(problems) => {
+                for p in problems {
+                    tracing::error!("ingest log replay: {p}");
+                }
+            }
+            Err(e) => tracing::error!(dir = %dir.display(), "ingest log replay failed: {e}"),
+        }
+        self.tick(true);
+        if batches > 0 {
+            tracing::info!(
+                partition = self.index,
+                batches,
+                events,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "replayed the ingest log"
+            );
+        }
     }
 
     /// Advances every dataflow's inputs to the current wall-clock epoch (at least one past the
@@ -641,6 +881,22 @@ impl Engine {
                 df.rendered.trace.set_physical_compaction(frontier.borrow());
                 df.rendered.watermarks.borrow_mut().compact(since);
             }
+        }
+    }
+}
+
+/// Opens a partition's log, reporting a cut tail.
+fn open_log(dir: &std::path::Path, fsync: Fsync) -> Result<Log, String> {
+    match Log::open(dir, fsync) {
+        Ok((log, cut)) => {
+            if let Some(cut) = cut {
+                tracing::warn!("ingest log: {cut}");
+            }
+            Ok(log)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            Err(e.to_string())
         }
     }
 }

@@ -75,8 +75,16 @@ async fn ingest(
         Ok(text) => text,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body is not UTF-8: {e}")),
     };
+    let batch = match headers.get(sundial_protocol::BATCH_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(id)) => match sundial_protocol::check_batch_id(id) {
+            Ok(()) => Some(id.to_string()),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        },
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "the x-sundial-batch header is not ASCII"),
+    };
     let (tx, rx) = oneshot::channel();
-    if events.send(Event::LocalIngest { source, csv, body, reply: tx }).is_err() {
+    if events.send(Event::LocalIngest { source, csv, body, batch, reply: tx }).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the worker is shutting down");
     }
     match tokio::time::timeout(TIMEOUT, rx).await {

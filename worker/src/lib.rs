@@ -11,6 +11,7 @@ pub mod computation;
 pub mod engine;
 pub mod ingest;
 pub mod lines;
+pub mod log;
 pub mod mesh;
 pub mod metrics;
 pub mod supervisor;

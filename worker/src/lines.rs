@@ -123,7 +123,7 @@ fn send_line(stream: &mut TcpStream, value: &Value) -> Result<(), String> {
 fn ingest(events: &Sender<Event>, source: &str, body: String) -> Result<IngestOutcome, (u16, String)> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     events
-        .send(Event::LocalIngest { source: source.to_string(), csv: false, body, reply: tx })
+        .send(Event::LocalIngest { source: source.to_string(), csv: false, body, batch: None, reply: tx })
         .map_err(|_| (503, "the worker is shutting down".to_string()))?;
     rx.blocking_recv().map_err(|_| (503, "the computation ended before it answered".to_string()))?
 }

@@ -41,6 +41,8 @@ pub struct SupervisorConfig {
     pub http: Option<String>,
     /// Where to serve the raw TCP line port, if anywhere.
     pub lines: Option<String>,
+    /// When ingest log records are synced.
+    pub fsync: crate::log::Fsync,
     /// The program to run as computation child (this binary), and the arguments before
     /// `computation`.
     pub child_program: PathBuf,
@@ -200,6 +202,8 @@ pub enum Event {
         csv: bool,
         /// The text.
         body: String,
+        /// The producer's batch id.
+        batch: Option<String>,
         /// Where the outcome goes.
         reply: tokio::sync::oneshot::Sender<crate::ingest::IngestResult>,
     },
@@ -511,7 +515,9 @@ impl Supervisor {
             }
             Event::Child { generation, msg } => self.on_child(generation, msg),
             Event::ChildEof { generation } => self.on_child_eof(generation),
-            Event::LocalIngest { source, csv, body, reply } => self.local_ingest(source, csv, body, reply),
+            Event::LocalIngest { source, csv, body, batch, reply } => {
+                self.local_ingest(source, csv, body, batch, reply)
+            }
         }
     }
 
@@ -579,6 +585,10 @@ impl Supervisor {
             .arg("computation")
             .arg("--listen")
             .arg(&self.bind)
+            .arg("--data-dir")
+            .arg(&self.cfg.data_dir)
+            .arg("--fsync")
+            .arg(self.cfg.fsync.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -619,6 +629,7 @@ impl Supervisor {
         source: String,
         csv: bool,
         body: String,
+        batch: Option<String>,
         reply: tokio::sync::oneshot::Sender<crate::ingest::IngestResult>,
     ) {
         let Some(run) = self.child.as_mut().filter(|c| c.started) else {
@@ -628,7 +639,7 @@ impl Supervisor {
         let id = self.next_local;
         self.next_local += 1;
         let inflight = Inflight::Ingest(source.clone());
-        let request = Request::Ingest { after: 0, source, csv, body, first_line: 1, min_epoch: 0 };
+        let request = Request::Ingest { after: 0, source, csv, body, first_line: 1, min_epoch: 0, batch };
         match write_msg(&mut run.stdin, &ToChild::Request { id, request }) {
             Ok(()) => {
                 self.local.insert(id, reply);
@@ -692,6 +703,7 @@ impl Supervisor {
                         Reply::Ingested(outcome) => Ok(outcome),
                         Reply::Error { message } if message.starts_with("unknown source") => Err((404, message)),
                         Reply::Error { message } => Err((503, message)),
+                        Reply::Refused { status, message } => Err((status, message)),
                         other => Err((502, format!("unexpected reply {other:?}"))),
                     });
                 }
