@@ -166,6 +166,8 @@ struct Batch {
     body: String,
     /// The input line number of the batch's first event line.
     first_line: u64,
+    /// Its batch id: this run's producer id and the batch's number.
+    id: String,
     lines: u64,
     bytes: u64,
 }
@@ -180,16 +182,80 @@ struct Totals {
     failed: Option<String>,
 }
 
-/// Posts one batch, retrying while the cluster answers 503 (re-forming) or cannot be reached,
-/// for up to a minute.
-fn post_batch(target: &str, path: &str, content_type: &str, body: &[u8]) -> Result<Value, String> {
+/// Where batches go: every worker's own ingest endpoint when they all have one (by process
+/// index; a restarted worker may come back at another address, so they are looked up again
+/// after a failure), else the coordinator.
+struct Targets {
+    server: String,
+    workers: bool,
+    addresses: std::sync::Mutex<Vec<String>>,
+}
+
+impl Targets {
+    fn lookup(server: &str) -> Option<Vec<String>> {
+        let r = call_json(server, Method::Get, "/v1/cluster", TIMEOUT).ok()?;
+        r.body["workers"]
+            .as_array()
+            .map(|ws| ws.iter().map(|w| w["ingest_addr"].as_str().map(|a| format!("http://{a}"))).collect())
+            .and_then(|v: Vec<Option<String>>| v.into_iter().collect())
+            .filter(|v: &Vec<String>| !v.is_empty())
+    }
+
+    fn new(server: &str) -> Targets {
+        let (workers, addresses) = match Targets::lookup(server) {
+            Some(ws) => (true, ws),
+            None => (false, vec![server.to_string()]),
+        };
+        Targets { server: server.to_string(), workers, addresses: std::sync::Mutex::new(addresses) }
+    }
+
+    fn len(&self) -> usize {
+        self.addresses.lock().map_or(1, |a| a.len())
+    }
+
+    fn address(&self, index: usize) -> String {
+        self.addresses.lock().ok().and_then(|a| a.get(index).cloned()).unwrap_or_else(|| self.server.clone())
+    }
+
+    /// Looks the workers' addresses up again (after a failure).
+    fn refresh(&self) {
+        if !self.workers {
+            return;
+        }
+        if let Some(fresh) = Targets::lookup(&self.server) {
+            if let Ok(mut a) = self.addresses.lock() {
+                if fresh.len() == a.len() {
+                    *a = fresh;
+                }
+            }
+        }
+    }
+}
+
+/// Posts one batch to the process at `index`, with its batch id, retrying for up to a minute
+/// while the cluster answers 503 (re-forming) or 409 (an earlier attempt is still running), or
+/// the process cannot be reached (it may be restarting, perhaps at another address). The batch
+/// id makes the retries safe: a batch that was logged but whose answer was lost is answered from
+/// the log, not ingested twice.
+fn post_batch(
+    targets: &Targets,
+    index: usize,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    batch: &str,
+) -> Result<Value, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut pause = Duration::from_millis(100);
+    let headers = [(sundial_protocol::BATCH_HEADER, batch)];
     loop {
-        let outcome = call_json(target, Method::Post(content_type, body), path, TIMEOUT);
+        let target = targets.address(index);
+        let outcome = call_json(&target, Method::PostWith(content_type, body, &headers), path, TIMEOUT);
         let retry = match &outcome {
             Ok(r) if (200..300).contains(&r.status) => return Ok(r.body.clone()),
-            Ok(r) if r.status == 503 => format!("503: {}", r.body["error"].as_str().unwrap_or("not ready")),
+            Ok(r) if r.status == 503 || r.status == 409 => {
+                format!("{}: {}", r.status, r.body["error"].as_str().unwrap_or("not ready"))
+            }
             Ok(r) => {
                 return Err(format!("{} answered {}: {}", target, r.status, r.body["error"].as_str().unwrap_or("?")))
             }
@@ -200,21 +266,7 @@ fn post_batch(target: &str, path: &str, content_type: &str, body: &[u8]) -> Resu
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_secs(2));
-    }
-}
-
-/// Where to send batches: every worker's own ingest endpoint when they all have one, else the
-/// coordinator.
-fn ingest_targets(server: &str) -> Vec<String> {
-    let workers: Option<Vec<String>> = call_json(server, Method::Get, "/v1/cluster", TIMEOUT).ok().and_then(|r| {
-        r.body["workers"]
-            .as_array()
-            .map(|ws| ws.iter().map(|w| w["ingest_addr"].as_str().map(|a| format!("http://{a}"))).collect())
-            .and_then(|v: Vec<Option<String>>| v.into_iter().collect())
-    });
-    match workers {
-        Some(ws) if !ws.is_empty() => ws,
-        _ => vec![server.to_string()],
+        targets.refresh();
     }
 }
 
@@ -254,21 +306,22 @@ pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
     };
     let path = format!("/v1/sources/{}/events", encode(&args.source));
     let content_type = if csv { "text/csv" } else { "application/x-ndjson" };
-    let targets = ingest_targets(server);
+    let targets = Arc::new(Targets::new(server));
+    let producer = format!("{:016x}", rand::random::<u64>());
 
     let totals = Arc::new(Mutex::new(Totals::default()));
     let done_events = Arc::new(AtomicU64::new(0));
     let done_bytes = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::new();
     let mut threads = Vec::new();
-    for target in &targets {
+    for index in 0..targets.len() {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
         senders.push(tx);
-        let (target, path, totals) = (target.clone(), path.clone(), Arc::clone(&totals));
+        let (targets, path, totals) = (Arc::clone(&targets), path.clone(), Arc::clone(&totals));
         let (done_events, done_bytes) = (Arc::clone(&done_events), Arc::clone(&done_bytes));
         threads.push(std::thread::spawn(move || {
             for batch in rx {
-                let result = post_batch(&target, &path, content_type, batch.body.as_bytes());
+                let result = post_batch(&targets, index, &path, content_type, batch.body.as_bytes(), &batch.id);
                 let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                 match result {
                     Ok(reply) => {
@@ -354,7 +407,7 @@ pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
             }
         }
         if n > 0 {
-            let batch = Batch { body, first_line, lines: n, bytes };
+            let batch = Batch { body, first_line, lines: n, bytes, id: format!("{producer}-{k}") };
             first_line += n;
             if senders[k % senders.len()].send(batch).is_err() {
                 break 'read;

@@ -32,6 +32,8 @@ pub enum Method<'a> {
     Delete,
     /// POST with a content type and a body.
     Post(&'a str, &'a [u8]),
+    /// POST with a content type, a body and more headers.
+    PostWith(&'a str, &'a [u8], &'a [(&'a str, &'a str)]),
 }
 
 /// Calls `path` on the coordinator at `server`; returns the status and the raw body text.
@@ -44,6 +46,13 @@ pub fn call(server: &str, method: Method<'_>, path: &str, timeout: Duration) -> 
         Method::Get => agent.get(&url).call(),
         Method::Delete => agent.delete(&url).call(),
         Method::Post(content_type, body) => agent.post(&url).header("content-type", content_type).send(body),
+        Method::PostWith(content_type, body, headers) => {
+            let mut request = agent.post(&url).header("content-type", content_type);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            request.send(body)
+        }
     };
     let mut response = response.with_context(|| {
         format!("cannot reach the coordinator at {base} (is `sundial local` running? --server or SUNDIAL_SERVER selects another)")

@@ -120,6 +120,10 @@ struct CoordinatorArgs {
     /// Silence after which a worker counts as lost.
     #[arg(long, env = "SUNDIAL_HEARTBEAT_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
+    /// How often the cluster checkpoints its state (recovery then replays only the ingest log
+    /// after the newest checkpoint, and older log segments are deleted).
+    #[arg(long, env = "SUNDIAL_CHECKPOINT_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    checkpoint_interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -235,6 +239,7 @@ fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             heartbeat_timeout: args.heartbeat_timeout,
             ..Timing::default()
         },
+        checkpoint_interval: args.checkpoint_interval,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

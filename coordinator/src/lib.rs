@@ -34,6 +34,8 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Heartbeat timing.
     pub timing: Timing,
+    /// How often the cluster takes a checkpoint.
+    pub checkpoint_interval: Duration,
 }
 
 /// Errors that stop the coordinator.
@@ -158,6 +160,7 @@ pub async fn run(
     let membership = Membership::new(config.workers, config.timing, persisted);
     let ops = ops::Ops::new().map_err(|e| CoordinatorError::Config(format!("setting up the metrics: {e}")))?;
     let shared = server::Shared::new(membership, membership_file, catalog, catalog_file, ops);
+    shared.set_checkpoint_interval(config.checkpoint_interval);
     let control_task = tokio::spawn(server::serve_control(std::sync::Arc::clone(&shared), control));
     let ticker = {
         let shared = std::sync::Arc::clone(&shared);
@@ -180,11 +183,24 @@ pub async fn run(
             }
         })
     };
+    let checkpointer = {
+        let shared = std::sync::Arc::clone(&shared);
+        let every = config.checkpoint_interval;
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                shared.checkpoint().await;
+            }
+        })
+    };
     let app = http::router(shared);
     let result = axum::serve(http, app).with_graceful_shutdown(shutdown).await.map_err(CoordinatorError::Http);
     control_task.abort();
     ticker.abort();
     sampler.abort();
+    checkpointer.abort();
     tracing::info!("coordinator stopped");
     result
 }

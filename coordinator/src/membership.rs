@@ -325,7 +325,7 @@ impl Membership {
         };
         match msg {
             // Stats are kept by the server, not the membership.
-            WorkerMsg::Stats(_) => Vec::new(),
+            WorkerMsg::Stats(_) | WorkerMsg::Checkpointed { .. } => Vec::new(),
             WorkerMsg::Heartbeat { generation, state, computation_pid } => {
                 let slot = &mut self.slots[index];
                 slot.last_heartbeat = Some((now, SystemTime::now()));
@@ -472,8 +472,15 @@ impl Membership {
         for (index, slot) in self.slots.iter_mut().enumerate() {
             slot.state = WorkerState::Starting;
             if let Some(conn) = slot.conn {
-                let formation =
-                    Formation { generation: self.generation, index, addresses: addresses.clone(), threads, token };
+                let formation = Formation {
+                    generation: self.generation,
+                    index,
+                    addresses: addresses.clone(),
+                    threads,
+                    token,
+                    restore: None,
+                    checkpoint_interval_ms: 0,
+                };
                 actions.push(Action::Send(conn, CoordMsg::Form(formation)));
             }
         }
@@ -571,6 +578,7 @@ mod tests {
             running: None,
             ingest_addr: None,
             lines_addr: None,
+            checkpoints: Vec::new(),
         }
     }
 

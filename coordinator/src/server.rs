@@ -47,6 +47,12 @@ struct Inner {
     recovered_at: u64,
     /// What each process last reported as complete: (generation, dataflow → epoch).
     frontiers: HashMap<ConnId, (u64, HashMap<String, u64>)>,
+    /// The complete checkpoints each process index has (epochs).
+    checkpoints: HashMap<usize, std::collections::BTreeSet<u64>>,
+    /// The newest checkpoint every process has.
+    committed: u64,
+    /// How often to take checkpoints (told to workers in formations).
+    checkpoint_interval: Duration,
 }
 
 /// State shared by the control port, the ticker and the HTTP API.
@@ -122,6 +128,9 @@ impl Shared {
                 after: 0,
                 recovered_at: 0,
                 frontiers: HashMap::new(),
+                checkpoints: HashMap::new(),
+                committed: 0,
+                checkpoint_interval: Duration::from_secs(10),
             }),
             membership_file,
             catalog: Mutex::new(catalog),
@@ -371,6 +380,48 @@ impl Shared {
         }
     }
 
+    /// Sets how often checkpoints are taken.
+    pub fn set_checkpoint_interval(&self, every: Duration) {
+        self.lock().checkpoint_interval = every;
+    }
+
+    /// Asks the running cluster for a checkpoint (each process reports when it wrote its part).
+    pub async fn checkpoint(&self) {
+        if self.ready().is_err() {
+            return;
+        }
+        match self.request(Request::Command(Command::Checkpoint { epoch: 0 }), COMMAND_TIMEOUT).await {
+            Ok(_) => {}
+            Err(e) => tracing::debug!("checkpoint not started: {e}"),
+        }
+    }
+
+    /// Process `index` wrote its part of the checkpoint at `epoch`; once every process of the
+    /// running generation has, the checkpoint is committed and every process is told, so that
+    /// it can delete what the checkpoint covers.
+    fn checkpointed(&self, index: usize, generation: u64, epoch: u64) {
+        let mut inner = self.lock();
+        inner.checkpoints.entry(index).or_default().insert(epoch);
+        let Some((g, conns, _)) = inner.membership.running() else { return };
+        if g != generation || epoch <= inner.committed {
+            return;
+        }
+        let everyone = (0..conns.len()).all(|i| inner.checkpoints.get(&i).is_some_and(|s| s.contains(&epoch)));
+        if !everyone {
+            return;
+        }
+        inner.committed = epoch;
+        for set in inner.checkpoints.values_mut() {
+            set.retain(|e| *e >= epoch);
+        }
+        for conn in conns {
+            if let Some(tx) = inner.conns.get(&conn) {
+                let _ = tx.send(Out::Msg(CoordMsg::CheckpointCommitted { epoch }));
+            }
+        }
+        tracing::info!(generation, epoch, "checkpoint committed");
+    }
+
     /// Advances the membership's clock; called every few tens of milliseconds.
     pub fn tick(self: &Arc<Self>) {
         self.with_membership(|m| ((), m.tick(Instant::now())));
@@ -397,6 +448,31 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 fn apply(inner: &mut Inner, actions: Vec<Action>) {
     for action in actions {
         match action {
+            Action::Send(conn, CoordMsg::Form(mut formation)) => {
+                // Every process restores the newest checkpoint that all of them have.
+                let processes = formation.addresses.len();
+                let common = (0..processes)
+                    .map(|i| inner.checkpoints.get(&i).cloned().unwrap_or_default())
+                    .reduce(|a, b| a.intersection(&b).copied().collect())
+                    .unwrap_or_default();
+                formation.restore = common.last().copied();
+                formation.checkpoint_interval_ms = inner.checkpoint_interval.as_millis() as u64;
+                if formation.index == 0 {
+                    match formation.restore {
+                        Some(epoch) => {
+                            tracing::info!(generation = formation.generation, epoch, "the generation restores a checkpoint")
+                        }
+                        None if inner.checkpoints.values().any(|s| !s.is_empty()) => tracing::warn!(
+                            generation = formation.generation,
+                            "no checkpoint is common to every worker (a worker has a new data dir?): the logs are replayed from their start, and what older, deleted segments held is gone"
+                        ),
+                        None => {}
+                    }
+                }
+                if let Some(tx) = inner.conns.get(&conn) {
+                    let _ = tx.send(Out::Msg(CoordMsg::Form(formation)));
+                }
+            }
             Action::Send(conn, msg) => {
                 if let Some(tx) = inner.conns.get(&conn) {
                     let _ = tx.send(Out::Msg(msg));
@@ -483,6 +559,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     heartbeat_timeout_ms: timing.heartbeat_timeout.as_millis() as u64,
                 }));
                 inner.conns.insert(conn, tx);
+                inner.checkpoints.insert(index, register.checkpoints.iter().copied().collect());
                 apply(&mut inner, actions);
                 if let Some(p) = inner.membership.take_dirty() {
                     shared.persist(&p);
@@ -526,6 +603,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                         shared.lock().frontiers.insert(conn, (generation, frontiers.into_iter().collect()));
                     }
                     Ok(WorkerMsg::Stats(stats)) => shared.ops.record_worker(index, stats),
+                    Ok(WorkerMsg::Checkpointed { generation, epoch }) => shared.checkpointed(index, generation, epoch),
                     Ok(WorkerMsg::Reply { id, reply }) => {
                         if let Some(waiter) = shared.lock().pending.remove(&id) {
                             let _ = waiter.send(reply);

@@ -221,7 +221,7 @@ fn sundial(rows: Vec<Row>, workload: &str, threads: usize, batch: usize, then_dr
     let guards = timely::execute(timely::Config::process(threads), move |worker| {
         let me = worker.index();
         let mine = std::mem::take(&mut *shares[me].lock().unwrap());
-        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan.clone()));
+        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan.clone(), None));
         let mut epoch: Epoch = 1;
         let mut max_ts = None;
         for chunk in mine {

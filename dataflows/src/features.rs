@@ -260,6 +260,8 @@ pub struct Rendered {
     pub stats: Rc<Cell<Stats>>,
     /// The layout.
     pub layout: Rc<Layout>,
+    /// Checkpoint requests and their snapshots.
+    pub checkpoint: Rc<RefCell<CheckpointCell>>,
 }
 
 /// The size of a rendered dataflow's state on one worker.
@@ -293,31 +295,112 @@ impl Rendered {
     }
 }
 
-/// Builds the dataflow of `plan` in `scope`.
-pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan) -> Rendered {
+/// A checkpoint request to a dataflow's aggregate, and its answer.
+#[derive(Debug, Default)]
+pub struct CheckpointCell {
+    /// Snapshot the state as it is when every epoch before this one is applied, and none after.
+    pub requested: Option<Epoch>,
+    /// The snapshot (bincode of [`StateSnapshot`]), or why it could not be taken (the
+    /// aggregate had already applied an epoch at or after the requested one).
+    pub result: Option<(Epoch, Result<Vec<u8>, String>)>,
+}
+
+/// The format version of [`StateSnapshot`].
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// The state of one worker's aggregate of one dataflow: every live slot, the partitions'
+/// reports and the watermark. Restoring it (and emitting its slots) rebuilds the arrangement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateSnapshot {
+    /// [`SNAPSHOT_VERSION`].
+    pub version: u32,
+    /// The dataflow's catalog id.
+    pub dataflow: u64,
+    /// The watermark.
+    pub watermark: Option<i64>,
+    /// Per partition: the largest event time reported, and whether it was idle.
+    pub partitions: Vec<(u32, Option<i64>, bool)>,
+    /// Per group of the layout, its slots.
+    pub groups: Vec<GroupSnapshot>,
+    /// Live slots and reopened slots, as counted.
+    pub stats: (u64, u64),
+}
+
+/// The accumulators of one slot, by key.
+pub type KeyedAccs = Vec<(Key, Vec<Acc>)>;
+/// One session: start, end, accumulators.
+pub type SavedSession = (i64, i64, Vec<Acc>);
+
+/// The slots of one group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum GroupSnapshot {
+    /// Pane start → slots of keys.
+    Panes(Vec<(i64, KeyedAccs)>),
+    /// Key → its sessions.
+    Sessions(Vec<(Key, Vec<SavedSession>)>),
+    /// Key → its global slot.
+    Global(KeyedAccs),
+}
+
+impl StateSnapshot {
+    /// The largest event time partition `partition` reported.
+    pub fn partition_max(&self, partition: u32) -> Option<i64> {
+        self.partitions.iter().find(|(p, _, _)| *p == partition).and_then(|(_, m, _)| *m)
+    }
+}
+
+/// Builds the dataflow of `plan` in `scope`, starting from `restore` if given (the state of
+/// this worker at a checkpoint); the caller checks that it belongs to this plan.
+pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<StateSnapshot>) -> Rendered {
     let layout = Rc::new(Layout::new(plan));
     let name = layout.plan.name.clone();
     let (rows, row_stream) = scope.new_input::<Vec<Row>>();
     let (reports, report_stream) = scope.new_input::<Vec<Report>>();
     let watermarks = Rc::new(RefCell::new(Watermarks::default()));
     let stats = Rc::new(Cell::new(Stats::default()));
+    let checkpoint = Rc::new(RefCell::new(CheckpointCell::default()));
 
     let prep = Rc::clone(&layout);
     let events = row_stream.flat_map(move |row| prep.prepare(&row));
     let mut state = AggregateState::new(Rc::clone(&layout));
-    let (wm_out, stats_out) = (Rc::clone(&watermarks), Rc::clone(&stats));
+    let mut restored = Vec::new();
+    if let Some(snapshot) = restore {
+        state.restore(snapshot);
+        state.emit_all(&mut restored);
+        stats.set(state.stats);
+        if let Some(w) = state.watermark {
+            let mut marks = watermarks.borrow_mut();
+            marks.history.insert(0, w);
+            marks.current = Some(w);
+        }
+    }
+    let (wm_out, stats_out, ckpt) = (Rc::clone(&watermarks), Rc::clone(&stats), Rc::clone(&checkpoint));
     let updates = events.binary_frontier::<_, CapacityContainerBuilder<Vec<((Key, Slot), Epoch, isize)>>, _, _, _, _>(
         report_stream.broadcast(),
         ExchangePact::new(|ev: &Ev| ev.hash),
         Pipeline,
         &format!("WindowAggregate({name})"),
-        move |_capability, _info| {
+        move |capability, _info| {
             let mut pending_events: BTreeMap<Epoch, Vec<Ev>> = BTreeMap::new();
             let mut pending_reports: BTreeMap<Epoch, Vec<Report>> = BTreeMap::new();
             let mut caps: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
             let mut out: Vec<((Key, Slot), isize)> = Vec::new();
+            // A restored state enters the arrangement at the first epoch.
+            let mut initial = (!restored.is_empty()).then_some((capability, restored));
+            let mut last_applied: Option<Epoch> = None;
             move |(events, events_frontier), (reports, reports_frontier), output| {
                 let port = output.output_index();
+                if let Some((cap, slots)) = initial.take() {
+                    let t = *cap.time();
+                    output.session(&cap).give_iterator(slots.into_iter().map(|(d, r)| (d, t, r)));
+                }
+                let mut cell = ckpt.borrow_mut();
+                if let Some(c) = cell.requested {
+                    if last_applied.is_some_and(|e| e >= c) {
+                        cell.requested = None;
+                        cell.result = Some((c, Err(format!("epoch {c} was already applied"))));
+                    }
+                }
                 events.for_each(|cap, data| {
                     if let Some(&t) = cap.least() {
                         caps.entry(t).or_insert_with(|| cap.delayed(&t, port));
@@ -335,9 +418,14 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan) -> Rendered {
                         break;
                     }
                     let Some((_, cap)) = caps.pop_first() else { break };
+                    if let Some(c) = cell.requested.filter(|c| epoch >= *c) {
+                        cell.requested = None;
+                        cell.result = Some((c, state.snapshot()));
+                    }
                     let evs = pending_events.remove(&epoch).unwrap_or_default();
                     let reps = pending_reports.remove(&epoch).unwrap_or_default();
                     state.apply_epoch(evs, &reps, &mut out);
+                    last_applied = Some(epoch);
                     if let Some(w) = state.watermark {
                         let mut marks = wm_out.borrow_mut();
                         if marks.current != Some(w) {
@@ -351,6 +439,13 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan) -> Rendered {
                         session.give_iterator(out.drain(..).map(|(d, r)| (d, epoch, r)));
                     }
                 }
+                // Every epoch before the requested one is applied and nothing after it.
+                if let Some(c) = cell.requested {
+                    if !events_frontier.less_than(&c) && !reports_frontier.less_than(&c) {
+                        cell.requested = None;
+                        cell.result = Some((c, state.snapshot()));
+                    }
+                }
             }
         },
     );
@@ -362,7 +457,7 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan) -> Rendered {
     );
     let probe = ProbeHandle::new();
     let _ = arranged.stream.clone().probe_with(&probe);
-    Rendered { rows, reports, trace: arranged.trace, probe, watermarks, stats, layout }
+    Rendered { rows, reports, trace: arranged.trace, probe, watermarks, stats, layout, checkpoint }
 }
 
 struct Session {
@@ -560,6 +655,120 @@ impl AggregateState {
         }
         self.update_watermark(reports);
         self.evict(out);
+    }
+
+    /// The state as a snapshot, encoded.
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| match g {
+                GroupState::Panes(panes) => GroupSnapshot::Panes(
+                    panes
+                        .iter()
+                        .map(|(start, slots)| {
+                            (*start, slots.iter().map(|(k, live)| (k.clone(), live.accs.clone())).collect())
+                        })
+                        .collect(),
+                ),
+                GroupState::Sessions { by_key, .. } => GroupSnapshot::Sessions(
+                    by_key
+                        .iter()
+                        .map(|(k, sessions)| {
+                            (k.clone(), sessions.iter().map(|s| (s.start, s.end, s.accs.clone())).collect())
+                        })
+                        .collect(),
+                ),
+                GroupState::Global(slots) => {
+                    GroupSnapshot::Global(slots.iter().map(|(k, live)| (k.clone(), live.accs.clone())).collect())
+                }
+            })
+            .collect();
+        let snapshot = StateSnapshot {
+            version: SNAPSHOT_VERSION,
+            dataflow: self.layout.plan.id,
+            watermark: self.watermark,
+            partitions: self.partitions.iter().map(|(p, (m, idle))| (*p, *m, *idle)).collect(),
+            groups,
+            stats: (self.stats.live_slots, self.stats.reopened),
+        };
+        bincode::serialize(&snapshot).map_err(|e| e.to_string())
+    }
+
+    /// Takes the state of `snapshot` (whose groups match this layout's: the caller checked the
+    /// dataflow id, and ids are never reused).
+    fn restore(&mut self, snapshot: StateSnapshot) {
+        self.watermark = snapshot.watermark;
+        self.partitions = snapshot.partitions.into_iter().map(|(p, m, idle)| (p, (m, idle))).collect();
+        self.stats = Stats { live_slots: snapshot.stats.0, reopened: snapshot.stats.1 };
+        for (state, group) in self.groups.iter_mut().zip(snapshot.groups) {
+            match (state, group) {
+                (GroupState::Panes(panes), GroupSnapshot::Panes(saved)) => {
+                    for (start, slots) in saved {
+                        let map = panes.entry(start).or_default();
+                        for (key, accs) in slots {
+                            map.insert(key, Live { accs, touched: false });
+                        }
+                    }
+                }
+                (GroupState::Sessions { by_key, by_end }, GroupSnapshot::Sessions(saved)) => {
+                    for (key, sessions) in saved {
+                        for (_, end, _) in &sessions {
+                            by_end.entry(*end).or_default().push(key.clone());
+                        }
+                        by_key.insert(
+                            key,
+                            sessions.into_iter().map(|(start, end, accs)| Session { start, end, accs }).collect(),
+                        );
+                    }
+                }
+                (GroupState::Global(slots), GroupSnapshot::Global(saved)) => {
+                    for (key, accs) in saved {
+                        slots.insert(key, Live { accs, touched: false });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Every live slot as an insertion, to rebuild the arrangement from a restored state.
+    fn emit_all(&self, out: &mut Vec<((Key, Slot), isize)>) {
+        for (g, (state, group)) in self.groups.iter().zip(&self.layout.groups).enumerate() {
+            let gid = g as u32;
+            match (state, group.kind) {
+                (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) => {
+                    for (start, slots) in panes {
+                        let end = start + pane_ms as i64;
+                        for (key, live) in slots {
+                            out.push((
+                                (key.clone(), Slot { group: gid, start: *start, end, accs: live.accs.clone() }),
+                                1,
+                            ));
+                        }
+                    }
+                }
+                (GroupState::Sessions { by_key, .. }, _) => {
+                    for (key, sessions) in by_key {
+                        for s in sessions {
+                            out.push((
+                                (key.clone(), Slot { group: gid, start: s.start, end: s.end, accs: s.accs.clone() }),
+                                1,
+                            ));
+                        }
+                    }
+                }
+                (GroupState::Global(slots), _) => {
+                    for (key, live) in slots {
+                        out.push((
+                            (key.clone(), Slot { group: gid, start: i64::MIN, end: i64::MAX, accs: live.accs.clone() }),
+                            1,
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     fn update_watermark(&mut self, reports: &[Report]) {

@@ -270,7 +270,7 @@ fn run(case: &Case) -> (Results, Option<i64>) {
     let guards = timely::execute(timely::Config::process(case.threads), move |worker| {
         let (case, accepted, _wms) = &*shared;
         let me = worker.index();
-        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, case.plan.clone()));
+        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, case.plan.clone(), None));
         let mut max_ts: Option<i64> = None;
         let mut epoch: Epoch = 1;
         for (e, batch) in case.epochs.iter().enumerate() {

@@ -52,6 +52,9 @@ pub struct WorkerFamilies {
     running: IntGaugeVec,
     started: IntCounterVec,
     coordinator_heard: GaugeVec,
+    log_bytes: IntGaugeVec,
+    checkpoint_bytes: IntGaugeVec,
+    checkpoint_age: GaugeVec,
 }
 
 fn labels<'a>(first: &[&'a str], extra: &'a [String]) -> Vec<&'a str> {
@@ -136,6 +139,17 @@ impl WorkerFamilies {
                 "Seconds since the worker last heard from the coordinator.",
                 &none,
             )?,
+            log_bytes: int_gauge("sundial_log_bytes", "Bytes of the worker's ingest log segments on disk.", &none)?,
+            checkpoint_bytes: int_gauge(
+                "sundial_checkpoint_bytes",
+                "Bytes of the worker's checkpoint files on disk.",
+                &none,
+            )?,
+            checkpoint_age: gauge(
+                "sundial_checkpoint_age_seconds",
+                "Seconds since the epoch of the worker's newest complete checkpoint.",
+                &none,
+            )?,
             extra,
         })
     }
@@ -160,6 +174,9 @@ impl WorkerFamilies {
             &self.running,
             &self.started,
             &self.coordinator_heard,
+            &self.log_bytes,
+            &self.checkpoint_bytes,
+            &self.checkpoint_age,
         ]
     }
 
@@ -202,6 +219,11 @@ impl WorkerFamilies {
         self.started.with_label_values(extra).inc_by(stats.computations_started);
         if let Some(ms) = stats.coordinator_heard_ms_ago {
             self.coordinator_heard.with_label_values(extra).set(ms as f64 / 1000.0);
+        }
+        self.log_bytes.with_label_values(extra).set(clamp(stats.log_bytes));
+        self.checkpoint_bytes.with_label_values(extra).set(clamp(stats.checkpoint_bytes));
+        if let Some(ms) = stats.checkpoint_age_ms {
+            self.checkpoint_age.with_label_values(extra).set(ms as f64 / 1000.0);
         }
     }
 
@@ -258,6 +280,9 @@ mod tests {
             }],
             reads: 12,
             coordinator_heard_ms_ago: Some(250),
+            log_bytes: 4096,
+            checkpoint_bytes: 1024,
+            checkpoint_age_ms: Some(1500),
         }
     }
 
@@ -290,6 +315,8 @@ mod tests {
         assert_eq!(value(s, "sundial_epoch_lag_seconds", Some(("dataflow", "spend"))), 0.5);
         assert_eq!(value(s, "sundial_dataflow_state_bytes", Some(("dataflow", "spend"))), 48_000.0);
         assert_eq!(value(s, "sundial_worker_generation", None), 3.0);
+        assert_eq!(value(s, "sundial_log_bytes", None), 4096.0);
+        assert_eq!(value(s, "sundial_checkpoint_age_seconds", None), 1.5);
         assert!(text.contains("# TYPE sundial_ingest_events_total counter"), "{text}");
     }
 

@@ -75,6 +75,9 @@ pub struct Register {
     /// Where the worker takes NDJSON over its raw TCP line port, if it does.
     #[serde(default)]
     pub lines_addr: Option<String>,
+    /// The complete checkpoints in the worker's data dir (their epochs).
+    #[serde(default)]
+    pub checkpoints: Vec<u64>,
 }
 
 /// A generation a worker is currently running.
@@ -102,6 +105,13 @@ pub struct Formation {
     /// A random value shared by the processes of this generation; the mesh handshake checks it
     /// so that a process of another cluster or generation cannot join.
     pub token: u64,
+    /// Restore the checkpoint at this epoch (every process has it complete) before replaying
+    /// the ingest logs after it; `None` replays the logs from their start.
+    #[serde(default)]
+    pub restore: Option<u64>,
+    /// How often the cluster takes a checkpoint (set by the coordinator).
+    #[serde(default)]
+    pub checkpoint_interval_ms: u64,
 }
 
 /// The state of a worker's computation, as reported in heartbeats.
@@ -162,6 +172,13 @@ pub enum WorkerMsg {
     },
     /// What the worker has done and holds, sent every second for metrics and the status page.
     Stats(stats::WorkerStats),
+    /// Every thread of this process has written its part of the checkpoint at `epoch`.
+    Checkpointed {
+        /// The generation.
+        generation: u64,
+        /// The checkpoint's epoch.
+        epoch: u64,
+    },
 }
 
 /// Messages from the coordinator to a worker process.
@@ -192,6 +209,12 @@ pub enum CoordMsg {
         generation: u64,
         /// Why, for the log.
         reason: String,
+    },
+    /// Every process has the checkpoint at `epoch` complete: older checkpoints, and log
+    /// segments it covers, can go.
+    CheckpointCommitted {
+        /// The checkpoint's epoch.
+        epoch: u64,
     },
     /// A request for the running computation.
     Request {
@@ -464,6 +487,12 @@ pub enum Command {
         /// Records each worker sends to each worker.
         records_per_pair: u32,
     },
+    /// Take a checkpoint: every worker snapshots each dataflow's state as of `epoch` (worker 0
+    /// chooses it when it sequences the command, a little ahead of its own epoch).
+    Checkpoint {
+        /// The epoch; 0 until worker 0 sets it.
+        epoch: u64,
+    },
     /// Recover after the catalog replay of a new generation: every worker thread replays its
     /// ingest log (after the checkpoint it restored) into the dataflows, then takes ingest.
     Recover,
@@ -607,6 +636,7 @@ mod tests {
             running: None,
             ingest_addr: None,
             lines_addr: None,
+            checkpoints: vec![5],
         }
     }
 
@@ -717,6 +747,11 @@ pub mod child {
             sources: Vec<crate::stats::SourceGauges>,
             /// Per dataflow, summed over this process's worker threads.
             dataflows: Vec<crate::stats::DataflowGauges>,
+        },
+        /// Every thread wrote its part of the checkpoint at `epoch`.
+        Checkpointed {
+            /// The checkpoint's epoch.
+            epoch: u64,
         },
         /// The computation could not start; it exits after this.
         Failed {

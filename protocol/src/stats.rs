@@ -85,6 +85,15 @@ pub struct WorkerStats {
     pub reads: u64,
     /// Milliseconds since the coordinator was last heard (`None`: not connected).
     pub coordinator_heard_ms_ago: Option<u64>,
+    /// Bytes of the ingest log segments on disk.
+    #[serde(default)]
+    pub log_bytes: u64,
+    /// Bytes of the checkpoint files on disk.
+    #[serde(default)]
+    pub checkpoint_bytes: u64,
+    /// Milliseconds since the epoch of the newest complete checkpoint (`None`: none yet).
+    #[serde(default)]
+    pub checkpoint_age_ms: Option<u64>,
 }
 
 impl WorkerStats {

@@ -86,6 +86,8 @@ impl Env {
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .env("RUST_LOG", "info")
+            // Small log segments, so that checkpoints delete some in tests.
+            .env("SUNDIAL_LOG_SEGMENT_BYTES", "262144")
             .spawn()
             .unwrap();
         Proc { name: name.to_string(), child, log }
@@ -94,6 +96,11 @@ impl Env {
     /// Starts a coordinator for `workers` workers with fast heartbeats; `control` and `http` may
     /// use port 0.
     pub fn coordinator(&self, workers: usize, control: &str, http: &str) -> Proc {
+        self.coordinator_with(workers, control, http, &[])
+    }
+
+    /// [`Env::coordinator`] with more flags.
+    pub fn coordinator_with(&self, workers: usize, control: &str, http: &str, extra: &[&str]) -> Proc {
         let data = self.path("coordinator");
         let workers = workers.to_string();
         let mut args = vec![
@@ -108,6 +115,7 @@ impl Env {
             data.to_str().unwrap(),
         ];
         args.extend(FAST_HEARTBEATS);
+        args.extend(extra);
         self.spawn("coordinator", &args)
     }
 

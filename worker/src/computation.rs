@@ -83,6 +83,27 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
     };
 
     let threads = formation.threads;
+    // The checkpoint to start from: its batch ids are remembered again right away.
+    let batches = Arc::new(Mutex::new(engine::Batches::default()));
+    let restore = match formation.restore {
+        Some(epoch) => match crate::checkpoint::read_complete(&data_dir, epoch) {
+            Ok(part) if part.threads == threads => {
+                if let Ok(mut b) = batches.lock() {
+                    for (id, outcome) in &part.batches {
+                        b.done(id, outcome.clone());
+                    }
+                }
+                tracing::info!(generation, epoch, dataflows = part.dataflows.len(), "restoring the checkpoint");
+                Some(part)
+            }
+            Ok(part) => fail(&format!(
+                "the checkpoint at epoch {epoch} was written by {} threads per process; this worker runs {threads}",
+                part.threads
+            )),
+            Err(e) => fail(&format!("generation {generation}: cannot restore the checkpoint: {e}")),
+        },
+        None => None,
+    };
     let mut senders = Vec::with_capacity(threads);
     let mut receivers = Vec::with_capacity(threads);
     for _ in 0..threads {
@@ -99,7 +120,10 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
         gauges: Mutex::new(vec![engine::ThreadGauges::default(); threads]),
         data_dir,
         fsync,
-        batches: Arc::new(Mutex::new(engine::Batches::default())),
+        batches,
+        recovered: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        restore,
+        checkpoints: Mutex::new(std::collections::HashMap::new()),
     });
     let guards = match start_timely(&formation, sockets, Arc::clone(&ctx)) {
         Ok(g) => g,
@@ -164,7 +188,8 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
     serve_stdin(stdin, router)
 }
 
-fn fail(reason: &str) -> ! {
+/// Reports that the computation cannot go on, and exits.
+pub fn fail(reason: &str) -> ! {
     tracing::error!("{reason}");
     tell(&FromChild::Failed { reason: reason.to_string() });
     std::process::exit(EXIT_START_FAILED)
@@ -308,6 +333,6 @@ fn start_timely(
         .map_err(|e| e.to_string())?;
     let builders = builders.into_iter().map(AllocatorBuilder::Tcp).collect();
     timely::execute::execute_from(builders, Box::new(comms), WorkerConfig::default(), move |worker| {
-        engine::run(worker, &ctx)
+        engine::run(worker, Arc::clone(&ctx))
     })
 }

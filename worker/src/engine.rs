@@ -17,7 +17,7 @@ use timely::worker::Worker;
 
 use sundial_dataflows::control::{collect_commands, control_probe, control_stream, ControlInput, Seq};
 use sundial_dataflows::diagnostic::{exchange_check, CheckCounts};
-use sundial_dataflows::features::{assemble, render, Epoch, Rendered, Report};
+use sundial_dataflows::features::{assemble, render, Epoch, Rendered, Report, StateSnapshot, SNAPSHOT_VERSION};
 use sundial_dataflows::read::{read_from, read_key};
 use sundial_dataflows::row::{parse_body, Row};
 use sundial_protocol::child::FromChild;
@@ -26,6 +26,7 @@ use sundial_protocol::stats::{DataflowGauges, SourceGauges};
 use sundial_protocol::value::Key;
 use sundial_protocol::{CheckReport, Command, IngestOutcome, KeyResult, Reply, MAX_LISTED_ERRORS};
 
+use crate::checkpoint::{self, ProcessCheckpoint};
 use crate::log::{Fsync, Log, Record};
 
 /// How often epochs advance when nothing is ingested.
@@ -231,6 +232,36 @@ pub struct Context {
     pub fsync: Fsync,
     /// The batch ids this process has seen, shared by its threads.
     pub batches: Arc<Mutex<Batches>>,
+    /// Local threads that have replayed their logs. Ingest waits for all of them: a retried
+    /// batch may have been logged by another thread than the one it reaches now.
+    pub recovered: Arc<std::sync::atomic::AtomicUsize>,
+    /// The checkpoint this generation starts from, and this process's part of it.
+    pub restore: Option<ProcessCheckpoint>,
+    /// Per checkpoint epoch, how far this process's threads are.
+    pub checkpoints: Mutex<HashMap<Epoch, CheckpointProgress>>,
+}
+
+/// How far the threads of a process are with one checkpoint.
+#[derive(Debug, Default)]
+pub struct CheckpointProgress {
+    /// Threads that wrote their part.
+    pub done: usize,
+    /// A thread abandoned it.
+    pub failed: bool,
+}
+
+/// How far ahead of worker 0's epoch a checkpoint's epoch is set, so that every worker applies
+/// the request before its dataflows reach that epoch (one that comes too late is abandoned).
+pub const CHECKPOINT_MARGIN_MS: u64 = 300;
+/// A checkpoint not written within this long is abandoned.
+pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A checkpoint this thread is taking.
+struct PendingCheckpoint {
+    epoch: Epoch,
+    /// (name, catalog id) of the dataflows it holds.
+    dataflows: Vec<(String, u64)>,
+    started: Instant,
 }
 
 /// How long a batch id is remembered for answering retries.
@@ -279,6 +310,17 @@ impl Batches {
         if self.ids.get(id) == Some(&Seen::InFlight) {
             self.ids.remove(id);
         }
+    }
+
+    /// The outcomes remembered, for a checkpoint.
+    pub fn export(&self) -> Vec<(String, IngestOutcome)> {
+        self.ids
+            .iter()
+            .filter_map(|(id, seen)| match seen {
+                Seen::Done(outcome) => Some((id.clone(), outcome.clone())),
+                Seen::InFlight => None,
+            })
+            .collect()
     }
 
     fn forget_old(&mut self) {
@@ -360,10 +402,24 @@ struct Engine {
     recovered: bool,
     /// The process's batch ids.
     batches: Arc<Mutex<Batches>>,
+    /// Local threads done replaying, and how many there are.
+    recovered_threads: (Arc<std::sync::atomic::AtomicUsize>, usize),
+    /// The computation's shared context.
+    ctx: Arc<Context>,
+    /// Dataflows installed from now on start at this epoch or later (the newest checkpoint's),
+    /// so that a checkpoint holds every dataflow installed before it and the log marks the
+    /// rest after it.
+    checkpoint_floor: Epoch,
+    /// The checkpoint being taken.
+    pending_checkpoint: Option<PendingCheckpoint>,
+    /// Dataflows restored from the generation's checkpoint (catalog ids).
+    restored: std::collections::HashSet<u64>,
 }
 
 /// Runs one worker thread forever.
-pub fn run(worker: &mut Worker, ctx: &Context) -> ! {
+pub fn run(worker: &mut Worker, ctx: Arc<Context>) -> ! {
+    let ctx_handle = Arc::clone(&ctx);
+    let ctx: &Context = &ctx_handle;
     let index = worker.index();
     let peers = worker.peers();
     let local = index % ctx.threads.len().max(1);
@@ -405,6 +461,11 @@ pub fn run(worker: &mut Worker, ctx: &Context) -> ! {
         log_dir: ctx.data_dir.join("log").join(format!("t{local}")),
         recovered: false,
         batches: Arc::clone(&ctx.batches),
+        recovered_threads: (Arc::clone(&ctx.recovered), ctx.threads.len()),
+        ctx: Arc::clone(&ctx_handle),
+        checkpoint_floor: 0,
+        pending_checkpoint: None,
+        restored: std::collections::HashSet::new(),
     };
     engine.log = open_log(&engine.log_dir, ctx.fsync);
     loop {
@@ -440,11 +501,13 @@ impl Engine {
     fn apply(&mut self, worker: &mut Worker, cmd: Command) {
         match cmd {
             Command::Check { .. } => {}
+            Command::Checkpoint { epoch } => self.start_checkpoint(epoch),
             Command::Recover => {
                 // Once per generation (a coordinator that restarts replays its catalog again).
                 if !self.recovered {
                     self.recover(worker);
                     self.recovered = true;
+                    self.recovered_threads.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             Command::CreateSource(plan) => {
@@ -466,7 +529,18 @@ impl Engine {
                 }
                 let name = plan.name.clone();
                 let id = plan.id;
-                let mut rendered = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan));
+                // After a checkpoint was requested, a new dataflow starts at its epoch or later.
+                if self.epoch < self.checkpoint_floor {
+                    self.advance_to(self.checkpoint_floor);
+                }
+                let snapshot = if self.recovered { None } else { self.restore_snapshot(&plan) };
+                if let Some(s) = &snapshot {
+                    self.restored.insert(id);
+                    if let Some(src) = self.sources.get_mut(&plan.source.name) {
+                        src.max_ts = src.max_ts.max(s.partition_max(self.index as u32));
+                    }
+                }
+                let mut rendered = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan, snapshot));
                 rendered.rows.advance_to(self.epoch);
                 rendered.reports.advance_to(self.epoch);
                 // A dataflow installed now reads this partition's batches from now on; replays
@@ -532,6 +606,7 @@ impl Engine {
                 };
                 control.send(match command {
                     Command::Check { records_per_pair, .. } => Command::Check { id, records_per_pair },
+                    Command::Checkpoint { .. } => Command::Checkpoint { epoch: self.epoch + CHECKPOINT_MARGIN_MS },
                     other => other,
                 });
                 control.advance_to(seq + 1);
@@ -540,7 +615,7 @@ impl Engine {
             }
             Job::Ingest { after, .. } | Job::Part { after, .. } if after > self.applied => Some(job),
             // Ingest waits for the log replay of a new generation.
-            Job::Ingest { .. } if !self.recovered => Some(job),
+            Job::Ingest { .. } if !self.all_recovered() => Some(job),
             Job::Ingest { id, source, csv, body, first_line, min_epoch, batch, .. } => {
                 if self.epoch < min_epoch {
                     self.advance_to(min_epoch);
@@ -690,6 +765,141 @@ impl Engine {
         Reply::Ingested(outcome)
     }
 
+    /// The state of `plan`'s dataflow on this thread at the generation's checkpoint, if the
+    /// checkpoint holds it. A checkpoint that holds it but cannot be read ends the computation:
+    /// starting without it would answer wrong.
+    fn restore_snapshot(&self, plan: &sundial_protocol::plan::DataflowPlan) -> Option<StateSnapshot> {
+        let part = self.ctx.restore.as_ref()?;
+        if !part.dataflows.contains(&plan.id) {
+            return None;
+        }
+        let path = checkpoint::state_file(&self.ctx.data_dir, part.epoch, plan.id, self.index);
+        let snapshot = checkpoint::read(&path).and_then(|bytes: Vec<u8>| {
+            bincode::deserialize::<StateSnapshot>(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+        });
+        match snapshot {
+            Ok(s) if s.dataflow == plan.id && s.version == SNAPSHOT_VERSION => Some(s),
+            Ok(s) => crate::computation::fail(&format!(
+                "{}: holds dataflow {} (snapshot version {}), expected dataflow {} (version {SNAPSHOT_VERSION})",
+                path.display(),
+                s.dataflow,
+                s.version,
+                plan.id
+            )),
+            Err(e) => crate::computation::fail(&format!("cannot restore dataflow {:?}: {e}", plan.name)),
+        }
+    }
+
+    /// Asks every dataflow for its state as of `epoch` (0: worker 0 has not set it; ignored).
+    fn start_checkpoint(&mut self, epoch: Epoch) {
+        if epoch == 0 {
+            return;
+        }
+        if let Some(old) = self.pending_checkpoint.take() {
+            self.checkpoint_failed(old.epoch, "a newer checkpoint started");
+        }
+        self.checkpoint_floor = self.checkpoint_floor.max(epoch);
+        let mut dataflows = Vec::new();
+        for (name, df) in &self.dataflows {
+            let mut cell = df.rendered.checkpoint.borrow_mut();
+            cell.requested = Some(epoch);
+            cell.result = None;
+            dataflows.push((name.clone(), df.rendered.layout.plan.id));
+        }
+        dataflows.sort();
+        self.pending_checkpoint = Some(PendingCheckpoint { epoch, dataflows, started: Instant::now() });
+    }
+
+    fn checkpoint_failed(&mut self, epoch: Epoch, why: &str) {
+        tracing::info!(epoch, partition = self.index, "checkpoint abandoned: {why}");
+        if let Ok(mut progress) = self.ctx.checkpoints.lock() {
+            progress.entry(epoch).or_default().failed = true;
+        }
+        for df in self.dataflows.values() {
+            let mut cell = df.rendered.checkpoint.borrow_mut();
+            cell.requested = None;
+            cell.result = None;
+        }
+    }
+
+    /// Writes this thread's part of the pending checkpoint once every dataflow's snapshot is in;
+    /// the last thread of the process writes `COMPLETE` and tells the supervisor.
+    fn poll_checkpoint(&mut self) {
+        let Some(pending) = &self.pending_checkpoint else { return };
+        let epoch = pending.epoch;
+        let mut snapshots = Vec::new();
+        let mut problem = None;
+        for (name, id) in &pending.dataflows {
+            let Some(df) = self.dataflows.get(name).filter(|df| df.rendered.layout.plan.id == *id) else {
+                problem = Some(format!("dataflow {name:?} was dropped"));
+                break;
+            };
+            let result = df.rendered.checkpoint.borrow_mut().result.take();
+            match result {
+                None if pending.started.elapsed() > CHECKPOINT_TIMEOUT => {
+                    problem = Some(format!("dataflow {name:?} did not reach epoch {epoch} in time"));
+                    break;
+                }
+                None => {
+                    // Not yet: put back what was taken so far.
+                    for (name, _, bytes) in snapshots {
+                        if let Some(df) = self.dataflows.get(&name) {
+                            df.rendered.checkpoint.borrow_mut().result = Some((epoch, Ok(bytes)));
+                        }
+                    }
+                    return;
+                }
+                Some((e, Ok(bytes))) if e == epoch => snapshots.push((name.clone(), *id, bytes)),
+                Some((_, Ok(_))) => {
+                    problem = Some(format!("dataflow {name:?} answered another checkpoint"));
+                    break;
+                }
+                Some((_, Err(e))) => {
+                    problem = Some(format!("dataflow {name:?}: {e}"));
+                    break;
+                }
+            }
+        }
+        self.pending_checkpoint = None;
+        if let Some(why) = problem {
+            self.checkpoint_failed(epoch, &why);
+            return;
+        }
+        for (name, id, bytes) in &snapshots {
+            let path = checkpoint::state_file(&self.ctx.data_dir, epoch, *id, self.index);
+            if let Err(e) = checkpoint::write(&path, bytes) {
+                self.checkpoint_failed(epoch, &format!("writing {} for {name:?}: {e}", path.display()));
+                return;
+            }
+        }
+        let threads = self.ctx.threads.len();
+        let finished = match self.ctx.checkpoints.lock() {
+            Ok(mut progress) => {
+                let entry = progress.entry(epoch).or_default();
+                entry.done += 1;
+                let finished = entry.done == threads && !entry.failed;
+                if entry.done == threads {
+                    progress.remove(&epoch);
+                }
+                finished.then(|| snapshots.iter().map(|(_, id, _)| *id).collect::<Vec<u64>>())
+            }
+            Err(_) => None,
+        };
+        if let Some(dataflows) = finished {
+            let batches = self.batches.lock().map(|b| b.export()).unwrap_or_default();
+            let part = ProcessCheckpoint { epoch, threads, dataflows, batches };
+            match checkpoint::write_complete(&self.ctx.data_dir, &part) {
+                Ok(()) => crate::computation::tell(&FromChild::Checkpointed { epoch }),
+                Err(e) => tracing::warn!(epoch, "cannot complete the checkpoint: {e}"),
+            }
+        }
+    }
+
+    /// Every local thread has replayed its log (so every batch id logged here is known).
+    fn all_recovered(&self) -> bool {
+        self.recovered && self.recovered_threads.0.load(std::sync::atomic::Ordering::SeqCst) >= self.recovered_threads.1
+    }
+
     /// Sends rows of `source` into the dataflows reading it (only those in `only`, if given).
     fn feed(&mut self, source: &str, rows: Vec<Row>, only: Option<&std::collections::HashSet<u64>>) {
         if rows.is_empty() {
@@ -722,9 +932,10 @@ impl Engine {
             return;
         }
         let started = Instant::now();
-        let mut feeding = std::collections::HashSet::new();
+        let from = self.ctx.restore.as_ref().map_or(0, |r| r.epoch);
+        let mut feeding = self.restored.clone();
         let (mut batches, mut events, mut since_step) = (0u64, 0u64, 0usize);
-        let result = crate::log::replay(&dir, 0, |record| match record {
+        let result = crate::log::replay(&dir, from, |record| match record {
             Record::Installed { dataflow, .. } => {
                 feeding.insert(dataflow);
             }
@@ -805,6 +1016,7 @@ impl Engine {
     }
 
     fn after_step(&mut self, ctx: &Context) {
+        self.poll_checkpoint();
         // Worker 0: answer sequenced commands once every worker has received them.
         if !self.sequenced.is_empty() {
             let probe = &self.control_probe;

@@ -7,6 +7,7 @@
 //! takes the child down (timely is fail-fast); the supervisor stays, reports it and waits for
 //! the next generation.
 
+pub mod checkpoint;
 pub mod computation;
 pub mod engine;
 pub mod ingest;

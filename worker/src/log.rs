@@ -26,8 +26,19 @@ pub const MAGIC: &[u8; 8] = b"SUNDLOG\0";
 /// The segment format this build writes and reads.
 pub const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 16;
-/// A segment is closed once it holds this much (a larger record gets a segment of its own).
+/// A segment is closed once it holds this much (a larger record gets a segment of its own),
+/// unless `SUNDIAL_LOG_SEGMENT_BYTES` says otherwise (at least 4096).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+fn segment_bytes() -> u64 {
+    static BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("SUNDIAL_LOG_SEGMENT_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(SEGMENT_BYTES, |b| b.max(4096))
+    })
+}
 /// The largest record read back; anything larger is corruption.
 const MAX_RECORD: u32 = 512 << 20;
 
@@ -236,6 +247,9 @@ fn next_record(reader: &mut impl Read, scratch: &mut Vec<u8>) -> Result<Option<(
 
 /// The appending end of one partition's log.
 pub struct Log {
+    /// Held (locked) while the log is open: one writer per partition, even while the
+    /// computation of a killed worker is still exiting.
+    _lock: File,
     dir: PathBuf,
     fsync: Fsync,
     /// The open segment, its length, and its sequence number.
@@ -250,9 +264,11 @@ impl Log {
     /// Returns the log and what was cut, for the worker's log.
     pub fn open(dir: &Path, fsync: Fsync) -> Result<(Log, Option<String>), LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = lock(dir)?;
         let segs = segments(dir).map_err(io_err(dir))?;
         let next_seq = segs.iter().map(|s| s.seq + 1).max().unwrap_or(0);
         let mut log = Log {
+            _lock: lock,
             dir: dir.to_path_buf(),
             fsync,
             current: None,
@@ -346,7 +362,7 @@ impl Log {
         let full = self
             .current
             .as_ref()
-            .is_none_or(|(_, len, _)| *len > HEADER_LEN && len + frame.len() as u64 > SEGMENT_BYTES);
+            .is_none_or(|(_, len, _)| *len > HEADER_LEN && len + frame.len() as u64 > segment_bytes());
         if full {
             self.roll(epoch)?;
         }
@@ -399,6 +415,32 @@ impl Log {
         }
         self.last_sync = Instant::now();
         Ok(())
+    }
+}
+
+/// How long opening a log waits for another process to let go of it.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes the log's lock file, waiting a while for a previous holder (the computation of a
+/// killed worker exits within milliseconds).
+fn lock(dir: &Path) -> Result<File, LogError> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(LogError::Format {
+                    path,
+                    reason: format!("another process holds the log (still locked after {LOCK_WAIT:?})"),
+                })
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(LogError::Io { path, source }),
+        }
     }
 }
 
@@ -541,6 +583,20 @@ mod tests {
         let Record::Batch { rows, .. } = batch(5, 4) else { unreachable!() };
         log.append_batch(5, "tx", Some("b5"), &rows, 1, 0).unwrap();
         assert_eq!(all(dir.path(), 0), vec![batch(5, 4)]);
+    }
+
+    #[test]
+    fn one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = Log::open(dir.path(), Fsync::Batch).unwrap();
+        let opener = {
+            let dir = dir.path().to_path_buf();
+            std::thread::spawn(move || Log::open(&dir, Fsync::Batch).map(|_| ()))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!opener.is_finished(), "the second opener waits");
+        drop(first);
+        opener.join().unwrap().unwrap();
     }
 
     #[test]

@@ -226,7 +226,15 @@ mod tests {
     use super::*;
 
     fn formation(index: usize, addresses: &[String], generation: u64) -> Formation {
-        Formation { generation, index, addresses: addresses.to_vec(), threads: 1, token: 77 }
+        Formation {
+            generation,
+            index,
+            addresses: addresses.to_vec(),
+            threads: 1,
+            token: 77,
+            restore: None,
+            checkpoint_interval_ms: 0,
+        }
     }
 
     fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {

@@ -13,6 +13,8 @@ use sundial_protocol::IngestOutcome;
 
 /// The worker's metrics.
 pub struct WorkerMetrics {
+    /// The data dir, whose log and checkpoints are measured.
+    data_dir: Option<std::path::PathBuf>,
     stats: Mutex<WorkerStats>,
     heard: Mutex<Option<Instant>>,
     registry: Registry,
@@ -22,15 +24,21 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    /// Empty metrics.
-    pub fn new() -> Result<WorkerMetrics, sundial_metrics::prometheus::Error> {
+    /// Empty metrics of a worker with `data_dir`.
+    pub fn new(data_dir: Option<std::path::PathBuf>) -> Result<WorkerMetrics, sundial_metrics::prometheus::Error> {
         let registry = Registry::new();
         let read_seconds = sundial_metrics::read_latency(
             &registry,
             "sundial_worker_read_duration_seconds",
             "Time the worker's computation took to answer a read request.",
         )?;
-        Ok(WorkerMetrics { stats: Mutex::new(WorkerStats::default()), heard: Mutex::new(None), registry, read_seconds })
+        Ok(WorkerMetrics {
+            data_dir,
+            stats: Mutex::new(WorkerStats::default()),
+            heard: Mutex::new(None),
+            registry,
+            read_seconds,
+        })
     }
 
     /// The snapshot, for changing it (held briefly, never across a blocking call).
@@ -49,7 +57,20 @@ impl WorkerMetrics {
         let mut stats = self.stats().clone();
         let heard = *self.heard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         stats.coordinator_heard_ms_ago = heard.map(|t| t.elapsed().as_millis() as u64);
+        if let Some(dir) = &self.data_dir {
+            let logs = std::fs::read_dir(dir.join("log")).into_iter().flatten().flatten();
+            stats.log_bytes = logs.map(|e| crate::log::bytes(&e.path())).sum();
+            stats.checkpoint_bytes = crate::checkpoint::bytes(dir);
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            stats.checkpoint_age_ms = crate::checkpoint::complete(dir).last().map(|e| now.saturating_sub(*e));
+        }
         stats
+    }
+
+    /// A checkpoint was committed cluster-wide (the age is read from the data dir).
+    pub fn checkpoint_committed(&self, epoch: u64) {
+        tracing::trace!(epoch, "checkpoint committed");
     }
 
     /// The Prometheus text of everything.
@@ -172,7 +193,7 @@ mod tests {
 
     #[test]
     fn counts_survive_generations_and_gauges_do_not() {
-        let m = WorkerMetrics::new().unwrap();
+        let m = WorkerMetrics::new(None).unwrap();
         m.computation(1, true);
         let outcome = IngestOutcome { accepted: 10, rejected: 2, late: 1, epoch: 500, errors: Vec::new() };
         m.ingested("tx", &outcome);

@@ -293,8 +293,10 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
     }
     let (events_tx, events) = mpsc::channel();
     let advertise = cfg.advertise.as_deref();
-    let metrics =
-        Arc::new(WorkerMetrics::new().map_err(|e| WorkerError::Config(format!("cannot set up the metrics: {e}")))?);
+    let metrics = Arc::new(
+        WorkerMetrics::new(Some(cfg.data_dir.clone()))
+            .map_err(|e| WorkerError::Config(format!("cannot set up the metrics: {e}")))?,
+    );
     let ingest_addr = serve_ingest(cfg.http.as_deref(), advertise, "HTTP endpoint", |listener| {
         crate::ingest::spawn(listener, events_tx.clone(), Arc::clone(&metrics))
     })?;
@@ -434,6 +436,7 @@ impl Supervisor {
             running,
             ingest_addr: self.ingest_addr.clone(),
             lines_addr: self.lines_addr.clone(),
+            checkpoints: crate::checkpoint::complete(&self.cfg.data_dir),
         });
         write_msg(&mut stream, &register).map_err(|e| ConnectError::Retry(format!("sending registration: {e}")))?;
         let (index, interval_ms, timeout_ms) = match read_msg::<_, CoordMsg>(&mut stream) {
@@ -524,6 +527,7 @@ impl Supervisor {
     fn on_coord(&mut self, msg: CoordMsg) {
         match msg {
             CoordMsg::Ping => {}
+            CoordMsg::CheckpointCommitted { epoch } => self.checkpoint_committed(epoch),
             CoordMsg::Form(formation) => self.start_child(formation),
             CoordMsg::Stop { generation, reason } => {
                 if self.child.as_ref().is_some_and(|c| c.generation <= generation) {
@@ -687,6 +691,10 @@ impl Supervisor {
                 self.send(&WorkerMsg::Frontiers { generation, frontiers })
             }
             FromChild::Stats { sources, dataflows } => self.metrics.gauges(&sources, &dataflows),
+            FromChild::Checkpointed { epoch } => {
+                tracing::debug!(generation, epoch, "checkpoint written");
+                self.send(&WorkerMsg::Checkpointed { generation, epoch });
+            }
             FromChild::Failed { reason } => {
                 run.failure_reported = true;
                 self.send(&WorkerMsg::Failed { generation, reason });
@@ -710,6 +718,32 @@ impl Supervisor {
             }
             FromChild::Reply { id, reply } => self.send(&WorkerMsg::Reply { id, reply }),
         }
+    }
+
+    /// Every process has the checkpoint at `epoch`: deletes older checkpoints and the log
+    /// segments it covers.
+    fn checkpoint_committed(&mut self, epoch: u64) {
+        let data_dir = &self.cfg.data_dir;
+        let checkpoints = match crate::checkpoint::delete_before(data_dir, epoch) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(epoch, "deleting old checkpoints: {e}");
+                0
+            }
+        };
+        let mut freed = 0;
+        if let Ok(entries) = std::fs::read_dir(data_dir.join("log")) {
+            for entry in entries.flatten() {
+                match crate::log::delete_covered(&entry.path(), epoch) {
+                    Ok(n) => freed += n,
+                    Err(e) => {
+                        tracing::warn!(epoch, dir = %entry.path().display(), "deleting covered log segments: {e}")
+                    }
+                }
+            }
+        }
+        tracing::info!(epoch, old_checkpoints = checkpoints, log_bytes_freed = freed, "checkpoint committed");
+        self.metrics.checkpoint_committed(epoch);
     }
 
     /// Counts the outcome of a request for the metrics, and logs a batch with rejected lines

@@ -1,0 +1,292 @@
+//! Nothing accepted is lost: workers killed with SIGKILL (through the OS) at random moments of a
+//! long ingest, and the whole cluster killed at once, come back with exactly what they accepted;
+//! `sundial ingest` retries through the re-formations and its batch ids keep a retried batch
+//! from counting twice.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use util::*;
+
+const BASE: i64 = 1_700_000_000_000;
+
+type Model = BTreeMap<(String, String, i64), Value>;
+
+/// `n` events in event-time order: (user, time, amount).
+fn stream(n: usize, seed: u64) -> Vec<(u64, i64, i64)> {
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n).map(|i| (next() % 300, BASE + i as i64 * 7, (next() % 1_000) as i64)).collect()
+}
+
+fn model(evs: &[(u64, i64, i64)]) -> Model {
+    let mut windows: BTreeMap<(u64, i64), (u64, i64, i64)> = BTreeMap::new();
+    for (u, t, a) in evs {
+        let w = windows.entry((*u, t.div_euclid(60_000) * 60_000)).or_insert((0, 0, i64::MIN));
+        w.0 += 1;
+        w.1 += a;
+        w.2 = w.2.max(*a);
+    }
+    let mut out = Model::new();
+    for ((u, start), (n, sum, max)) in windows {
+        out.insert((u.to_string(), "n".into(), start), json!(n));
+        out.insert((u.to_string(), "total".into(), start), json!(sum));
+        out.insert((u.to_string(), "largest".into(), start), json!(max));
+    }
+    out
+}
+
+fn export(http: &str) -> Model {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent.get(&format!("http://{http}/v1/dataflows/per_minute/export")).call().unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap();
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                (
+                    v["key"][0].as_str().unwrap().to_string(),
+                    v["feature"].as_str().unwrap().to_string(),
+                    v["start"].as_i64().unwrap(),
+                ),
+                v["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn create_catalog(http: &str) {
+    // Lateness beyond the stream's span: this test is about losing nothing, not about lateness.
+    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "1h",
+        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64"}});
+    let (code, text) = post(http, "/v1/sources", "application/json", source.to_string().as_bytes());
+    assert_eq!(code, 201, "{text}");
+    let definition = json!({"name": "per_minute", "source": "tx", "key": "user_id", "retention": "forever",
+        "features": [{"name": "n", "agg": "count", "window": {"tumbling": "1m"}},
+                     {"name": "total", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}},
+                     {"name": "largest", "agg": "max", "field": "amount", "window": {"tumbling": "1m"}}]});
+    let (code, text) = post(http, "/v1/dataflows", "application/json", definition.to_string().as_bytes());
+    assert_eq!(code, 201, "{text}");
+}
+
+fn ndjson(evs: &[(u64, i64, i64)]) -> String {
+    evs.iter().map(|(u, t, a)| format!("{{\"user_id\":{u},\"ts\":{t},\"amount\":{a}}}\n")).collect()
+}
+
+/// The totals line of `sundial ingest`: (accepted, rejected, late).
+fn totals(out: &str) -> (u64, u64, u64) {
+    let line = out.lines().find(|l| l.starts_with("accepted ")).unwrap_or_else(|| panic!("no totals in {out}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(3)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (numbers[0], numbers[1], numbers[2])
+}
+
+/// Asserts two exports are equal, listing the first differences.
+fn assert_same(got: &Model, want: &Model, what: &str) {
+    if got == want {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (k, v) in want {
+        if got.get(k) != Some(v) {
+            diffs.push(format!("{k:?}: want {v}, got {:?}", got.get(k)));
+        }
+    }
+    for (k, v) in got {
+        if !want.contains_key(k) {
+            diffs.push(format!("{k:?}: not wanted, got {v}"));
+        }
+    }
+    panic!("{what}: {} windows differ, e.g.\n{}", diffs.len(), diffs[..diffs.len().min(12)].join("\n"));
+}
+
+#[test]
+fn workers_killed_at_random_moments_of_a_long_ingest_lose_nothing() {
+    let env = Env::new();
+    // Frequent checkpoints: recoveries restore one and replay only the log after it.
+    let _coordinator = env.coordinator_with(2, "127.0.0.1:0", "127.0.0.1:0", &["--checkpoint-interval", "700ms"]);
+    let (control, http) = env.coordinator_addresses();
+    let mut workers = [env.worker("w0", &control, 2), env.worker("w1", &control, 2)];
+    wait_state(&http, "running", Duration::from_secs(60));
+    create_catalog(&http);
+
+    // `sundial ingest` reads the stream from a pipe that the test fills at a steady pace, so the
+    // ingest lasts while the workers are killed.
+    let evs = stream(120_000, 0x5eed);
+    let mut cli = Command::new(bin())
+        .args([
+            "--server",
+            &format!("http://{http}"),
+            "ingest",
+            "tx",
+            "-",
+            "--format",
+            "ndjson",
+            "--batch-lines",
+            "300",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = cli.stdin.take().unwrap();
+    let feeder = {
+        let evs = evs.clone();
+        std::thread::spawn(move || {
+            for chunk in evs.chunks(600) {
+                stdin.write_all(ndjson(chunk).as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+
+    // At least 20 kill points, each at a random moment after the cluster runs again.
+    let mut rng_state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rng = move |n: u64| {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state % n
+    };
+    let started = Instant::now();
+    let mut kills = 0;
+    while kills < 20 {
+        assert!(started.elapsed() < Duration::from_secs(150), "the kill loop took too long");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while get(&http, "/v1/cluster").is_none_or(|(_, v)| v["state"] != "running") {
+            if Instant::now() > deadline {
+                let tail = |name: &str| {
+                    let text = std::fs::read_to_string(env.path(&format!("{name}.log"))).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                };
+                panic!(
+                    "the cluster did not run again after kill {kills}:\n{}\n--- coordinator\n{}\n--- w0\n{}\n--- w1\n{}",
+                    cluster(&http),
+                    tail("coordinator"),
+                    tail("w0"),
+                    tail("w1")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        std::thread::sleep(Duration::from_millis(50 + rng(500)));
+        let victim = rng(2) as usize;
+        workers[victim].kill9();
+        kills += 1;
+        workers[victim] = env.worker(&format!("w{victim}"), &control, 2);
+    }
+    let during_ingest = !feeder.is_finished();
+    feeder.join().unwrap();
+    let out = cli.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sundial ingest failed:\n{stdout}\n{stderr}");
+    assert_eq!(totals(&stdout), (evs.len() as u64, 0, 0), "{stdout}");
+    eprintln!("{kills} kills (the last one during the ingest: {during_ingest}) in {:?}", started.elapsed());
+
+    wait_state(&http, "running", Duration::from_secs(60));
+    assert_same(&export(&http), &model(&evs), &format!("after {kills} kills"));
+    let replays = ["w0", "w1"]
+        .iter()
+        .map(|w| std::fs::read_to_string(env.path(&format!("{w}.log"))).unwrap())
+        .map(|log| log.matches("replayed the ingest log").count())
+        .sum::<usize>();
+    assert!(replays >= 20, "every generation replays the logs ({replays} replays logged)");
+    // Checkpoints were taken, restored, and deleted the log segments they cover.
+    let logs: String =
+        ["w0", "w1"].iter().map(|w| std::fs::read_to_string(env.path(&format!("{w}.log"))).unwrap()).collect();
+    let restores = logs.matches("restoring the checkpoint").count();
+    assert!(restores >= 10, "most generations start from a checkpoint ({restores} did)");
+    let freed: u64 = logs
+        .lines()
+        .filter(|l| l.contains("checkpoint committed"))
+        .filter_map(|l| l.split("log_bytes_freed=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(freed > 0, "committed checkpoints delete the log segments they cover");
+    eprintln!("{restores} restores from checkpoints; {freed} log bytes freed");
+}
+
+#[test]
+fn the_whole_cluster_killed_at_once_loses_nothing() {
+    let env = Env::new();
+    let port = free_port();
+    let control = format!("127.0.0.1:{port}");
+    let mut coordinator = env.coordinator(2, &control, "127.0.0.1:0");
+    let (_, http) = env.coordinator_addresses();
+    let mut w0 = env.worker("w0", &control, 2);
+    let mut w1 = env.worker("w1", &control, 2);
+    wait_state(&http, "running", Duration::from_secs(60));
+    create_catalog(&http);
+
+    let evs = stream(30_000, 0xabc);
+    let file = env.path("events.ndjson");
+    std::fs::write(&file, ndjson(&evs)).unwrap();
+    let out = Command::new(bin())
+        .args(["--server", &format!("http://{http}"), "ingest", "tx", file.to_str().unwrap(), "--batch-lines", "1000"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Also some through the coordinator's endpoint, with a batch id sent twice: counted once.
+    let extra = stream(500, 0xdef).into_iter().map(|(u, t, a)| (u, t + 30_000 * 7, a)).collect::<Vec<_>>();
+    for _ in 0..2 {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut r = agent
+            .post(&format!("http://{http}/v1/sources/tx/events"))
+            .header("content-type", "application/x-ndjson")
+            .header("x-sundial-batch", "extra-1")
+            .send(ndjson(&extra).as_bytes())
+            .unwrap();
+        let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(body["accepted"], 500, "{body}");
+    }
+    let all: Vec<_> = evs.iter().chain(extra.iter()).cloned().collect();
+    let want = model(&all);
+    assert_eq!(export(&http), want);
+
+    // Everything at once, through the OS.
+    coordinator.kill9();
+    w0.kill9();
+    w1.kill9();
+    std::fs::remove_file(env.path("coordinator").join("addresses.json")).unwrap();
+    let _coordinator = env.coordinator(2, &control, "127.0.0.1:0");
+    let (_, http) = env.coordinator_addresses();
+    let _w1 = env.worker("w1", &control, 2);
+    let _w0 = env.worker("w0", &control, 2);
+    wait_state(&http, "running", Duration::from_secs(60));
+    assert_eq!(export(&http), want, "after killing everything, the export equals the model");
+
+    // The retried batch id is still remembered: sending it again changes nothing.
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut r = agent
+        .post(&format!("http://{http}/v1/sources/tx/events"))
+        .header("content-type", "application/x-ndjson")
+        .header("x-sundial-batch", "extra-1")
+        .send(ndjson(&extra).as_bytes())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.body_mut().read_to_string().unwrap());
+    assert_eq!(export(&http), want, "a batch id seen before the crash is not ingested again");
+}
