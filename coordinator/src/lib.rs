@@ -188,6 +188,7 @@ pub async fn run(
         let every = config.checkpoint_interval;
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             interval.tick().await;
             loop {
                 interval.tick().await;

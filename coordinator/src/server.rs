@@ -34,7 +34,8 @@ enum Out {
 struct Inner {
     membership: Membership,
     conns: HashMap<ConnId, mpsc::UnboundedSender<Out>>,
-    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Requests waiting for their reply: the connection they went to, and the waiter.
+    pending: HashMap<u64, (ConnId, oneshot::Sender<Reply>)>,
     next_conn: ConnId,
     next_request: u64,
     /// The generation whose catalog replay has finished.
@@ -247,7 +248,7 @@ impl Shared {
             let id = inner.next_request;
             inner.next_request += 1;
             let (tx, rx) = oneshot::channel();
-            inner.pending.insert(id, tx);
+            inner.pending.insert(id, (conn, tx));
             let sent = inner
                 .conns
                 .get(&conn)
@@ -390,7 +391,7 @@ impl Shared {
         if self.ready().is_err() {
             return;
         }
-        match self.request(Request::Command(Command::Checkpoint { epoch: 0 }), COMMAND_TIMEOUT).await {
+        match self.request(Request::Command(Command::Checkpoint { epoch: 0 }), Duration::from_secs(5)).await {
             Ok(_) => {}
             Err(e) => tracing::debug!("checkpoint not started: {e}"),
         }
@@ -605,7 +606,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     Ok(WorkerMsg::Stats(stats)) => shared.ops.record_worker(index, stats),
                     Ok(WorkerMsg::Checkpointed { generation, epoch }) => shared.checkpointed(index, generation, epoch),
                     Ok(WorkerMsg::Reply { id, reply }) => {
-                        if let Some(waiter) = shared.lock().pending.remove(&id) {
+                        if let Some((_, waiter)) = shared.lock().pending.remove(&id) {
                             let _ = waiter.send(reply);
                         }
                     }
@@ -624,6 +625,8 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let mut inner = shared.lock();
     inner.conns.remove(&conn);
     inner.frontiers.remove(&conn);
+    // Requests to this connection get no reply now: their waiters learn it at once.
+    inner.pending.retain(|_, (c, _)| *c != conn);
 }
 
 fn unix_ms() -> u64 {

@@ -68,8 +68,14 @@ pub struct Env {
 }
 
 impl Env {
+    /// A fresh folder; kept after the test when `SUNDIAL_TEST_KEEP` is set (its path is printed).
     pub fn new() -> Self {
-        Env { dir: tempfile::tempdir().unwrap() }
+        let keep = std::env::var_os("SUNDIAL_TEST_KEEP").is_some();
+        let dir = tempfile::Builder::new().prefix("sundial-test-").disable_cleanup(keep).tempdir().unwrap();
+        if keep {
+            eprintln!("test folder (kept): {}", dir.path().display());
+        }
+        Env { dir }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
