@@ -49,12 +49,18 @@ fn model(evs: &[(u64, i64, i64)]) -> Model {
 }
 
 fn export(http: &str) -> Model {
+    export_at(http, None)
+}
+
+/// The export at `as_of` (else at the newest complete epoch).
+fn export_at(http: &str, as_of: Option<u64>) -> Model {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(60)))
         .http_status_as_error(false)
         .build()
         .into();
-    let mut response = agent.get(&format!("http://{http}/v1/dataflows/per_minute/export")).call().unwrap();
+    let query = as_of.map_or(String::new(), |e| format!("?as_of={e}"));
+    let mut response = agent.get(&format!("http://{http}/v1/dataflows/per_minute/export{query}")).call().unwrap();
     let status = response.status().as_u16();
     let text = response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap();
     assert_eq!(status, 200, "{text}");
@@ -209,7 +215,10 @@ fn workers_killed_at_random_moments_of_a_long_ingest_lose_nothing() {
     eprintln!("{kills} kills (the last one during the ingest: {during_ingest}) in {:?}", started.elapsed());
 
     wait_state(&http, "running", Duration::from_secs(60));
-    assert_same(&export(&http), &model(&evs), &format!("after {kills} kills"));
+    let visible =
+        stdout.split("visible at epoch ").nth(1).and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok());
+    assert!(visible.is_some(), "{stdout}");
+    assert_same(&export_at(&http, visible), &model(&evs), &format!("after {kills} kills"));
     let replays = ["w0", "w1"]
         .iter()
         .map(|w| std::fs::read_to_string(env.path(&format!("{w}.log"))).unwrap())
@@ -252,6 +261,7 @@ fn the_whole_cluster_killed_at_once_loses_nothing() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Also some through the coordinator's endpoint, with a batch id sent twice: counted once.
     let extra = stream(500, 0xdef).into_iter().map(|(u, t, a)| (u, t + 30_000 * 7, a)).collect::<Vec<_>>();
+    let mut last_epoch = None;
     for _ in 0..2 {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         let mut r = agent
@@ -262,10 +272,11 @@ fn the_whole_cluster_killed_at_once_loses_nothing() {
             .unwrap();
         let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
         assert_eq!(body["accepted"], 500, "{body}");
+        last_epoch = body["epoch"].as_u64();
     }
     let all: Vec<_> = evs.iter().chain(extra.iter()).cloned().collect();
     let want = model(&all);
-    assert_eq!(export(&http), want);
+    assert_same(&export_at(&http, last_epoch), &want, "before the kill");
 
     // Everything at once, through the OS.
     coordinator.kill9();
@@ -277,7 +288,7 @@ fn the_whole_cluster_killed_at_once_loses_nothing() {
     let _w1 = env.worker("w1", &control, 2);
     let _w0 = env.worker("w0", &control, 2);
     wait_state(&http, "running", Duration::from_secs(60));
-    assert_eq!(export(&http), want, "after killing everything, the export equals the model");
+    assert_same(&export(&http), &want, "after killing everything");
 
     // The retried batch id is still remembered: sending it again changes nothing.
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -287,6 +298,97 @@ fn the_whole_cluster_killed_at_once_loses_nothing() {
         .header("x-sundial-batch", "extra-1")
         .send(ndjson(&extra).as_bytes())
         .unwrap();
-    assert_eq!(r.status().as_u16(), 200, "{}", r.body_mut().read_to_string().unwrap());
-    assert_eq!(export(&http), want, "a batch id seen before the crash is not ingested again");
+    assert_eq!(r.status().as_u16(), 200);
+    let epoch: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_same(&export_at(&http, epoch["epoch"].as_u64()), &want, "a batch id seen before the crash counts once");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` at `dir`; `None` (with the reason) where this cannot be done.
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str().unwrap()])
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount -t tmpfs failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", self.0.to_str().unwrap()]).status();
+    }
+}
+
+fn ingest_batch(addr: &str, id: &str, evs: &[(u64, i64, i64)]) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut r = agent
+        .post(&format!("http://{addr}/v1/sources/tx/events"))
+        .header("content-type", "application/x-ndjson")
+        .header("x-sundial-batch", id)
+        .send(ndjson(evs).as_bytes())
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_full_disk_refuses_ingest_and_recovers_when_space_returns() {
+    let env = Env::new();
+    let data = env.path("w0");
+    let _disk = match Tmpfs::mount(&data, "6m") {
+        Ok(d) => d,
+        Err(reason) => {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root and must be able to mount a tmpfs: {reason}");
+            eprintln!("skipped: {reason} (needs root)");
+            return;
+        }
+    };
+    let _coordinator = env.coordinator(1, "127.0.0.1:0", "127.0.0.1:0");
+    let (control, http) = env.coordinator_addresses();
+    let mut w0 = env.worker("w0", &control, 1);
+    let status = wait_state(&http, "running", Duration::from_secs(60));
+    let worker = status["workers"][0]["ingest_addr"].as_str().unwrap().to_string();
+    create_catalog(&http);
+
+    let evs = stream(3_000, 0x77);
+    let (a, rest) = evs.split_at(1_000);
+    let (b, c) = rest.split_at(1_000);
+    let (code, body) = ingest_batch(&worker, "a", a);
+    assert_eq!(code, 200, "{body}");
+    let epoch = body["epoch"].as_u64();
+
+    // The disk fills up: the batch is refused, nothing of it is accepted, the worker stays up.
+    let filler = data.join("filler");
+    let _ = Command::new("dd").args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"]).output();
+    let (code, body) = ingest_batch(&worker, "b", b);
+    assert_eq!(code, 507, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("ingest log cannot be written") && message.contains("No space left"), "{message}");
+    assert_same(&export_at(&http, epoch), &model(a), "nothing of the refused batch is visible");
+    assert_eq!(cluster(&http)["state"], "running");
+
+    // Space returns: the same batch goes in, and the next one.
+    std::fs::remove_file(&filler).unwrap();
+    let (code, body) = ingest_batch(&worker, "b", b);
+    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1_000)), "{body}");
+    let (code, body) = ingest_batch(&worker, "c", c);
+    assert_eq!(code, 200, "{body}");
+    assert_same(&export_at(&http, body["epoch"].as_u64()), &model(&evs), "after space returned");
+
+    // What was accepted is in the log: a restarted worker has all of it, and no refused part twice.
+    w0.kill9();
+    let _w0 = env.worker("w0", &control, 1);
+    wait_for(Duration::from_secs(60), "generation 2 serving", || {
+        let (_, v) = get(&http, "/v1/cluster")?;
+        (v["state"] == "running" && v["generation"] == 2).then_some(())
+    });
+    assert_same(&export(&http), &model(&evs), "after a restart");
 }
