@@ -2,7 +2,8 @@
 //! in network namespaces on a private bridge (no loopback between them), workers bind 0.0.0.0
 //! and advertise their own addresses. A W1-style dataflow computed from events sent through the
 //! workers' own ingest addresses equals the model; cutting one worker's link (no FIN) is
-//! reported within the heartbeat timeout; healing it forms the next generation; `down` leaves
+//! reported within the heartbeat timeout; healing it forms the next generation, which restores
+//! every worker's state (checkpoint and ingest log) so the export still equals the model; `down` leaves
 //! no namespace and no process behind.
 //!
 //! Needs root and iproute2; without them the test says why it is skipped and passes.
@@ -142,24 +143,26 @@ fn a_cluster_across_network_namespaces_survives_a_cut_link() {
     let out = cluster.sundial(&["ingest", "tx", events.to_str().unwrap(), "--batch-lines", "500"]);
     assert!(out.starts_with("accepted 6000, rejected 0, late 0"), "{out}");
     assert!(out.contains("over 3 endpoints"), "{out}");
-    let epoch = out.split("epoch ").nth(1).unwrap().split(' ').next().unwrap();
-    let export =
-        cluster.exec("c", &["curl", "-s", &format!("http://127.0.0.1:7700/v1/dataflows/w1/export?as_of={epoch}")]);
-    let got: BTreeMap<(String, String, i64), i64> = String::from_utf8_lossy(&export.stdout)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (
+    let epoch = out.split("epoch ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    let export = |query: &str| -> BTreeMap<(String, String, i64), i64> {
+        let url = format!("http://127.0.0.1:7700/v1/dataflows/w1/export{query}");
+        let out = cluster.exec("c", &["curl", "-s", &url]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
                 (
-                    v["key"][0].as_str().unwrap().into(),
-                    v["feature"].as_str().unwrap().into(),
-                    v["start"].as_i64().unwrap(),
-                ),
-                v["value"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(got, model);
+                    (
+                        v["key"][0].as_str().unwrap().into(),
+                        v["feature"].as_str().unwrap().into(),
+                        v["start"].as_i64().unwrap(),
+                    ),
+                    v["value"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(export(&format!("?as_of={epoch}")), model);
 
     // Cut worker 1's link: no FIN, the heartbeats stop. The loss is reported within the timeout.
     let cut_at = Instant::now();
@@ -184,6 +187,9 @@ fn a_cluster_across_network_namespaces_survives_a_cut_link() {
     });
     eprintln!("netns: loss detected after {detection:?}, re-formed {:?} after the heal", healed_at.elapsed());
     assert!(cluster.sundial(&["status", "--check"]).contains("OK, all-to-all"));
+    // The new generation restored every worker's state from its checkpoint and ingest log.
+    assert_eq!(export(""), model, "after re-formation the export still equals the model");
+    assert_eq!(export(&format!("?as_of={epoch}")), model, "also at the epoch from before the cut");
 
     // Down leaves nothing behind.
     let pids: Vec<u64> = std::fs::read_dir(&cluster.dir)
