@@ -5,6 +5,7 @@
 //! that dies, and stops them all on Ctrl-C or SIGTERM.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +51,10 @@ struct Proc {
 
 fn spawn(exe: &Path, name: &str, args: Vec<String>, log: PathBuf) -> anyhow::Result<Proc> {
     let file = open_log(&log)?;
+    // Its own process group: a Ctrl-C in the terminal reaches only `sundial local`, which stops
+    // the processes in order.
     let child = Command::new(exe)
+        .process_group(0)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -70,13 +74,21 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
+/// Stops the coordinator first (it takes a last checkpoint while the workers still run), then
+/// the workers.
 fn stop_all(procs: &mut [Proc]) {
+    let (coordinator, workers) = procs.split_at_mut(1.min(procs.len()));
+    stop(coordinator, Duration::from_secs(15));
+    stop(workers, Duration::from_secs(5));
+}
+
+fn stop(procs: &mut [Proc], grace: Duration) {
     for p in procs.iter() {
         if let Ok(pid) = i32::try_from(p.child.id()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + grace;
     for p in procs.iter_mut() {
         loop {
             match p.child.try_wait() {
@@ -245,6 +257,7 @@ fn supervise(exe: &Path, procs: &mut [Proc], stop: &AtomicBool) -> anyhow::Resul
             thread::sleep(Duration::from_millis(500));
             let file = open_log(&p.log)?;
             p.child = Command::new(exe)
+                .process_group(0)
                 .args(&p.args)
                 .stdin(Stdio::null())
                 .stdout(file.try_clone()?)

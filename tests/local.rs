@@ -1,6 +1,8 @@
 //! `sundial local` end to end: one command starts a coordinator and N worker processes, prints
 //! where the API is once the cluster has formed, and on SIGTERM stops every process it started,
-//! computation children included, leaving no orphans in the process table.
+//! computation children included, leaving no orphans in the process table. The coordinator
+//! stops first and takes a last checkpoint: started again, the cluster has everything back
+//! without replaying a log.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,6 +34,21 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
     assert_eq!(status["state"], "running");
     assert_all_to_all(&http, 4);
 
+    // Some state: the example source and definition, and events through the workers.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let server = format!("http://{http}");
+    let sundial = |args: &[&str]| {
+        let out = Command::new(bin()).arg("--server").arg(&server).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    sundial(&["source", "create", examples.join("transactions.json").to_str().unwrap()]);
+    sundial(&["submit", examples.join("user_spend.yaml").to_str().unwrap()]);
+    let ingested = sundial(&["ingest", "transactions", examples.join("events.csv").to_str().unwrap()]);
+    let epoch = ingested.split("visible at epoch ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    let (_, before) = get(&http, &format!("/v1/dataflows/user_spend/keys/42?as_of={epoch}")).unwrap();
+    assert!(!before["features"].as_object().unwrap().is_empty(), "{before}");
+
     // Every process of the cluster: those started with the data dir in their arguments
     // (coordinator, workers) and the computation children the workers report.
     let mut pids = pids_with_arg(data.to_str().unwrap());
@@ -49,4 +66,26 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
     for pid in pids {
         wait_for(Duration::from_secs(5), &format!("process {pid} to end"), || (!alive(pid)).then_some(()));
     }
+    let logs = data.join("logs");
+    let coordinator_log = std::fs::read_to_string(logs.join("coordinator.log")).unwrap();
+    assert!(coordinator_log.contains("checkpoint on shutdown committed"), "{coordinator_log}");
+
+    // Started again: the state is back from the checkpoint, with nothing to replay.
+    let mut local = Command::new(bin())
+        .args(["local", "--workers", "2", "--threads", "2", "--data-dir", data.to_str().unwrap(), "--http", &http])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_state(&http, "running", Duration::from_secs(60));
+    let (_, after) = get(&http, "/v1/dataflows/user_spend/keys/42").unwrap();
+    assert_eq!(after["features"], before["features"]);
+    for i in 0..2 {
+        let log = std::fs::read_to_string(logs.join(format!("worker-{i}.log"))).unwrap();
+        let second_run = log.rsplit("restoring the checkpoint").next().unwrap();
+        assert!(log.contains("restoring the checkpoint"), "{log}");
+        assert!(!second_run.contains("replayed the ingest log"), "nothing left to replay: {log}");
+    }
+    Command::new("kill").arg("-TERM").arg(local.id().to_string()).status().unwrap();
+    wait_for(Duration::from_secs(30), "sundial local to exit", || local.try_wait().unwrap());
 }

@@ -196,8 +196,13 @@ pub async fn run(
             }
         })
     };
-    let app = http::router(shared);
-    let result = axum::serve(http, app).with_graceful_shutdown(shutdown).await.map_err(CoordinatorError::Http);
+    let app = http::router(std::sync::Arc::clone(&shared));
+    // A clean shutdown takes a last checkpoint first, so that the next start replays nothing.
+    let last_checkpoint = async move {
+        shutdown.await;
+        shared.final_checkpoint(Duration::from_secs(10)).await;
+    };
+    let result = axum::serve(http, app).with_graceful_shutdown(last_checkpoint).await.map_err(CoordinatorError::Http);
     control_task.abort();
     ticker.abort();
     sampler.abort();

@@ -397,6 +397,26 @@ impl Shared {
         }
     }
 
+    /// Takes a checkpoint and waits (at most `timeout`) until every process has it: for a clean
+    /// shutdown.
+    pub async fn final_checkpoint(&self, timeout: Duration) {
+        if self.ready().is_err() {
+            return;
+        }
+        let before = self.lock().committed;
+        let deadline = Instant::now() + timeout;
+        self.checkpoint().await;
+        while Instant::now() < deadline {
+            let committed = self.lock().committed;
+            if committed > before {
+                tracing::info!(epoch = committed, "checkpoint on shutdown committed");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!("no checkpoint on shutdown within {timeout:?}; the next start replays the ingest logs");
+    }
+
     /// Process `index` wrote its part of the checkpoint at `epoch`; once every process of the
     /// running generation has, the checkpoint is committed and every process is told, so that
     /// it can delete what the checkpoint covers.
