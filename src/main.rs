@@ -122,7 +122,7 @@ struct CoordinatorArgs {
     heartbeat_timeout: Duration,
     /// How often the cluster checkpoints its state (recovery then replays only the ingest log
     /// after the newest checkpoint, and older log segments are deleted).
-    #[arg(long, env = "SUNDIAL_CHECKPOINT_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "SUNDIAL_CHECKPOINT_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     checkpoint_interval: Duration,
 }
 

@@ -813,7 +813,12 @@ impl Engine {
     fn checkpoint_failed(&mut self, epoch: Epoch, why: &str) {
         tracing::info!(epoch, partition = self.index, "checkpoint abandoned: {why}");
         if let Ok(mut progress) = self.ctx.checkpoints.lock() {
-            progress.entry(epoch).or_default().failed = true;
+            let entry = progress.entry(epoch).or_default();
+            entry.failed = true;
+            entry.done += 1;
+            if entry.done >= self.ctx.threads.len() {
+                progress.remove(&epoch);
+            }
         }
         for df in self.dataflows.values() {
             let mut cell = df.rendered.checkpoint.borrow_mut();
@@ -865,32 +870,17 @@ impl Engine {
             self.checkpoint_failed(epoch, &why);
             return;
         }
-        for (name, id, bytes) in &snapshots {
-            let path = checkpoint::state_file(&self.ctx.data_dir, epoch, *id, self.index);
-            if let Err(e) = checkpoint::write(&path, bytes) {
-                self.checkpoint_failed(epoch, &format!("writing {} for {name:?}: {e}", path.display()));
-                return;
-            }
-        }
-        let threads = self.ctx.threads.len();
-        let finished = match self.ctx.checkpoints.lock() {
-            Ok(mut progress) => {
-                let entry = progress.entry(epoch).or_default();
-                entry.done += 1;
-                let finished = entry.done == threads && !entry.failed;
-                if entry.done == threads {
-                    progress.remove(&epoch);
-                }
-                finished.then(|| snapshots.iter().map(|(_, id, _)| *id).collect::<Vec<u64>>())
-            }
-            Err(_) => None,
-        };
-        if let Some(dataflows) = finished {
-            let batches = self.batches.lock().map(|b| b.export()).unwrap_or_default();
-            let part = ProcessCheckpoint { epoch, threads, dataflows, batches };
-            match checkpoint::write_complete(&self.ctx.data_dir, &part) {
-                Ok(()) => crate::computation::tell(&FromChild::Checkpointed { epoch }),
-                Err(e) => tracing::warn!(epoch, "cannot complete the checkpoint: {e}"),
+        // The files are written by a thread of their own, so that the dataflows go on meanwhile.
+        let ctx = Arc::clone(&self.ctx);
+        let batches = Arc::clone(&self.batches);
+        let index = self.index;
+        let spawned = std::thread::Builder::new().name("sundial:checkpoint".into()).spawn(move || {
+            write_checkpoint(&ctx, &batches, epoch, index, snapshots);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(epoch, "cannot start the checkpoint writer: {e}");
+            if let Ok(mut progress) = self.ctx.checkpoints.lock() {
+                progress.entry(epoch).or_default().failed = true;
             }
         }
     }
@@ -1093,6 +1083,60 @@ impl Engine {
                 df.rendered.trace.set_physical_compaction(frontier.borrow());
                 df.rendered.watermarks.borrow_mut().compact(since);
             }
+        }
+    }
+}
+
+/// Writes one thread's part of the checkpoint at `epoch`; the last thread of the process to
+/// finish writes `COMPLETE` and tells the supervisor.
+fn write_checkpoint(
+    ctx: &Context,
+    batches: &Mutex<Batches>,
+    epoch: Epoch,
+    index: usize,
+    snapshots: Vec<(String, u64, Vec<u8>)>,
+) {
+    let started = Instant::now();
+    let mut failed = false;
+    for (name, id, bytes) in &snapshots {
+        let path = checkpoint::state_file(&ctx.data_dir, epoch, *id, index);
+        if let Err(e) = checkpoint::write(&path, bytes) {
+            tracing::warn!(epoch, dataflow = %name, "checkpoint abandoned: writing {}: {e}", path.display());
+            failed = true;
+            break;
+        }
+    }
+    if !failed {
+        let bytes: usize = snapshots.iter().map(|(_, _, b)| b.len()).sum();
+        tracing::debug!(
+            epoch,
+            partition = index,
+            bytes,
+            write_ms = started.elapsed().as_millis() as u64,
+            "checkpoint part written"
+        );
+    }
+    let threads = ctx.threads.len();
+    let finished = match ctx.checkpoints.lock() {
+        Ok(mut progress) => {
+            let entry = progress.entry(epoch).or_default();
+            entry.done += 1;
+            entry.failed |= failed;
+            let finished = entry.done == threads && !entry.failed;
+            if entry.done == threads {
+                progress.remove(&epoch);
+            }
+            finished
+        }
+        Err(_) => false,
+    };
+    if finished {
+        let dataflows = snapshots.iter().map(|(_, id, _)| *id).collect();
+        let batches = batches.lock().map(|b| b.export()).unwrap_or_default();
+        let part = ProcessCheckpoint { epoch, threads, dataflows, batches };
+        match checkpoint::write_complete(&ctx.data_dir, &part) {
+            Ok(()) => crate::computation::tell(&FromChild::Checkpointed { epoch }),
+            Err(e) => tracing::warn!(epoch, "cannot complete the checkpoint: {e}"),
         }
     }
 }
