@@ -392,3 +392,160 @@ fn a_full_disk_refuses_ingest_and_recovers_when_space_returns() {
     });
     assert_same(&export(&http), &model(&evs), "after a restart");
 }
+
+/// The complete checkpoints in a worker's data dir, oldest first.
+fn complete_checkpoints(data: &std::path::Path) -> Vec<u64> {
+    let mut out: Vec<u64> = std::fs::read_dir(data.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("COMPLETE").is_file())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The last segment of a partition's log.
+fn last_segment(data: &std::path::Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(data.join("log").join("t0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    segments.pop().unwrap()
+}
+
+/// Ingests `evs` through the coordinator in batches with ids `{name}-{i}`; the last reply's epoch.
+fn ingest_through(http: &str, name: &str, evs: &[(u64, i64, i64)]) -> Option<u64> {
+    let mut epoch = None;
+    for (i, chunk) in evs.chunks(500).enumerate() {
+        let (code, body) = ingest_batch(http, &format!("{name}-{i}"), chunk);
+        assert_eq!(code, 200, "{body}");
+        epoch = body["epoch"].as_u64();
+    }
+    epoch
+}
+
+#[test]
+fn damaged_logs_and_checkpoints_are_handled_and_reported() {
+    let env = Env::new();
+    let control = format!("127.0.0.1:{}", free_port());
+    let start = |env: &Env| {
+        let _ = std::fs::remove_file(env.path("coordinator").join("addresses.json"));
+        let coordinator = env.coordinator_with(2, &control, "127.0.0.1:0", &["--checkpoint-interval", "300ms"]);
+        let (_, http) = env.coordinator_addresses();
+        let workers = [env.worker("w0", &control, 1), env.worker("w1", &control, 1)];
+        wait_state(&http, "running", Duration::from_secs(60));
+        (coordinator, workers, http)
+    };
+    let (mut coordinator, mut workers, http) = start(&env);
+    create_catalog(&http);
+    let (w0, w1) = (env.path("w0"), env.path("w1"));
+
+    // A, then two checkpoints after it; B after them (in the logs only); C, one batch straight
+    // to worker 0, is the last record of its log.
+    let evs = stream(6_300, 0x1234);
+    let (a, rest) = evs.split_at(4_000);
+    let (b, c) = rest.split_at(2_000);
+    let a_epoch = ingest_through(&http, "a", a).unwrap();
+    wait_for(Duration::from_secs(30), "two checkpoints after A on both workers", || {
+        [&w0, &w1].iter().all(|d| complete_checkpoints(d).iter().filter(|e| **e > a_epoch).count() >= 2).then_some(())
+    });
+    // No checkpoint may cover B: the coordinator, which asks for them, goes first.
+    coordinator.kill9();
+    let status_before = complete_checkpoints(&w1);
+    let b_epoch = {
+        // Without a coordinator, ingest goes to the workers' own endpoints.
+        let addr0 = std::fs::read_to_string(env.path("w0.log")).unwrap();
+        let addr0 = addr0
+            .rsplit("HTTP endpoint listening address=")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let addr1 = std::fs::read_to_string(env.path("w1.log")).unwrap();
+        let addr1 = addr1
+            .rsplit("HTTP endpoint listening address=")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let mut epoch = None;
+        for (i, chunk) in b.chunks(500).enumerate() {
+            let addr = if i % 2 == 0 { &addr0 } else { &addr1 };
+            let (code, body) = ingest_batch(addr, &format!("b-{i}"), chunk);
+            assert_eq!(code, 200, "{body}");
+            epoch = body["epoch"].as_u64();
+        }
+        let (code, body) = ingest_batch(&addr0, "c", c);
+        assert_eq!(code, 200, "{body}");
+        epoch
+    };
+    assert!(b_epoch.is_some());
+    assert_eq!(complete_checkpoints(&w1), status_before, "no checkpoint without the coordinator");
+    for p in workers.iter_mut() {
+        p.kill9();
+    }
+
+    // Damage: worker 1 loses its newest checkpoint and gets garbage after its last record;
+    // worker 0's last record (batch C) is cut in the middle.
+    let newest = *complete_checkpoints(&w1).last().unwrap();
+    std::fs::remove_dir_all(w1.join("checkpoints").join(format!("{newest:020}"))).unwrap();
+    let fallback = *complete_checkpoints(&w1).last().unwrap();
+    assert!(complete_checkpoints(&w0).contains(&fallback));
+    let seg1 = last_segment(&w1);
+    let mut garbage = std::fs::OpenOptions::new().append(true).open(&seg1).unwrap();
+    garbage.write_all(&[0xAB; 77]).unwrap();
+    drop(garbage);
+    let seg0 = last_segment(&w0);
+    let len = std::fs::metadata(&seg0).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&seg0).unwrap().set_len(len - 5).unwrap();
+
+    let (coordinator, workers, http) = start(&env);
+    let all_but_c: Vec<_> = a.iter().chain(b.iter()).cloned().collect();
+    assert_same(&export(&http), &model(&all_but_c), "after the damage (C was destroyed by it)");
+    let log = coordinator.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the generation restores a checkpoint") && l.contains(&format!("epoch={fallback}"))),
+        "falls back to the checkpoint both workers have: {log}"
+    );
+    let w0_log = std::fs::read_to_string(env.path("w0.log")).unwrap();
+    let w1_log = std::fs::read_to_string(env.path("w1.log")).unwrap();
+    assert!(w0_log.contains("torn record") && w0_log.contains("cut"), "worker 0 says what it cut: {w0_log}");
+    assert!(w1_log.contains("cut 77 bytes"), "worker 1 says what it cut: {w1_log}");
+
+    // A damaged checkpoint file: set aside, and the cluster falls back to the one before.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    wait_for(Duration::from_secs(30), "two checkpoints of the new generation", || {
+        [&w0, &w1].iter().all(|d| complete_checkpoints(d).iter().filter(|e| **e > now).count() >= 2).then_some(())
+    });
+    drop(coordinator);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(workers);
+    // The newest checkpoint both have is what the next generation would restore.
+    let theirs = complete_checkpoints(&w1);
+    let newest = *complete_checkpoints(&w0).iter().rfind(|e| theirs.contains(e)).unwrap();
+    let state = std::fs::read_dir(w0.join("checkpoints").join(format!("{newest:020}")))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "bin"))
+        .unwrap();
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&state, bytes).unwrap();
+    let (_coordinator, _workers, http) = start(&env);
+    assert_same(&export(&http), &model(&all_but_c), "after a damaged checkpoint");
+    let w0_log = std::fs::read_to_string(env.path("w0.log")).unwrap();
+    assert!(w0_log.contains("corrupt checkpoint") && w0_log.contains("set aside"), "{w0_log}");
+    assert!(w0.join("checkpoints").join(format!("{newest:020}.damaged")).is_dir());
+}

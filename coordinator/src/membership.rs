@@ -326,7 +326,7 @@ impl Membership {
         match msg {
             // Stats are kept by the server, not the membership.
             WorkerMsg::Stats(_) | WorkerMsg::Checkpointed { .. } => Vec::new(),
-            WorkerMsg::Heartbeat { generation, state, computation_pid } => {
+            WorkerMsg::Heartbeat { generation, state, computation_pid, .. } => {
                 let slot = &mut self.slots[index];
                 slot.last_heartbeat = Some((now, SystemTime::now()));
                 slot.computation_pid = *computation_pid;

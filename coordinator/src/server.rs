@@ -624,6 +624,12 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                         shared.lock().frontiers.insert(conn, (generation, frontiers.into_iter().collect()));
                     }
                     Ok(WorkerMsg::Stats(stats)) => shared.ops.record_worker(index, stats),
+                    Ok(msg @ WorkerMsg::Heartbeat { .. }) => {
+                        if let WorkerMsg::Heartbeat { checkpoints, .. } = &msg {
+                            shared.lock().checkpoints.insert(index, checkpoints.iter().copied().collect());
+                        }
+                        shared.with_membership(|m| ((), m.on_message(conn, &msg, Instant::now())));
+                    }
                     Ok(WorkerMsg::Checkpointed { generation, epoch }) => shared.checkpointed(index, generation, epoch),
                     Ok(WorkerMsg::Reply { id, reply }) => {
                         if let Some((_, waiter)) = shared.lock().pending.remove(&id) {

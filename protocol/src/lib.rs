@@ -140,6 +140,9 @@ pub enum WorkerMsg {
         state: ComputationState,
         /// The computation child's process id, if one runs.
         computation_pid: Option<u32>,
+        /// The complete checkpoints in the worker's data dir (their epochs), as now.
+        #[serde(default)]
+        checkpoints: Vec<u64>,
     },
     /// The computation of `generation` has connected to all peers and runs.
     Started {
@@ -676,7 +679,12 @@ mod tests {
         let err = parse_handshake(b"GET / HTTP/1.1").err().unwrap_or_default();
         assert!(err.contains("not a sundial message"), "{err}");
 
-        let hb = encode(&WorkerMsg::Heartbeat { generation: 0, state: ComputationState::Idle, computation_pid: None })?;
+        let hb = encode(&WorkerMsg::Heartbeat {
+            generation: 0,
+            state: ComputationState::Idle,
+            computation_pid: None,
+            checkpoints: Vec::new(),
+        })?;
         let err = parse_handshake(&hb[4..]).err().unwrap_or_default();
         assert!(err.contains("must be a registration"), "{err}");
 

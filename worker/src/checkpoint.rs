@@ -125,6 +125,16 @@ pub fn complete(data_dir: &Path) -> Vec<u64> {
     out
 }
 
+/// Sets the checkpoint at `epoch` aside as damaged (renamed to `{epoch}.damaged`, kept for
+/// inspection), so that the next generation falls back to an older one. Returns the new path.
+pub fn set_aside(data_dir: &Path, epoch: u64) -> io::Result<PathBuf> {
+    let from = dir(data_dir, epoch);
+    let to = from.with_extension("damaged");
+    let _ = fs::remove_dir_all(&to);
+    fs::rename(&from, &to)?;
+    Ok(to)
+}
+
 /// Deletes every checkpoint folder before `epoch` (complete or not). Returns how many.
 pub fn delete_before(data_dir: &Path, epoch: u64) -> io::Result<usize> {
     let entries = match fs::read_dir(data_dir.join("checkpoints")) {

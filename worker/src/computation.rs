@@ -100,7 +100,15 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
                 "the checkpoint at epoch {epoch} was written by {} threads per process; this worker runs {threads}",
                 part.threads
             )),
-            Err(e) => fail(&format!("generation {generation}: cannot restore the checkpoint: {e}")),
+            Err(e) => {
+                let aside = crate::checkpoint::set_aside(&data_dir, epoch).map_or_else(
+                    |e| format!("it could not be set aside: {e}"),
+                    |p| format!("it was set aside as {}", p.display()),
+                );
+                fail(&format!(
+                    "generation {generation}: cannot restore the checkpoint at epoch {epoch}: {e}; {aside}, and the next generation falls back to an older checkpoint"
+                ))
+            }
         },
         None => None,
     };

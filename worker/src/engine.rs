@@ -786,7 +786,16 @@ impl Engine {
                 s.version,
                 plan.id
             )),
-            Err(e) => crate::computation::fail(&format!("cannot restore dataflow {:?}: {e}", plan.name)),
+            Err(e) => {
+                let aside = checkpoint::set_aside(&self.ctx.data_dir, part.epoch).map_or_else(
+                    |e| format!("it could not be set aside: {e}"),
+                    |p| format!("it was set aside as {}", p.display()),
+                );
+                crate::computation::fail(&format!(
+                    "cannot restore dataflow {:?} from the checkpoint at epoch {}: {e}; {aside}, and the next generation falls back to an older checkpoint",
+                    plan.name, part.epoch
+                ))
+            }
         }
     }
 

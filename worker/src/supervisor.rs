@@ -391,7 +391,8 @@ impl Supervisor {
                 ),
                 None => (self.last_generation, ComputationState::Idle, None),
             };
-            self.send(&WorkerMsg::Heartbeat { generation, state, computation_pid });
+            let checkpoints = crate::checkpoint::complete(&self.cfg.data_dir);
+            self.send(&WorkerMsg::Heartbeat { generation, state, computation_pid, checkpoints });
         }
         if now >= self.next_stats {
             self.next_stats = now + STATS_INTERVAL;
@@ -697,6 +698,11 @@ impl Supervisor {
             }
             FromChild::Failed { reason } => {
                 run.failure_reported = true;
+                // The coordinator learns the checkpoints as they are now (one may have been set
+                // aside as damaged) before it forms the next generation.
+                let (state, computation_pid) = (ComputationState::Starting, Some(run.process.id()));
+                let checkpoints = crate::checkpoint::complete(&self.cfg.data_dir);
+                self.send(&WorkerMsg::Heartbeat { generation, state, computation_pid, checkpoints });
                 self.send(&WorkerMsg::Failed { generation, reason });
             }
             FromChild::Reply { id, reply } if self.inflight.contains_key(&id) => {
@@ -720,11 +726,15 @@ impl Supervisor {
         }
     }
 
-    /// Every process has the checkpoint at `epoch`: deletes older checkpoints and the log
-    /// segments it covers.
+    /// Every process has the checkpoint at `epoch`. Keeps it and the complete one before it (a
+    /// fallback, should the newest be lost or damaged), and deletes older checkpoints and the
+    /// log segments that the older kept one covers.
     fn checkpoint_committed(&mut self, epoch: u64) {
         let data_dir = &self.cfg.data_dir;
-        let checkpoints = match crate::checkpoint::delete_before(data_dir, epoch) {
+        let complete = crate::checkpoint::complete(data_dir);
+        let kept: Vec<u64> = complete.iter().copied().filter(|e| *e <= epoch).rev().take(2).collect();
+        let Some(&oldest_kept) = kept.last() else { return };
+        let checkpoints = match crate::checkpoint::delete_before(data_dir, oldest_kept) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(epoch, "deleting old checkpoints: {e}");
@@ -734,7 +744,7 @@ impl Supervisor {
         let mut freed = 0;
         if let Ok(entries) = std::fs::read_dir(data_dir.join("log")) {
             for entry in entries.flatten() {
-                match crate::log::delete_covered(&entry.path(), epoch) {
+                match crate::log::delete_covered(&entry.path(), oldest_kept) {
                     Ok(n) => freed += n,
                     Err(e) => {
                         tracing::warn!(epoch, dir = %entry.path().display(), "deleting covered log segments: {e}")
@@ -742,7 +752,13 @@ impl Supervisor {
                 }
             }
         }
-        tracing::info!(epoch, old_checkpoints = checkpoints, log_bytes_freed = freed, "checkpoint committed");
+        tracing::info!(
+            epoch,
+            kept = ?kept,
+            old_checkpoints = checkpoints,
+            log_bytes_freed = freed,
+            "checkpoint committed"
+        );
         self.metrics.checkpoint_committed(epoch);
     }
 
