@@ -322,3 +322,82 @@ fn a_cluster_computes_what_the_model_computes() {
     assert_eq!(export(&http, "spend", Some(epoch)), model(&with_new));
     assert_eq!(request(&http, "GET", "/v1/dataflows/big_spenders", "", b"").0, 404, "the drop survived");
 }
+
+#[test]
+fn sliding_and_cumulating_windows_through_the_http_api_equal_the_model() {
+    let env = Env::new();
+    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
+    let (control, http) = env.coordinator_addresses();
+    let _w0 = env.worker("w0", &control, 2);
+    let _w1 = env.worker("w1", &control, 2);
+    wait_state(&http, "running", Duration::from_secs(60));
+    let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "1h",
+        "fields": {"user_id": "u64", "ts": "i64", "amount": "i64", "merchant": "string"}});
+    assert_eq!(post_json(&http, "/v1/sources", &source).0, 201);
+    let definition = json!({"name": "recent", "source": "tx", "key": "user_id",
+        "features": [
+            {"name": "spend_1h", "agg": "sum", "field": "amount", "window": {"sliding": {"size": "1h", "tile": "1m"}}},
+            {"name": "largest_1h", "agg": "max", "field": "amount", "window": {"sliding": {"size": "1h", "tile": "1m"}}},
+            {"name": "count_day", "agg": "count", "window": {"cumulate": {"step": "1h", "max": "1d"}}}]});
+    let (code, body) = post_json(&http, "/v1/dataflows", &definition);
+    assert_eq!(code, 201, "{body}");
+
+    // Three hours of events for 20 users, one every 700 ms.
+    let evs: Vec<(u64, i64, i64)> =
+        (0..15_000i64).map(|i| ((i * 7) as u64 % 20, BASE + i * 700, (i * 37) % 1_000)).collect();
+    let mut epoch = 0;
+    for chunk in evs.chunks(1_000) {
+        let lines: String = chunk
+            .iter()
+            .map(|(u, t, a)| format!("{}\n", json!({"user_id": u, "ts": t, "amount": a, "merchant": "m"})))
+            .collect();
+        let (code, text) = request(&http, "POST", "/v1/sources/tx/events", "application/x-ndjson", lines.as_bytes());
+        assert_eq!(code, 200, "{text}");
+        epoch = serde_json::from_str::<Value>(&text).unwrap()["epoch"].as_u64().unwrap();
+    }
+
+    // The model: "now" is the largest event time; the sliding window is the hour of tiles ending
+    // with the tile that holds it.
+    let now = evs.iter().map(|e| e.1).max().unwrap();
+    let end = now.div_euclid(60_000) * 60_000 + 60_000;
+    let start = end - 3_600_000;
+    for user in [0u64, 7, 13] {
+        let mine: Vec<&(u64, i64, i64)> = evs.iter().filter(|e| e.0 == user).collect();
+        let inside: Vec<i64> = mine.iter().filter(|e| e.1 >= start && e.1 < end).map(|e| e.2).collect();
+        let (code, text) = request(&http, "GET", &format!("/v1/dataflows/recent/keys/{user}?as_of={epoch}"), "", b"");
+        assert_eq!(code, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let f = &v["features"];
+        assert_eq!(
+            f["spend_1h"],
+            json!({"start": start, "end": end, "value": inside.iter().sum::<i64>(), "closed": false})
+        );
+        assert_eq!(f["largest_1h"]["value"], json!(inside.iter().max().unwrap()));
+        // Cumulating windows: per day with events, [day, day + k hours) from the first hour
+        // that has an event to the end of the day.
+        let (hour, day) = (3_600_000i64, 86_400_000i64);
+        let mut want = Vec::new();
+        let mut days: Vec<i64> = mine.iter().map(|e| e.1.div_euclid(day) * day).collect();
+        days.dedup();
+        for base in days {
+            let first =
+                mine.iter().filter(|e| e.1.div_euclid(day) * day == base).map(|e| (e.1 - base) / hour).min().unwrap();
+            for k in first + 1..=24 {
+                let n = mine.iter().filter(|x| x.1 >= base && x.1 < base + k * hour).count();
+                want.push((base, base + k * hour, json!(n)));
+            }
+        }
+        let got: Vec<(i64, i64, Value)> = f["count_day"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| (w["start"].as_i64().unwrap(), w["end"].as_i64().unwrap(), w["value"].clone()))
+            .collect();
+        assert_eq!(got, want);
+    }
+    // Lookup shows the same, as one object per sliding feature.
+    let (code, many) = post_json(&http, "/v1/dataflows/recent/lookup", &json!({"keys": [[0], [999]], "as_of": epoch}));
+    assert_eq!(code, 200, "{many}");
+    assert_eq!(many["results"][0]["features"]["spend_1h"]["start"], json!(start));
+    assert_eq!(many["results"][1]["features"], json!({}));
+}

@@ -552,11 +552,22 @@ async fn read_keys(
     Ok((watermark, keys.iter().map(|k| found.get(k).cloned()).collect()))
 }
 
-fn features_json(result: Option<&KeyResult>) -> Value {
+/// The features of one key: a list of windows per feature, except for a sliding feature, which
+/// has one window (ending with the tile of "now") or `null`.
+fn features_json(plan: Option<&DataflowPlan>, result: Option<&KeyResult>) -> Value {
+    let sliding = |name: &str| {
+        plan.and_then(|p| p.features.iter().find(|f| f.name == name))
+            .is_some_and(|f| matches!(f.window, sundial_protocol::plan::Window::Sliding { .. }))
+    };
     let mut map = serde_json::Map::new();
     if let Some(r) = result {
         for (name, windows) in &r.features {
-            map.insert(name.clone(), serde_json::to_value(windows).unwrap_or(Value::Null));
+            let value = if sliding(name) {
+                windows.first().and_then(|w| serde_json::to_value(w).ok()).unwrap_or(Value::Null)
+            } else {
+                serde_json::to_value(windows).unwrap_or(Value::Null)
+            };
+            map.insert(name.clone(), value);
         }
     }
     Value::Object(map)
@@ -607,7 +618,7 @@ async fn read_one(
         "key": key.to_json(),
         "as_of": as_of,
         "watermark": watermark,
-        "features": features_json(results.first().and_then(Option::as_ref)),
+        "features": features_json(find_dataflow(&shared, &name).ok().as_ref(), results.first().and_then(Option::as_ref)),
     })))
 }
 
@@ -664,10 +675,11 @@ async fn lookup(
     let ready = shared.ready()?;
     let as_of = resolve_as_of(&shared, &ready, &name, body.as_of).await?;
     let (watermark, results) = read_keys(&shared, &ready, &name, &keys, as_of, timeout_ms).await?;
+    let plan = find_dataflow(&shared, &name).ok();
     let results: Vec<Value> = keys
         .iter()
         .zip(&results)
-        .map(|(k, r)| json!({"key": k.to_json(), "features": features_json(r.as_ref())}))
+        .map(|(k, r)| json!({"key": k.to_json(), "features": features_json(plan.as_ref(), r.as_ref())}))
         .collect();
     Ok(Json(json!({"dataflow": name, "as_of": as_of, "watermark": watermark, "results": results})))
 }

@@ -242,7 +242,7 @@ fn sundial(rows: Vec<Row>, workload: &str, threads: usize, batch: usize, then_dr
         let mut c: Checksum = (0, 0, 0, 0);
         let layout = std::rc::Rc::clone(&r.layout);
         read_all(&mut r.trace, epoch - 1, |_, slots| {
-            for (name, windows) in sundial_dataflows::features::assemble(&layout, &slots, None) {
+            for (name, windows) in sundial_dataflows::features::assemble(&layout, &slots, None, None) {
                 for w in windows {
                     match name.as_str() {
                         "count" => {

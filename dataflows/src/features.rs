@@ -150,11 +150,16 @@ impl Layout {
             let kind = match f.window {
                 Window::Tumbling { size_ms } => GroupKind::Pane(size_ms),
                 Window::Hopping { hop_ms, .. } => GroupKind::Pane(hop_ms),
+                Window::Sliding { tile_ms, .. } => GroupKind::Pane(tile_ms),
+                Window::Cumulate { step_ms, .. } => GroupKind::Pane(step_ms),
                 Window::Session { gap_ms } => GroupKind::Session(gap_ms),
                 Window::Global => GroupKind::Global,
             };
             let span = match f.window {
-                Window::Tumbling { size_ms } | Window::Hopping { size_ms, .. } => size_ms,
+                Window::Tumbling { size_ms } | Window::Hopping { size_ms, .. } | Window::Sliding { size_ms, .. } => {
+                    size_ms
+                }
+                Window::Cumulate { max_ms, .. } => max_ms,
                 _ => 0,
             };
             match groups.iter_mut().find(|g| g.kind == kind) {
@@ -210,13 +215,18 @@ pub type SlotSpine = ValSpine<Key, Slot, Epoch, isize>;
 /// A handle on it.
 pub type SlotTrace = TraceAgent<SlotSpine>;
 
-/// The watermark of each completed epoch (on this worker; every worker computes the same).
+/// The watermark, and the source's largest event time ("now" of sliding windows), of each
+/// completed epoch (on this worker; every worker computes the same).
 #[derive(Default)]
 pub struct Watermarks {
     /// Epoch → watermark in force after it, for epochs where it changed.
     pub history: BTreeMap<Epoch, i64>,
     /// The newest.
     pub current: Option<i64>,
+    /// Epoch → the largest event time any partition reported, for epochs where it changed.
+    pub latest: BTreeMap<Epoch, i64>,
+    /// The newest of those.
+    pub latest_current: Option<i64>,
 }
 
 impl Watermarks {
@@ -225,11 +235,20 @@ impl Watermarks {
         self.history.range(..=epoch).next_back().map(|(_, w)| *w)
     }
 
-    /// Forgets history before `epoch` (keeping the value in force at it).
+    /// The source's largest event time at `epoch`.
+    pub fn now_at(&self, epoch: Epoch) -> Option<i64> {
+        self.latest.range(..=epoch).next_back().map(|(_, t)| *t)
+    }
+
+    /// Forgets history before `epoch` (keeping the values in force at it).
     pub fn compact(&mut self, epoch: Epoch) {
         if let Some(w) = self.at(epoch) {
             self.history = self.history.split_off(&epoch);
             self.history.entry(epoch).or_insert(w);
+        }
+        if let Some(t) = self.now_at(epoch) {
+            self.latest = self.latest.split_off(&epoch);
+            self.latest.entry(epoch).or_insert(t);
         }
     }
 }
@@ -421,11 +440,16 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
         state.restore(snapshot);
         state.emit_all(&mut restored);
         stats.set(state.stats);
+        let mut marks = watermarks.borrow_mut();
         if let Some(w) = state.watermark {
-            let mut marks = watermarks.borrow_mut();
             marks.history.insert(0, w);
             marks.current = Some(w);
         }
+        if let Some(t) = state.latest() {
+            marks.latest.insert(0, t);
+            marks.latest_current = Some(t);
+        }
+        drop(marks);
     }
     let (wm_out, stats_out, ckpt) = (Rc::clone(&watermarks), Rc::clone(&stats), Rc::clone(&checkpoint));
     let updates = events.binary_frontier::<_, CapacityContainerBuilder<Vec<((Key, Slot), Epoch, isize)>>, _, _, _, _>(
@@ -479,13 +503,20 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
                     let reps = pending_reports.remove(&epoch).unwrap_or_default();
                     state.apply_epoch(evs, &reps, &mut out);
                     last_applied = Some(epoch);
+                    let mut marks = wm_out.borrow_mut();
                     if let Some(w) = state.watermark {
-                        let mut marks = wm_out.borrow_mut();
                         if marks.current != Some(w) {
                             marks.history.insert(epoch, w);
                             marks.current = Some(w);
                         }
                     }
+                    if let Some(t) = state.latest() {
+                        if marks.latest_current != Some(t) {
+                            marks.latest.insert(epoch, t);
+                            marks.latest_current = Some(t);
+                        }
+                    }
+                    drop(marks);
                     stats_out.set(state.stats);
                     if !out.is_empty() {
                         let mut session = output.session(&cap);
@@ -824,6 +855,11 @@ impl AggregateState {
         }
     }
 
+    /// The largest event time any partition has reported.
+    fn latest(&self) -> Option<i64> {
+        self.partitions.values().filter_map(|(m, _)| *m).max()
+    }
+
     fn update_watermark(&mut self, reports: &[Report]) {
         for r in reports {
             let entry = self.partitions.entry(r.partition).or_insert((None, true));
@@ -911,9 +947,28 @@ impl AggregateState {
     }
 }
 
-/// Assembles the windows of every feature from one key's slots, as of watermark `watermark`.
-/// Windows evicted by retention are left out; hopping windows merge their panes.
-pub fn assemble(layout: &Layout, slots: &[Slot], watermark: Option<i64>) -> Vec<(String, Vec<WindowOut>)> {
+/// The merge of `accs`, if there are any.
+fn merged<'a>(accs: impl Iterator<Item = &'a Acc>) -> Option<Acc> {
+    let mut out: Option<Acc> = None;
+    for a in accs {
+        match &mut out {
+            None => out = Some(a.clone()),
+            Some(o) => o.merge(a),
+        }
+    }
+    out
+}
+
+/// Assembles the windows of every feature from one key's slots, as of watermark `watermark`
+/// and the source's largest event time `now`. Windows evicted by retention are left out;
+/// hopping and cumulating windows merge their panes, and a sliding window merges the tiles of
+/// the `size` ending with the tile that holds `now` (tile-aligned: it reports that exact span).
+pub fn assemble(
+    layout: &Layout,
+    slots: &[Slot],
+    watermark: Option<i64>,
+    now: Option<i64>,
+) -> Vec<(String, Vec<WindowOut>)> {
     let plan = &layout.plan;
     let retained = |end: i64| match (watermark, plan.retention_ms) {
         (Some(w), Some(r)) => end > w.saturating_sub(r as i64),
@@ -978,8 +1033,52 @@ pub fn assemble(layout: &Layout, slots: &[Slot], watermark: Option<i64>) -> Vec<
                     }
                 }
             }
+            Window::Sliding { size_ms, tile_ms } => {
+                let (size, tile) = (size_ms as i64, tile_ms as i64);
+                if let Some(now) = now {
+                    let end = now.div_euclid(tile) * tile + tile;
+                    let start = end - size;
+                    let panes = mine.iter().filter(|s| s.start >= start && s.start < end).map(|s| &s.accs[pos]);
+                    if let Some(acc) = merged(panes) {
+                        windows.push(WindowOut {
+                            start: Some(start),
+                            end: Some(end),
+                            value: acc.value(agg),
+                            closed: closed(end),
+                        });
+                    }
+                }
+            }
+            Window::Cumulate { step_ms, max_ms } => {
+                let (step, max) = (step_ms as i64, max_ms as i64);
+                let panes: BTreeMap<i64, &Acc> = mine.iter().map(|s| (s.start, &s.accs[pos])).collect();
+                // Per max-aligned period, windows from its start growing by a step, from the
+                // first step that holds a pane.
+                let mut periods: BTreeMap<i64, i64> = BTreeMap::new();
+                for &p in panes.keys() {
+                    let base = p.div_euclid(max) * max;
+                    let first = periods.entry(base).or_insert(p);
+                    *first = (*first).min(p);
+                }
+                for (base, first) in periods {
+                    let mut end = first + step;
+                    while end <= base + max {
+                        if retained(end) {
+                            if let Some(acc) = merged(panes.range(base..end).map(|(_, a)| *a)) {
+                                windows.push(WindowOut {
+                                    start: Some(base),
+                                    end: Some(end),
+                                    value: acc.value(agg),
+                                    closed: closed(end),
+                                });
+                            }
+                        }
+                        end += step;
+                    }
+                }
+            }
         }
-        windows.sort_by_key(|w| w.start);
+        windows.sort_by_key(|w| (w.start, w.end));
         result.push((feature.name.clone(), windows));
     }
     result

@@ -1,7 +1,7 @@
 //! Property test of the windowed aggregates against a naive model.
 //!
-//! Random definitions (every aggregation, tumbling / hopping / session / global windows, a
-//! filter, finite or infinite retention) and random event streams — out of order, in random
+//! Random definitions (every aggregation; tumbling, hopping, session, sliding, cumulate and global
+//! windows; a filter, finite or infinite retention) and random event streams — out of order, in random
 //! batches, spread over the ingest partitions of 1 or 3 worker threads, with events behind the
 //! watermark — run through the real rendered dataflow in one process. The result, read from the
 //! arrangement at the last epoch, must equal what a plain recomputation over the accepted events
@@ -65,6 +65,8 @@ fn window() -> impl Strategy<Value = Window> {
         (1u64..4).prop_map(|k| Window::Tumbling { size_ms: k * 100 }),
         (1u64..4, 1u64..4).prop_map(|(h, m)| Window::Hopping { size_ms: h * m * 50, hop_ms: h * 50 }),
         (1u64..4).prop_map(|g| Window::Session { gap_ms: g * 40 }),
+        (1u64..4, 1u64..5).prop_map(|(t, m)| Window::Sliding { size_ms: t * m * 50, tile_ms: t * 50 }),
+        (1u64..4, 1u64..5).prop_map(|(s, m)| Window::Cumulate { step_ms: s * 50, max_ms: s * m * 50 }),
         Just(Window::Global),
     ]
 }
@@ -206,6 +208,8 @@ fn model(case: &Case) -> (Results, Option<i64>) {
         }
     }
     let plan = &case.plan;
+    // "now" of sliding windows: the largest accepted event time of the source (before filters).
+    let now = events.iter().map(|e| e.ts).max();
     events.retain(|e| plan.filter.is_none() || e.amount.is_none_or(|a| a > 0));
     let retained = |end: i64| match (wm, plan.retention_ms) {
         (Some(w), Some(r)) => end > w - r as i64,
@@ -241,6 +245,22 @@ fn model(case: &Case) -> (Results, Option<i64>) {
                         }
                     }
                 }
+                Window::Sliding { size_ms, tile_ms } => {
+                    if let Some(now) = now {
+                        let end = now.div_euclid(tile_ms as i64) * tile_ms as i64 + tile_ms as i64;
+                        windows.push((end - size_ms as i64, end));
+                    }
+                }
+                Window::Cumulate { step_ms, max_ms } => {
+                    let (step, max) = (step_ms as i64, max_ms as i64);
+                    for e in &mine {
+                        let base = e.ts.div_euclid(max) * max;
+                        let first = (e.ts - base).div_euclid(step) + 1;
+                        for k in first..=max / step {
+                            windows.push((base, base + k * step));
+                        }
+                    }
+                }
                 Window::Global => {}
             }
             windows.sort_unstable();
@@ -254,6 +274,10 @@ fn model(case: &Case) -> (Results, Option<i64>) {
                     continue;
                 }
                 let inside: Vec<&Event> = mine.iter().copied().filter(|e| e.ts >= start && e.ts < end).collect();
+                if inside.is_empty() {
+                    // A sliding window over none of the key's events is not reported.
+                    continue;
+                }
                 rows.push((Some(start), Some(end), plain_value(f.agg, f.field, &inside), wm.is_some_and(|w| w >= end)));
             }
             if !rows.is_empty() {
@@ -291,11 +315,11 @@ fn run(case: &Case) -> (Results, Option<i64>) {
             worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
         }
         let last = epoch - 1;
-        let wm = r.watermarks.borrow().at(last);
+        let (wm, now) = (r.watermarks.borrow().at(last), r.watermarks.borrow().now_at(last));
         let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
         read_all(&mut r.trace, last, |key, slots| {
             let Datum::UInt(user) = key.parts()[0] else { panic!("u64 keys") };
-            for (name, windows) in assemble(&r.layout, &slots, wm) {
+            for (name, windows) in assemble(&r.layout, &slots, wm, now) {
                 if !windows.is_empty() {
                     results.push((
                         user,

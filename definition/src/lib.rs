@@ -431,6 +431,8 @@ fn default_retention(window: &Window) -> u64 {
         Window::Tumbling { size_ms } => size_ms,
         Window::Hopping { size_ms, .. } => size_ms,
         Window::Session { gap_ms } => gap_ms,
+        Window::Sliding { size_ms, .. } => size_ms,
+        Window::Cumulate { max_ms, .. } => max_ms,
         Window::Global => 0,
     }
 }
@@ -531,8 +533,21 @@ fn validate_window(w: &WindowSpec) -> Result<Window, String> {
             Ok(Window::Hopping { size_ms, hop_ms })
         }
         WindowSpec::Session { gap } => Ok(Window::Session { gap_ms: positive("gap", gap)? }),
-        WindowSpec::Sliding { .. } | WindowSpec::Cumulate { .. } => {
-            Err("sliding and cumulate windows are not supported by this version of sundial yet".into())
+        WindowSpec::Sliding { size, tile } => {
+            let size_ms = positive("size", size)?;
+            let tile_ms = positive("tile", tile)?;
+            if tile_ms > size_ms || size_ms % tile_ms != 0 {
+                return Err(format!("tile {tile} does not divide size {size}"));
+            }
+            Ok(Window::Sliding { size_ms, tile_ms })
+        }
+        WindowSpec::Cumulate { step, max } => {
+            let step_ms = positive("step", step)?;
+            let max_ms = positive("max", max)?;
+            if step_ms > max_ms || max_ms % step_ms != 0 {
+                return Err(format!("step {step} does not divide max {max}"));
+            }
+            Ok(Window::Cumulate { step_ms, max_ms })
         }
         WindowSpec::Global => Ok(Window::Global),
     }

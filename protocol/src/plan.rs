@@ -131,17 +131,35 @@ pub enum Window {
         /// Inactivity gap that closes a session.
         gap_ms: u64,
     },
+    /// One window of `size_ms` ending at the read's "now" (the source's largest event time),
+    /// assembled from `tile_ms` partial aggregates (which divide the size) at read time.
+    Sliding {
+        /// Window length.
+        size_ms: u64,
+        /// Length of the partial aggregates.
+        tile_ms: u64,
+    },
+    /// Windows starting at each `max_ms`-aligned boundary and growing by `step_ms` up to
+    /// `max_ms` (Flink's CUMULATE); the step divides the maximum.
+    Cumulate {
+        /// Growth step.
+        step_ms: u64,
+        /// Largest window length.
+        max_ms: u64,
+    },
     /// One window over all time.
     Global,
 }
 
 impl Window {
     /// The length of the partial aggregates (panes) this window is assembled from: the window
-    /// for tumbling, the hop for hopping. `None` for sessions and the global window.
+    /// for tumbling, the hop for hopping, the tile for sliding, the step for cumulate. `None` for sessions and the global window.
     pub fn pane_ms(&self) -> Option<u64> {
         match *self {
             Window::Tumbling { size_ms } => Some(size_ms),
             Window::Hopping { hop_ms, .. } => Some(hop_ms),
+            Window::Sliding { tile_ms, .. } => Some(tile_ms),
+            Window::Cumulate { step_ms, .. } => Some(step_ms),
             Window::Session { .. } | Window::Global => None,
         }
     }

@@ -1179,7 +1179,10 @@ fn complete_epoch(probe: &ProbeHandle<Epoch>) -> Option<Epoch> {
 }
 
 fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>, page: Option<&sundial_protocol::Page>) -> Reply {
-    let watermark = df.rendered.watermarks.borrow().at(as_of);
+    let (watermark, now) = {
+        let marks = df.rendered.watermarks.borrow();
+        (marks.at(as_of), marks.now_at(as_of))
+    };
     let layout = std::rc::Rc::clone(&df.rendered.layout);
     let mut results = Vec::new();
     let mut more_keys = false;
@@ -1187,7 +1190,7 @@ fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>, page: Option<
         Some(keys) => keys.into_iter().try_for_each(|key| {
             let slots = read_key(&mut df.rendered.trace, &key, as_of)?;
             if !slots.is_empty() {
-                results.push(KeyResult { features: assemble(&layout, &slots, watermark), key });
+                results.push(KeyResult { features: assemble(&layout, &slots, watermark, now), key });
             }
             Ok(())
         }),
@@ -1197,7 +1200,7 @@ fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>, page: Option<
                 None => (None, usize::MAX),
             };
             read_from(&mut df.rendered.trace, as_of, start, limit, PAGE_SLOTS, |key, slots| {
-                results.push(KeyResult { key: key.clone(), features: assemble(&layout, &slots, watermark) });
+                results.push(KeyResult { key: key.clone(), features: assemble(&layout, &slots, watermark, now) });
             })
             .map(|more| {
                 more_keys = more;
