@@ -81,11 +81,17 @@ fn plan(workload: &str) -> DataflowPlan {
         _ => Window::Hopping { size_ms: 600_000, hop_ms: 60_000 },
     };
     let mut features = vec![
-        FeaturePlan { name: "count".into(), agg: Agg::Count, field: None, window },
-        FeaturePlan { name: "sum".into(), agg: Agg::Sum, field: Some(2), window },
+        FeaturePlan { name: "count".into(), agg: Agg::Count, field: None, window, params: Default::default() },
+        FeaturePlan { name: "sum".into(), agg: Agg::Sum, field: Some(2), window, params: Default::default() },
     ];
     if workload == "w2" {
-        features.push(FeaturePlan { name: "max".into(), agg: Agg::Max, field: Some(2), window });
+        features.push(FeaturePlan {
+            name: "max".into(),
+            agg: Agg::Max,
+            field: Some(2),
+            window,
+            params: Default::default(),
+        });
     }
     DataflowPlan {
         name: workload.into(),

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use sundial_protocol::plan::{Agg, FieldType};
+use sundial_protocol::plan::{Agg, AggParams, FieldType};
 use sundial_protocol::value::{Datum, F64};
 
 /// A partial aggregate.
@@ -61,9 +61,227 @@ pub enum Acc {
     First(Option<(i64, Datum)>),
     /// `last`: the value with the largest event time.
     Last(Option<(i64, Datum)>),
+    /// `approx_distinct`: a HyperLogLog sketch of the values' hashes.
+    Hll(Hll),
+    /// `approx_quantile`: a DDSketch of the values.
+    Quantiles(DdSketch),
+    /// `last_k`: the k most recent (time, value), most recent first; ties in time by value.
+    LastK {
+        /// How many.
+        k: u32,
+        /// The values, sorted by (time, value) descending.
+        items: Vec<(i64, Datum)>,
+    },
+    /// `top_k`: the k largest values, largest first.
+    TopK {
+        /// How many.
+        k: u32,
+        /// The values, descending.
+        items: Vec<Datum>,
+    },
+    /// `exp_decay_sum`: the decayed sum as of `reference`, the largest event time taken, so
+    /// that merging and reading need no history: `value(now) = sum * 2^-((now - reference) / half_life)`.
+    ExpDecay {
+        /// The half-life.
+        half_life_ms: u64,
+        /// The time the sum is scaled to.
+        reference: Option<i64>,
+        /// The sum of value * 2^-((reference - t) / half_life).
+        sum: F64,
+    },
+}
+
+/// A HyperLogLog sketch with 2^p registers, sparse (sorted (register, rank) pairs) while few
+/// registers are set and dense afterwards. Relative standard error 1.04 / sqrt(2^p).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hll {
+    /// Precision p.
+    pub p: u8,
+    /// Set registers while sparse.
+    pub sparse: Vec<(u16, u8)>,
+    /// All registers once dense (empty while sparse).
+    pub dense: Vec<u8>,
+}
+
+impl Hll {
+    fn new(p: u8) -> Hll {
+        Hll { p: p.clamp(4, 16), sparse: Vec::new(), dense: Vec::new() }
+    }
+
+    fn m(&self) -> usize {
+        1 << self.p
+    }
+
+    fn set(&mut self, index: u16, rank: u8) {
+        if !self.dense.is_empty() {
+            let r = &mut self.dense[index as usize];
+            *r = (*r).max(rank);
+            return;
+        }
+        match self.sparse.binary_search_by_key(&index, |(i, _)| *i) {
+            Ok(at) => self.sparse[at].1 = self.sparse[at].1.max(rank),
+            Err(at) => self.sparse.insert(at, (index, rank)),
+        }
+        // Dense takes m bytes; sparse 2 words per register: switch when that is smaller.
+        if self.sparse.len() * 4 > self.m() {
+            let mut dense = vec![0u8; self.m()];
+            for (i, r) in self.sparse.drain(..) {
+                dense[i as usize] = r;
+            }
+            self.dense = dense;
+        }
+    }
+
+    fn add_hash(&mut self, hash: u64) {
+        let p = u32::from(self.p);
+        let index = (hash >> (64 - p)) as u16;
+        let rest = (hash << p) | (1 << (p - 1));
+        let rank = (rest.leading_zeros() + 1) as u8;
+        self.set(index, rank);
+    }
+
+    fn merge(&mut self, other: &Hll) {
+        if other.p != self.p {
+            return;
+        }
+        if other.dense.is_empty() {
+            for &(i, r) in &other.sparse {
+                self.set(i, r);
+            }
+        } else {
+            for (i, &r) in other.dense.iter().enumerate() {
+                if r > 0 {
+                    self.set(i as u16, r);
+                }
+            }
+        }
+    }
+
+    /// The estimated number of distinct values.
+    pub fn estimate(&self) -> u64 {
+        let m = self.m() as f64;
+        let (sum, zeros) = if self.dense.is_empty() {
+            let set: f64 = self.sparse.iter().map(|(_, r)| 2f64.powi(-i32::from(*r))).sum();
+            (set + (self.m() - self.sparse.len()) as f64, self.m() - self.sparse.len())
+        } else {
+            let sum = self.dense.iter().map(|r| 2f64.powi(-i32::from(*r))).sum();
+            (sum, self.dense.iter().filter(|r| **r == 0).count())
+        };
+        let alpha = 0.7213 / (1.0 + 1.079 / m);
+        let raw = alpha * m * m / sum;
+        let estimate = if raw <= 2.5 * m && zeros > 0 { m * (m / zeros as f64).ln() } else { raw };
+        estimate.round() as u64
+    }
+}
+
+/// A DDSketch (Masson et al., 2019) with relative accuracy [`DdSketch::ALPHA`]: every value
+/// falls in a logarithmic bucket, and a quantile is answered with its bucket's representative
+/// value, within 1% of a value of that rank. Mergeable by adding bucket counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DdSketch {
+    /// Values taken.
+    pub count: u64,
+    /// Values equal to zero.
+    pub zeros: u64,
+    /// Bucket index → count, for positive values.
+    pub positive: std::collections::BTreeMap<i32, u64>,
+    /// Bucket index (of the magnitude) → count, for negative values.
+    pub negative: std::collections::BTreeMap<i32, u64>,
+}
+
+impl DdSketch {
+    /// The relative accuracy.
+    pub const ALPHA: f64 = 0.01;
+
+    fn gamma() -> f64 {
+        (1.0 + Self::ALPHA) / (1.0 - Self::ALPHA)
+    }
+
+    fn index(x: f64) -> i32 {
+        (x.ln() / Self::gamma().ln()).ceil() as i32
+    }
+
+    fn value_of(index: i32) -> f64 {
+        let g = Self::gamma();
+        2.0 * g.powi(index) / (g + 1.0)
+    }
+
+    fn add(&mut self, x: f64) {
+        if !x.is_finite() {
+            return;
+        }
+        self.count += 1;
+        if x > 0.0 {
+            *self.positive.entry(Self::index(x)).or_default() += 1;
+        } else if x < 0.0 {
+            *self.negative.entry(Self::index(-x)).or_default() += 1;
+        } else {
+            self.zeros += 1;
+        }
+    }
+
+    fn merge(&mut self, other: &DdSketch) {
+        self.count += other.count;
+        self.zeros += other.zeros;
+        for (i, c) in &other.positive {
+            *self.positive.entry(*i).or_default() += c;
+        }
+        for (i, c) in &other.negative {
+            *self.negative.entry(*i).or_default() += c;
+        }
+    }
+
+    /// The estimated `q` quantile (`None` when empty).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * (self.count - 1) as f64).floor() as u64;
+        let mut seen = 0u64;
+        for (i, c) in self.negative.iter().rev() {
+            seen += c;
+            if seen > rank {
+                return Some(-Self::value_of(*i));
+            }
+        }
+        seen += self.zeros;
+        if seen > rank {
+            return Some(0.0);
+        }
+        for (i, c) in &self.positive {
+            seen += c;
+            if seen > rank {
+                return Some(Self::value_of(*i));
+            }
+        }
+        self.positive.keys().next_back().map(|i| Self::value_of(*i))
+    }
+}
+
+fn decay(delta_ms: i64, half_life_ms: u64) -> f64 {
+    2f64.powf(-(delta_ms as f64) / half_life_ms.max(1) as f64)
+}
+
+/// The hash of a value for sketches (the same mix as key sharding, so values of one key spread).
+fn value_hash(v: &Datum) -> u64 {
+    sundial_protocol::value::Key::One(v.clone()).hash64()
 }
 
 impl Acc {
+    /// The empty accumulator of `agg` with parameters `params`, over a field of type `ty`.
+    pub fn with_params(agg: Agg, ty: Option<FieldType>, params: &AggParams) -> Acc {
+        match agg {
+            Agg::ApproxDistinct => Acc::Hll(Hll::new(if params.precision == 0 { 12 } else { params.precision })),
+            Agg::ApproxQuantile => Acc::Quantiles(DdSketch::default()),
+            Agg::LastK => Acc::LastK { k: params.k.max(1), items: Vec::new() },
+            Agg::TopK => Acc::TopK { k: params.k.max(1), items: Vec::new() },
+            Agg::ExpDecaySum => {
+                Acc::ExpDecay { half_life_ms: params.half_life_ms.max(1), reference: None, sum: F64(0.0) }
+            }
+            other => Acc::new(other, ty),
+        }
+    }
+
     /// The empty accumulator of `agg` over a field of type `ty` (none for a plain count).
     pub fn new(agg: Agg, ty: Option<FieldType>) -> Acc {
         let float = ty == Some(FieldType::F64);
@@ -78,6 +296,9 @@ impl Acc {
             Agg::CountDistinct => Acc::Distinct(BTreeSet::new()),
             Agg::First => Acc::First(None),
             Agg::Last => Acc::Last(None),
+            other => {
+                Acc::with_params(other, ty, &AggParams { k: 1, precision: 12, half_life_ms: 1, ..AggParams::default() })
+            }
         }
     }
 
@@ -138,6 +359,41 @@ impl Acc {
                     *cur = Some((time, v.clone()));
                 }
             }
+            Acc::Hll(h) => h.add_hash(value_hash(v)),
+            Acc::Quantiles(s) => {
+                if let Some(x) = v.as_f64() {
+                    s.add(x);
+                }
+            }
+            Acc::LastK { k, items } => {
+                let item = (time, v.clone());
+                let at = items.partition_point(|x| *x > item);
+                if at < *k as usize {
+                    items.insert(at, item);
+                    items.truncate(*k as usize);
+                }
+            }
+            Acc::TopK { k, items } => {
+                let at = items.partition_point(|x| x > v);
+                if at < *k as usize {
+                    items.insert(at, v.clone());
+                    items.truncate(*k as usize);
+                }
+            }
+            Acc::ExpDecay { half_life_ms, reference, sum } => {
+                let Some(x) = v.as_f64() else { return };
+                match *reference {
+                    None => {
+                        *reference = Some(time);
+                        sum.0 = x;
+                    }
+                    Some(r) if time > r => {
+                        sum.0 = sum.0 * decay(time - r, *half_life_ms) + x;
+                        *reference = Some(time);
+                    }
+                    Some(r) => sum.0 += x * decay(r - time, *half_life_ms),
+                }
+            }
         }
     }
 
@@ -168,7 +424,62 @@ impl Acc {
             (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b.iter().cloned()),
             (Acc::First(a), Acc::First(Some(b))) if a.as_ref().is_none_or(|x| b < x) => *a = Some(b.clone()),
             (Acc::Last(a), Acc::Last(Some(b))) if a.as_ref().is_none_or(|x| b > x) => *a = Some(b.clone()),
+            (Acc::Hll(a), Acc::Hll(b)) => a.merge(b),
+            (Acc::Quantiles(a), Acc::Quantiles(b)) => a.merge(b),
+            (Acc::LastK { k, items }, Acc::LastK { items: more, .. }) => {
+                items.extend(more.iter().cloned());
+                items.sort_by(|a, b| b.cmp(a));
+                items.truncate(*k as usize);
+            }
+            (Acc::TopK { k, items }, Acc::TopK { items: more, .. }) => {
+                items.extend(more.iter().cloned());
+                items.sort_by(|a, b| b.cmp(a));
+                items.truncate(*k as usize);
+            }
+            (Acc::ExpDecay { half_life_ms, reference, sum }, Acc::ExpDecay { reference: Some(r2), sum: s2, .. }) => {
+                match *reference {
+                    None => {
+                        *reference = Some(*r2);
+                        *sum = *s2;
+                    }
+                    Some(r) if *r2 > r => {
+                        sum.0 = sum.0 * decay(r2 - r, *half_life_ms) + s2.0;
+                        *reference = Some(*r2);
+                    }
+                    Some(r) => sum.0 += s2.0 * decay(r - r2, *half_life_ms),
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// A `last_k` or `top_k` without values (shown as null, like every empty aggregate).
+    fn is_empty_list(&self) -> bool {
+        match self {
+            Acc::LastK { items, .. } => items.is_empty(),
+            Acc::TopK { items, .. } => items.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// The feature's value as results show it, with its parameters and the read's "now" (the
+    /// source's largest event time), which decayed sums are read at.
+    pub fn value_at(&self, agg: Agg, params: &AggParams, now: Option<i64>) -> Value {
+        let float = |f: f64| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number);
+        match self {
+            Acc::Quantiles(s) => {
+                let one = |q: f64| s.quantile(q).map_or(Value::Null, float);
+                match params.quantiles.as_slice() {
+                    [q] => one(*q),
+                    [] => one(0.5),
+                    many => Value::Object(many.iter().map(|q| (q.to_string(), one(*q))).collect()),
+                }
+            }
+            Acc::ExpDecay { reference: None, .. } => Value::Null,
+            Acc::ExpDecay { half_life_ms, reference: Some(r), sum } => {
+                float(sum.0 * decay(now.map_or(0, |n| n - r), *half_life_ms))
+            }
+            _ => self.value(agg),
         }
     }
 
@@ -212,6 +523,13 @@ impl Acc {
             Acc::Min(d) | Acc::Max(d) => d.to_json(),
             Acc::Distinct(set) => (set.len() as u64).into(),
             Acc::First(v) | Acc::Last(v) => v.as_ref().map_or(Value::Null, |(_, d)| d.to_json()),
+            Acc::Hll(h) => h.estimate().into(),
+            Acc::Quantiles(s) => s.quantile(0.5).map_or(Value::Null, float),
+            Acc::LastK { .. } | Acc::TopK { .. } if self.is_empty_list() => Value::Null,
+            Acc::LastK { items, .. } => Value::Array(items.iter().map(|(_, d)| d.to_json()).collect()),
+            Acc::TopK { items, .. } => Value::Array(items.iter().map(Datum::to_json).collect()),
+            Acc::ExpDecay { reference: None, .. } => Value::Null,
+            Acc::ExpDecay { sum, .. } => float(sum.0),
         }
     }
 }
@@ -266,6 +584,135 @@ mod tests {
         assert_eq!(got[7], 4);
         assert_eq!(got[8], 5);
         assert_eq!(got[9], 0);
+    }
+
+    fn params(precision: u8, quantiles: &[f64]) -> AggParams {
+        AggParams { precision, quantiles: quantiles.to_vec(), k: 3, half_life_ms: 1_000 }
+    }
+
+    #[test]
+    fn hyperloglog_is_within_its_bound_on_a_million_distinct_values_and_merges() {
+        for p in [10u8, 12, 14] {
+            let bound = 1.04 / f64::from(1u32 << p).sqrt();
+            let (mut whole, mut left, mut right) = (
+                Acc::with_params(Agg::ApproxDistinct, Some(FieldType::U64), &params(p, &[])),
+                Acc::with_params(Agg::ApproxDistinct, Some(FieldType::U64), &params(p, &[])),
+                Acc::with_params(Agg::ApproxDistinct, Some(FieldType::U64), &params(p, &[])),
+            );
+            let n = 1_000_000u64;
+            for i in 0..n {
+                // Every value twice: duplicates do not count.
+                let v = Datum::UInt(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                whole.add(0, Some(&v));
+                whole.add(0, Some(&v));
+                if i % 3 == 0 {
+                    left.add(0, Some(&v))
+                } else {
+                    right.add(0, Some(&v))
+                }
+            }
+            left.merge(&right);
+            assert_eq!(left, whole, "merging halves gives the same sketch");
+            let estimate = whole.value(Agg::ApproxDistinct).as_u64().unwrap() as f64;
+            let error = (estimate - n as f64).abs() / n as f64;
+            assert!(
+                error < 3.0 * bound,
+                "p={p}: estimate {estimate}, error {error:.4} over 3x the standard error {bound:.4}"
+            );
+        }
+        // Small sets are (nearly) exact, and sparse.
+        let mut small = Acc::with_params(Agg::ApproxDistinct, Some(FieldType::U64), &params(12, &[]));
+        for i in 0..100u64 {
+            small.add(0, Some(&Datum::UInt(i)));
+        }
+        assert!((98..=102).contains(&small.value(Agg::ApproxDistinct).as_u64().unwrap()));
+        let Acc::Hll(h) = &small else { unreachable!() };
+        assert!(h.dense.is_empty() && h.sparse.len() <= 100);
+    }
+
+    #[test]
+    fn ddsketch_quantiles_are_within_one_percent_of_the_exact_ones() {
+        let qs = [0.01, 0.25, 0.5, 0.9, 0.99, 0.999];
+        let mut values: Vec<f64> = (0..200_000u64)
+            .map(|i| {
+                // A long-tailed mix of negative, zero and positive values.
+                let x = ((i.wrapping_mul(2_654_435_761) % 1_000_003) as f64 / 1_000_003.0).powi(3) * 1e6;
+                if i % 10 == 0 {
+                    -x
+                } else if i % 97 == 0 {
+                    0.0
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let mut sketch = Acc::with_params(Agg::ApproxQuantile, Some(FieldType::F64), &params(0, &qs));
+        let mut halves = [
+            Acc::with_params(Agg::ApproxQuantile, Some(FieldType::F64), &params(0, &qs)),
+            Acc::with_params(Agg::ApproxQuantile, Some(FieldType::F64), &params(0, &qs)),
+        ];
+        for (i, v) in values.iter().enumerate() {
+            sketch.add(0, Some(&Datum::Float(F64(*v))));
+            halves[i % 2].add(0, Some(&Datum::Float(F64(*v))));
+        }
+        let [mut a, b] = halves;
+        a.merge(&b);
+        assert_eq!(a, sketch);
+        values.sort_by(f64::total_cmp);
+        let got = sketch.value_at(Agg::ApproxQuantile, &params(0, &qs), None);
+        for q in qs {
+            let exact = values[(q * (values.len() - 1) as f64).floor() as usize];
+            let estimate = got[q.to_string()].as_f64().unwrap();
+            assert!(
+                (estimate - exact).abs() <= DdSketch::ALPHA * exact.abs() + 1e-9,
+                "q={q}: estimate {estimate}, exact {exact}"
+            );
+        }
+        let one = sketch.value_at(Agg::ApproxQuantile, &params(0, &[0.5]), None);
+        assert_eq!(one, got["0.5"]);
+    }
+
+    #[test]
+    fn last_k_top_k_and_decayed_sums_merge_exactly() {
+        let p = params(0, &[]);
+        let make = |agg| Acc::with_params(agg, Some(FieldType::I64), &p);
+        let (mut last, mut top, mut decay) = (make(Agg::LastK), make(Agg::TopK), make(Agg::ExpDecaySum));
+        let (mut last2, mut top2, mut decay2) = (make(Agg::LastK), make(Agg::TopK), make(Agg::ExpDecaySum));
+        for (t, v) in [(5, 10), (1, 50), (9, 7), (9, 8), (3, 1)] {
+            for acc in [&mut last, &mut top, &mut decay] {
+                acc.add(t, Some(&int(v)));
+            }
+        }
+        for (t, v) in [(9, 8), (3, 1)] {
+            for acc in [&mut last2, &mut top2, &mut decay2] {
+                acc.add(t, Some(&int(v)));
+            }
+        }
+        let (mut last1, mut top1, mut decay1) = (make(Agg::LastK), make(Agg::TopK), make(Agg::ExpDecaySum));
+        for (t, v) in [(5, 10), (1, 50), (9, 7)] {
+            for acc in [&mut last1, &mut top1, &mut decay1] {
+                acc.add(t, Some(&int(v)));
+            }
+        }
+        last1.merge(&last2);
+        top1.merge(&top2);
+        decay1.merge(&decay2);
+        assert_eq!(last1, last);
+        assert_eq!(top1, top);
+        assert_eq!(last.value(Agg::LastK), serde_json::json!([8, 7, 10]), "most recent first, ties by value");
+        assert_eq!(top.value(Agg::TopK), serde_json::json!([50, 10, 8]));
+        // At now = 9 with a 1 s half-life: sum of v * 2^-((9 - t) / 1000).
+        let want: f64 = [(5, 10.0), (1, 50.0), (9, 7.0), (9, 8.0), (3, 1.0)]
+            .iter()
+            .map(|(t, v)| v * 2f64.powf(-((9 - t) as f64) / 1000.0))
+            .sum();
+        for acc in [&decay, &decay1] {
+            let got = acc.value_at(Agg::ExpDecaySum, &p, Some(9)).as_f64().unwrap();
+            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        }
+        // Read an hour later, it has halved 3.6 times.
+        let later = decay.value_at(Agg::ExpDecaySum, &p, Some(9 + 3_600)).as_f64().unwrap();
+        assert!((later - want * 2f64.powf(-3.6)).abs() < 1e-9);
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Layout {
             .iter()
             .map(|&f| {
                 let feature = &self.plan.features[f];
-                Acc::new(feature.agg, feature.field.map(|i| source.fields[i].ty))
+                Acc::with_params(feature.agg, feature.field.map(|i| source.fields[i].ty), &feature.params)
             })
             .collect()
     }
@@ -993,7 +993,7 @@ pub fn assemble(
                         windows.push(WindowOut {
                             start: Some(s.start),
                             end: Some(s.end),
-                            value: s.accs[pos].value(agg),
+                            value: s.accs[pos].value_at(agg, &feature.params, now),
                             closed: closed(s.end),
                         });
                     }
@@ -1001,7 +1001,12 @@ pub fn assemble(
             }
             Window::Global => {
                 for s in &mine {
-                    windows.push(WindowOut { start: None, end: None, value: s.accs[pos].value(agg), closed: false });
+                    windows.push(WindowOut {
+                        start: None,
+                        end: None,
+                        value: s.accs[pos].value_at(agg, &feature.params, now),
+                        closed: false,
+                    });
                 }
             }
             Window::Hopping { size_ms, hop_ms } => {
@@ -1027,7 +1032,7 @@ pub fn assemble(
                         windows.push(WindowOut {
                             start: Some(start),
                             end: Some(end),
-                            value: acc.value(agg),
+                            value: acc.value_at(agg, &feature.params, now),
                             closed: closed(end),
                         });
                     }
@@ -1043,7 +1048,7 @@ pub fn assemble(
                         windows.push(WindowOut {
                             start: Some(start),
                             end: Some(end),
-                            value: acc.value(agg),
+                            value: acc.value_at(agg, &feature.params, Some(now)),
                             closed: closed(end),
                         });
                     }
@@ -1068,7 +1073,7 @@ pub fn assemble(
                                 windows.push(WindowOut {
                                     start: Some(base),
                                     end: Some(end),
-                                    value: acc.value(agg),
+                                    value: acc.value_at(agg, &feature.params, now),
                                     closed: closed(end),
                                 });
                             }
@@ -1108,7 +1113,13 @@ mod tests {
             key: vec![0],
             filter: None,
             retention_ms: None,
-            features: vec![FeaturePlan { name: "c".into(), agg: Agg::Count, field: None, window: Window::Global }],
+            features: vec![FeaturePlan {
+                name: "c".into(),
+                agg: Agg::Count,
+                field: None,
+                window: Window::Global,
+                params: Default::default(),
+            }],
         };
         AggregateState::new(Rc::new(Layout::new(plan)))
     }
@@ -1147,7 +1158,13 @@ mod tests {
             allowed_lateness_ms: 0,
             idle_timeout_ms: 10_000,
         };
-        let feature = |name: &str, agg, window| FeaturePlan { name: name.into(), agg, field: Some(1), window };
+        let feature = |name: &str, agg, window| FeaturePlan {
+            name: name.into(),
+            agg,
+            field: Some(1),
+            window,
+            params: Default::default(),
+        };
         let plan = DataflowPlan {
             name: "d".into(),
             id: 9,

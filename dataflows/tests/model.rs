@@ -18,7 +18,7 @@ use serde_json::Value;
 use sundial_dataflows::features::{assemble, render, Epoch, Report};
 use sundial_dataflows::read::read_all;
 use sundial_dataflows::row::Row;
-use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, SourcePlan, Window};
+use sundial_protocol::plan::{Agg, AggParams, DataflowPlan, FeaturePlan, SourcePlan, Window};
 use sundial_protocol::value::{Datum, F64};
 
 const LATENESS: i64 = 50;
@@ -82,7 +82,10 @@ fn feature() -> impl Strategy<Value = (Agg, Option<usize>, Window)> {
         Just(Agg::Variance),
         Just(Agg::CountDistinct),
         Just(Agg::First),
-        Just(Agg::Last)
+        Just(Agg::Last),
+        Just(Agg::LastK),
+        Just(Agg::TopK),
+        Just(Agg::ExpDecaySum)
     ];
     (agg, prop_oneof![Just(2usize), Just(3usize)], any::<bool>(), window()).prop_map(|(agg, field, plain, w)| {
         let field = if agg == Agg::Count && plain { None } else { Some(field) };
@@ -102,7 +105,13 @@ fn case() -> impl Strategy<Value = Case> {
             let features = features
                 .into_iter()
                 .enumerate()
-                .map(|(i, (agg, field, window))| FeaturePlan { name: format!("f{i}"), agg, field, window })
+                .map(|(i, (agg, field, window))| FeaturePlan {
+                    name: format!("f{i}"),
+                    agg,
+                    field,
+                    window,
+                    params: params(),
+                })
                 .collect();
             let filter = filter
                 .then(|| sundial_definition::expr::parse_filter("amount is null or amount > 0", &source()).unwrap());
@@ -162,7 +171,12 @@ fn model_ingest(case: &Case) -> (Vec<Option<i64>>, Vec<Vec<Vec<bool>>>) {
 type Win = (Option<i64>, Option<i64>, Value, bool);
 type Results = BTreeMap<(u64, String), Vec<Win>>;
 
-fn plain_value(agg: Agg, field: Option<usize>, events: &[&Event]) -> Value {
+/// Parameters of the generated features: k = 3, a half-life of 100 ms.
+fn params() -> AggParams {
+    AggParams { k: 3, half_life_ms: 100, ..AggParams::default() }
+}
+
+fn plain_value(agg: Agg, field: Option<usize>, events: &[&Event], now: Option<i64>) -> Value {
     let vals: Vec<(i64, Datum)> = events
         .iter()
         .filter_map(|e| match field {
@@ -195,6 +209,21 @@ fn plain_value(agg: Agg, field: Option<usize>, events: &[&Event]) -> Value {
         Agg::CountDistinct => vals.iter().map(|(_, d)| d.clone()).collect::<BTreeSet<_>>().len().into(),
         Agg::First => vals.iter().min_by(|a, b| a.cmp(b)).map_or(Value::Null, |(_, d)| d.to_json()),
         Agg::Last => vals.iter().max_by(|a, b| a.cmp(b)).map_or(Value::Null, |(_, d)| d.to_json()),
+        Agg::LastK => {
+            let mut items = vals.clone();
+            items.sort_by(|a, b| b.cmp(a));
+            Value::Array(items.iter().take(3).map(|(_, d)| d.to_json()).collect())
+        }
+        Agg::TopK => {
+            let mut items: Vec<Datum> = vals.iter().map(|(_, d)| d.clone()).collect();
+            items.sort_by(|a, b| b.cmp(a));
+            Value::Array(items.iter().take(3).map(Datum::to_json).collect())
+        }
+        Agg::ExpDecaySum => {
+            let now = now.unwrap_or(0);
+            float(vals.iter().map(|(t, d)| d.as_f64().unwrap_or(0.0) * 2f64.powf(-((now - t) as f64) / 100.0)).sum())
+        }
+        Agg::ApproxDistinct | Agg::ApproxQuantile => Value::Null,
     }
 }
 
@@ -267,7 +296,7 @@ fn model(case: &Case) -> (Results, Option<i64>) {
             windows.dedup();
             let mut rows = Vec::new();
             if f.window == Window::Global {
-                rows.push((None, None, plain_value(f.agg, f.field, &mine), false));
+                rows.push((None, None, plain_value(f.agg, f.field, &mine, now), false));
             }
             for (start, end) in windows {
                 if !retained(end) {
@@ -278,7 +307,12 @@ fn model(case: &Case) -> (Results, Option<i64>) {
                     // A sliding window over none of the key's events is not reported.
                     continue;
                 }
-                rows.push((Some(start), Some(end), plain_value(f.agg, f.field, &inside), wm.is_some_and(|w| w >= end)));
+                rows.push((
+                    Some(start),
+                    Some(end),
+                    plain_value(f.agg, f.field, &inside, now),
+                    wm.is_some_and(|w| w >= end),
+                ));
             }
             if !rows.is_empty() {
                 out.insert((user, f.name.clone()), rows);

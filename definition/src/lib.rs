@@ -13,7 +13,9 @@ use indexmap::IndexMap;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window};
+use sundial_protocol::plan::{
+    Agg, AggParams, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window,
+};
 
 pub use duration::{format_duration, parse_duration};
 
@@ -151,6 +153,9 @@ pub struct FeatureSpec {
     /// Half-life of `exp_decay_sum`.
     #[serde(default)]
     pub half_life: Option<String>,
+    /// HyperLogLog precision of `approx_distinct` (4 to 16, default 12).
+    #[serde(default)]
+    pub precision: Option<u64>,
 }
 
 /// A window as users write it.
@@ -450,25 +455,63 @@ fn validate_feature(f: &FeatureSpec, source: &SourcePlan) -> Result<FeaturePlan,
         "count_distinct" => Some(Agg::CountDistinct),
         "first" => Some(Agg::First),
         "last" => Some(Agg::Last),
-        "approx_distinct" | "approx_quantile" | "last_k" | "top_k" | "exp_decay_sum" => {
-            problems.push(format!("agg: {:?} is not supported by this version of sundial yet", f.agg));
-            None
-        }
+        "approx_distinct" => Some(Agg::ApproxDistinct),
+        "approx_quantile" => Some(Agg::ApproxQuantile),
+        "last_k" => Some(Agg::LastK),
+        "top_k" => Some(Agg::TopK),
+        "exp_decay_sum" => Some(Agg::ExpDecaySum),
         other => {
             problems.push(format!(
-                "agg: unknown aggregation {other:?} (count, sum, avg, min, max, stddev, variance, count_distinct, first, last)"
+                "agg: unknown aggregation {other:?} (count, sum, avg, min, max, stddev, variance, count_distinct, first, last, approx_distinct, approx_quantile, last_k, top_k, exp_decay_sum)"
             ));
             None
         }
     };
-    if f.q.is_some() {
-        problems.push("q: only approx_quantile takes q".into());
+    let mut params = AggParams::default();
+    match (&f.q, agg) {
+        (None, Some(Agg::ApproxQuantile)) => {
+            problems.push("q: approx_quantile needs q (a number or a list, each in (0, 1))".into())
+        }
+        (Some(q), Some(Agg::ApproxQuantile)) => {
+            let qs: Vec<Option<f64>> = match q {
+                serde_json::Value::Array(items) => items.iter().map(serde_json::Value::as_f64).collect(),
+                other => vec![other.as_f64()],
+            };
+            if qs.is_empty() || qs.iter().any(|q| q.is_none_or(|q| !(q > 0.0 && q < 1.0))) {
+                problems.push(format!("q: {q} must be a number or a list of numbers, each in (0, 1)"));
+            } else {
+                params.quantiles = qs.into_iter().flatten().collect();
+            }
+        }
+        (Some(_), _) => problems.push("q: only approx_quantile takes q".into()),
+        (None, _) => {}
     }
-    if f.k.is_some() {
-        problems.push("k: only last_k and top_k take k".into());
+    match (f.k, agg) {
+        (None, Some(Agg::LastK | Agg::TopK)) => problems.push(format!("k: {} needs k (1 to 1000)", f.agg)),
+        (Some(k), Some(Agg::LastK | Agg::TopK)) if !(1..=1000).contains(&k) => {
+            problems.push(format!("k: {k} is not between 1 and 1000"))
+        }
+        (Some(k), Some(Agg::LastK | Agg::TopK)) => params.k = k as u32,
+        (Some(_), _) => problems.push("k: only last_k and top_k take k".into()),
+        (None, _) => {}
     }
-    if f.half_life.is_some() {
-        problems.push("half_life: only exp_decay_sum takes half_life".into());
+    match (&f.half_life, agg) {
+        (None, Some(Agg::ExpDecaySum)) => problems.push("half_life: exp_decay_sum needs half_life".into()),
+        (Some(h), Some(Agg::ExpDecaySum)) => match positive("half_life", h) {
+            Ok(ms) => params.half_life_ms = ms,
+            Err(e) => problems.push(e),
+        },
+        (Some(_), _) => problems.push("half_life: only exp_decay_sum takes half_life".into()),
+        (None, _) => {}
+    }
+    match (f.precision, agg) {
+        (None, Some(Agg::ApproxDistinct)) => params.precision = 12,
+        (Some(p), Some(Agg::ApproxDistinct)) if !(4..=16).contains(&p) => {
+            problems.push(format!("precision: {p} is not between 4 and 16"))
+        }
+        (Some(p), Some(Agg::ApproxDistinct)) => params.precision = p as u8,
+        (Some(_), _) => problems.push("precision: only approx_distinct takes precision".into()),
+        (None, _) => {}
     }
     let field = match &f.field {
         None => None,
@@ -486,13 +529,17 @@ fn validate_feature(f: &FeatureSpec, source: &SourcePlan) -> Result<FeaturePlan,
             (Agg::Count, _) => {}
             (_, None) if f.field.is_none() => problems.push(format!("field: {} needs a field", f.agg)),
             (_, None) => {}
-            (Agg::Sum | Agg::Avg | Agg::Stddev | Agg::Variance, Some(t)) if !t.is_numeric() => problems.push(format!(
-                "field: {} needs a numeric field, but {:?} is {}",
-                f.agg,
-                f.field.as_deref().unwrap_or_default(),
-                t.name()
-            )),
-            (Agg::Min | Agg::Max, Some(FieldType::Bool)) => {
+            (Agg::Sum | Agg::Avg | Agg::Stddev | Agg::Variance | Agg::ApproxQuantile | Agg::ExpDecaySum, Some(t))
+                if !t.is_numeric() =>
+            {
+                problems.push(format!(
+                    "field: {} needs a numeric field, but {:?} is {}",
+                    f.agg,
+                    f.field.as_deref().unwrap_or_default(),
+                    t.name()
+                ))
+            }
+            (Agg::Min | Agg::Max | Agg::TopK, Some(FieldType::Bool)) => {
                 problems.push(format!("field: {} needs a number or a string, not bool", f.agg))
             }
             _ => {}
@@ -508,7 +555,7 @@ fn validate_feature(f: &FeatureSpec, source: &SourcePlan) -> Result<FeaturePlan,
         }
     };
     match (agg, window, problems.is_empty()) {
-        (Some(agg), Some(window), true) => Ok(FeaturePlan { name: f.name.clone(), agg, field, window }),
+        (Some(agg), Some(window), true) => Ok(FeaturePlan { name: f.name.clone(), agg, field, window, params }),
         _ => Err(problems),
     }
 }

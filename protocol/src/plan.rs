@@ -108,6 +108,41 @@ pub enum Agg {
     First,
     /// The value of the event with the largest event time.
     Last,
+    /// Estimated number of distinct values (HyperLogLog, [`AggParams::precision`]).
+    ApproxDistinct,
+    /// Estimated quantiles ([`AggParams::quantiles`]; a DDSketch with 1% relative accuracy).
+    ApproxQuantile,
+    /// The [`AggParams::k`] most recent values by event time.
+    LastK,
+    /// The [`AggParams::k`] largest values.
+    TopK,
+    /// Sum of values weighted by 2^-(now - t)/half_life ([`AggParams::half_life_ms`]).
+    ExpDecaySum,
+}
+
+/// Parameters of the aggregations that take some.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AggParams {
+    /// `last_k`, `top_k`: how many values.
+    #[serde(default)]
+    pub k: u32,
+    /// `approx_quantile`: the quantiles, each in (0, 1).
+    #[serde(default)]
+    pub quantiles: Vec<f64>,
+    /// `exp_decay_sum`: the half-life.
+    #[serde(default)]
+    pub half_life_ms: u64,
+    /// `approx_distinct`: HyperLogLog precision p (2^p registers; relative standard error
+    /// 1.04 / sqrt(2^p)).
+    #[serde(default)]
+    pub precision: u8,
+}
+
+impl AggParams {
+    /// True when no aggregation parameter is set.
+    pub fn is_default(&self) -> bool {
+        *self == AggParams::default()
+    }
 }
 
 /// A window.
@@ -168,6 +203,9 @@ impl Window {
 /// One feature of a dataflow.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FeaturePlan {
+    /// Parameters of the aggregation, for those that take some.
+    #[serde(default, skip_serializing_if = "AggParams::is_default")]
+    pub params: AggParams,
     /// Its name, unique in the dataflow.
     pub name: String,
     /// What it computes.
