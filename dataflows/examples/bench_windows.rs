@@ -78,8 +78,31 @@ fn source() -> SourcePlan {
 fn plan(workload: &str) -> DataflowPlan {
     let window = match workload {
         "w1" => Window::Tumbling { size_ms: 60_000 },
+        // "sum over the last hour" as sliding 1 h windows of 1 min tiles, or as the hopping
+        // equivalent (1 h windows every minute).
+        "slide1h" | "slide4" => Window::Sliding { size_ms: 3_600_000, tile_ms: 60_000 },
+        "hop1h" => Window::Hopping { size_ms: 3_600_000, hop_ms: 60_000 },
         _ => Window::Hopping { size_ms: 600_000, hop_ms: 60_000 },
     };
+    if workload == "slide4" {
+        // Four sliding features of 60 tiles each, for read latency.
+        let feature =
+            |name: &str, agg, field| FeaturePlan { name: name.into(), agg, field, window, params: Default::default() };
+        return DataflowPlan {
+            name: workload.into(),
+            id: 0,
+            source: source(),
+            key: vec![0],
+            filter: None,
+            retention_ms: None,
+            features: vec![
+                feature("count", Agg::Count, None),
+                feature("sum", Agg::Sum, Some(2)),
+                feature("max", Agg::Max, Some(2)),
+                feature("avg", Agg::Avg, Some(2)),
+            ],
+        };
+    }
     let mut features = vec![
         FeaturePlan { name: "count".into(), agg: Agg::Count, field: None, window, params: Default::default() },
         FeaturePlan { name: "sum".into(), agg: Agg::Sum, field: Some(2), window, params: Default::default() },
@@ -99,7 +122,7 @@ fn plan(workload: &str) -> DataflowPlan {
         source: source(),
         key: vec![0],
         filter: None,
-        retention_ms: None,
+        retention_ms: matches!(workload, "slide1h" | "hop1h").then_some(3_600_000),
         features,
     }
 }
@@ -247,8 +270,16 @@ fn sundial(rows: Vec<Row>, workload: &str, threads: usize, batch: usize, then_dr
         worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
         let mut c: Checksum = (0, 0, 0, 0);
         let layout = std::rc::Rc::clone(&r.layout);
-        read_all(&mut r.trace, epoch - 1, |_, slots| {
-            for (name, windows) in sundial_dataflows::features::assemble(&layout, &slots, None, None) {
+        let (watermark, now) = {
+            let marks = r.watermarks.borrow();
+            (marks.at(epoch - 1), marks.now_at(epoch - 1))
+        };
+        let mut keys = Vec::new();
+        read_all(&mut r.trace, epoch - 1, |key, slots| {
+            if keys.len() < 20_000 {
+                keys.push(key.clone());
+            }
+            for (name, windows) in sundial_dataflows::features::assemble(&layout, &slots, watermark, now) {
                 for w in windows {
                     match name.as_str() {
                         "count" => {
@@ -263,6 +294,29 @@ fn sundial(rows: Vec<Row>, workload: &str, threads: usize, batch: usize, then_dr
         })
         .unwrap();
         let ready = started.elapsed();
+        if layout.plan.name == "slide4" && me == 0 {
+            // One key's features at a time, as a point read does: read the key's tiles from the
+            // arrangement and assemble the four sliding windows.
+            let mut times: Vec<Duration> = keys
+                .iter()
+                .map(|key| {
+                    let t = Instant::now();
+                    let slots = sundial_dataflows::read::read_key(&mut r.trace, key, epoch - 1).unwrap();
+                    let features = sundial_dataflows::features::assemble(&layout, &slots, watermark, now);
+                    std::hint::black_box(features);
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+            println!(
+                "point reads of 4 sliding features (60 tiles each): keys={} p50_us={:.1} p99_us={:.1} max_us={:.1}",
+                times.len(),
+                at(0.5),
+                at(0.99),
+                at(1.0)
+            );
+        }
         if then_drop {
             // What `DELETE /v1/dataflows/{name}` does on a worker: close the inputs, release the
             // trace; timely then completes and removes the dataflow with its operators' state.
