@@ -4,7 +4,14 @@
 //! hopping window is the merge of its panes. Integer sums and moments are exact (i128); float
 //! ones are f64. `first` and `last` break ties in event time by the value, so the result does not
 //! depend on arrival order. Only `count_distinct` grows with its input (it keeps the distinct
-//! values); every other accumulator is a few words.
+//! values); the sketches are bounded (HyperLogLog: at most 2^p bytes; DDSketch: one counter per
+//! occupied logarithmic bucket, a few hundred over many orders of magnitude), `last_k` and
+//! `top_k` hold k values, every other accumulator is a few words.
+//!
+//! The sketches are written here rather than taken from crates: an accumulator lives inside the
+//! arrangement's slots and the checkpoints, so it must be `Ord`, `Hash`, `Clone` and serde, and
+//! merge exactly; the HyperLogLog and DDSketch crates' types are not `Ord`/`Hash` and keep
+//! state (hashers, configuration) that does not belong in every slot.
 
 use std::collections::BTreeSet;
 
