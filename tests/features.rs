@@ -306,7 +306,17 @@ fn a_cluster_computes_what_the_model_computes() {
         let (_, v) = get(&http, "/v1/cluster")?;
         (v["state"] == "running" && v["generation"] == 2).then_some(())
     });
-    assert_eq!(export(&http, "spend", Some(final_epoch)), model(&all), "recovered from the ingest logs");
+    let (got, want) = (export(&http, "spend", Some(final_epoch)), model(&all));
+    if got != want {
+        let wrong: Vec<String> = want
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(*v))
+            .take(8)
+            .map(|(k, v)| format!("{k:?}: want {v}, got {:?}", got.get(k)))
+            .collect();
+        let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
+        panic!("recovered from the ingest logs: {} differ, {extra} extra, e.g. {wrong:#?}", wrong.len());
+    }
     let newest = all.iter().map(|e| e.1).max().unwrap();
     let (code, text) = request(
         &http,

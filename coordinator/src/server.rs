@@ -34,8 +34,9 @@ enum Out {
 struct Inner {
     membership: Membership,
     conns: HashMap<ConnId, mpsc::UnboundedSender<Out>>,
-    /// Requests waiting for their reply: the connection they went to, and the waiter.
-    pending: HashMap<u64, (ConnId, oneshot::Sender<Reply>)>,
+    /// Requests waiting for their reply: the connection and generation they went to, and the
+    /// waiter.
+    pending: HashMap<u64, (ConnId, u64, oneshot::Sender<Reply>)>,
     next_conn: ConnId,
     next_request: u64,
     /// The generation whose catalog replay has finished.
@@ -174,6 +175,10 @@ impl Shared {
         let mut inner = self.lock();
         let (result, actions) = f(&mut inner.membership);
         apply(&mut inner, actions);
+        // Requests to a generation that ended get no reply: their waiters learn it at once
+        // (a catalog replay waiting on one would hold the next generation's replay back).
+        let running = inner.membership.running().map(|(g, _, _)| g);
+        inner.pending.retain(|_, (_, g, _)| Some(*g) == running);
         if let Some(p) = inner.membership.take_dirty() {
             self.persist(&p);
         }
@@ -248,7 +253,7 @@ impl Shared {
             let id = inner.next_request;
             inner.next_request += 1;
             let (tx, rx) = oneshot::channel();
-            inner.pending.insert(id, (conn, tx));
+            inner.pending.insert(id, (conn, generation, tx));
             let sent = inner
                 .conns
                 .get(&conn)
@@ -334,9 +339,15 @@ impl Shared {
             }
         }
         if ok {
-            // Serve once every dataflow is complete through an epoch after the replays.
-            recovered_at = unix_ms();
-            ok = self.wait_recovered(generation, &dataflows, recovered_at, after).await;
+            // Serve once every dataflow is complete through the epoch at which the last worker
+            // thread finished its replay.
+            match self.replay_epoch(generation, after).await {
+                Some(epoch) => {
+                    recovered_at = epoch;
+                    ok = self.wait_recovered(generation, &dataflows, recovered_at, after).await;
+                }
+                None => ok = false,
+            }
         }
         let mut inner = self.lock();
         if inner.replaying == Some(generation) {
@@ -348,6 +359,26 @@ impl Shared {
             inner.recovered_at = recovered_at;
             tracing::info!(generation, commands = count, "catalog replayed; the cluster serves");
         }
+    }
+
+    /// The newest epoch at which any worker thread of `generation` finished its log replay
+    /// (each answers once it has run `Recover`); `None` if a process does not answer.
+    async fn replay_epoch(&self, generation: u64, after: u64) -> Option<u64> {
+        let conns = match self.lock().membership.running() {
+            Some((g, conns, _)) if g == generation => conns,
+            _ => return None,
+        };
+        let mut newest = 0;
+        for conn in conns {
+            match self.request_to(conn, generation, Request::Recovered { after }, REPLAY_TIMEOUT).await {
+                Ok(Reply::Recovered { epoch }) => newest = newest.max(epoch),
+                other => {
+                    tracing::warn!(generation, "a worker did not report its replay: {other:?}");
+                    return None;
+                }
+            }
+        }
+        Some(newest)
     }
 
     /// Waits until every dataflow is complete through `epoch` on every process of `generation`
@@ -462,6 +493,9 @@ impl Shared {
         }
     }
 }
+
+/// How long a worker may take to replay its log after a restart.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long a catalog command may take to reach every worker.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -632,7 +666,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     }
                     Ok(WorkerMsg::Checkpointed { generation, epoch }) => shared.checkpointed(index, generation, epoch),
                     Ok(WorkerMsg::Reply { id, reply }) => {
-                        if let Some((_, waiter)) = shared.lock().pending.remove(&id) {
+                        if let Some((_, _, waiter)) = shared.lock().pending.remove(&id) {
                             let _ = waiter.send(reply);
                         }
                     }
@@ -652,9 +686,5 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     inner.conns.remove(&conn);
     inner.frontiers.remove(&conn);
     // Requests to this connection get no reply now: their waiters learn it at once.
-    inner.pending.retain(|_, (c, _)| *c != conn);
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    inner.pending.retain(|_, (c, _, _)| *c != conn);
 }

@@ -287,6 +287,12 @@ pub enum Request {
         #[serde(default)]
         page: Option<Page>,
     },
+    /// Once every worker thread of this process has run `Recover`: the newest epoch at which
+    /// one of them sent replayed events (reads at a later complete epoch see the whole replay).
+    Recovered {
+        /// Commands (of this generation's control sequence) to apply before serving this.
+        after: u64,
+    },
     /// The most recent late events of a source kept by this process.
     Late {
         /// Commands (of this generation's control sequence) to apply before serving this.
@@ -434,6 +440,11 @@ pub enum Reply {
         /// For pages: keys remain after the last one returned.
         #[serde(default)]
         more: bool,
+    },
+    /// The answer to [`Request::Recovered`].
+    Recovered {
+        /// The epoch.
+        epoch: u64,
     },
     /// Late events, as NDJSON lines.
     Late {
@@ -640,6 +651,44 @@ mod tests {
             ingest_addr: None,
             lines_addr: None,
             checkpoints: vec![5],
+        }
+    }
+
+    /// Commands cross timely processes as bincode, which has no field names: every field must
+    /// be written (a `skip_serializing_if` would break the other end).
+    #[test]
+    fn commands_survive_bincode() {
+        use plan::{Agg, AggParams, DataflowPlan, FeaturePlan, Field, FieldType, SourcePlan, TimeUnit, Window};
+        let source = SourcePlan {
+            name: "s".into(),
+            fields: vec![Field { name: "t".into(), ty: FieldType::I64 }],
+            time: 0,
+            time_unit: TimeUnit::Ms,
+            allowed_lateness_ms: 0,
+            idle_timeout_ms: 1,
+        };
+        for params in [AggParams::default(), AggParams { k: 3, quantiles: vec![0.5], half_life_ms: 9, precision: 12 }] {
+            for id in [0, 7] {
+                let plan = DataflowPlan {
+                    name: "d".into(),
+                    id,
+                    source: source.clone(),
+                    key: vec![0],
+                    filter: None,
+                    retention_ms: None,
+                    features: vec![FeaturePlan {
+                        params: params.clone(),
+                        name: "f".into(),
+                        agg: Agg::Count,
+                        field: None,
+                        window: Window::Sliding { size_ms: 60, tile_ms: 6 },
+                    }],
+                };
+                for command in [Command::InstallDataflow(plan), Command::Checkpoint { epoch: 5 }, Command::Recover] {
+                    let bytes = bincode::serialize(&command).unwrap();
+                    assert_eq!(bincode::deserialize::<Command>(&bytes).unwrap(), command);
+                }
+            }
         }
     }
 

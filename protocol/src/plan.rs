@@ -204,7 +204,7 @@ impl Window {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FeaturePlan {
     /// Parameters of the aggregation, for those that take some.
-    #[serde(default, skip_serializing_if = "AggParams::is_default")]
+    #[serde(default)]
     pub params: AggParams,
     /// Its name, unique in the dataflow.
     pub name: String,
@@ -223,7 +223,8 @@ pub struct DataflowPlan {
     pub name: String,
     /// Its catalog id, unique over the catalog's life (a dataflow dropped and submitted again
     /// gets a new one); 0 until the coordinator assigns it. Names its checkpoints and log marks.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    /// (Always serialized: plans also cross processes as bincode, which cannot skip fields.)
+    #[serde(default)]
     pub id: u64,
     /// The source it reads.
     pub source: SourcePlan,
@@ -332,8 +333,4 @@ pub enum Expr {
         /// `is not null`.
         negated: bool,
     },
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
 }

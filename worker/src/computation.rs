@@ -248,6 +248,9 @@ impl Router {
             Request::Frontier { after, dataflow } => {
                 gather_all(&|| PartJob::Frontier { dataflow: dataflow.clone() }, after, self);
             }
+            Request::Recovered { after } => {
+                gather_all(&|| PartJob::Recovered, after, self);
+            }
             Request::Late { after, source } => {
                 gather_all(&|| PartJob::Late { source: source.clone() }, after, self);
             }

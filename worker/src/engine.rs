@@ -99,6 +99,8 @@ pub enum PartJob {
         /// For exports: one page of keys.
         page: Option<sundial_protocol::Page>,
     },
+    /// The epoch this thread's log replay ended at, once it has run.
+    Recovered,
     /// Late events kept for a source.
     Late {
         /// The source.
@@ -156,6 +158,9 @@ impl Gather {
         state.reply = Some(match (state.reply.take(), part) {
             (None, p) => p,
             (Some(Reply::Error { message }), _) | (_, Reply::Error { message }) => Reply::Error { message },
+            (Some(Reply::Recovered { epoch: a }), Reply::Recovered { epoch: b }) => {
+                Reply::Recovered { epoch: a.max(b) }
+            }
             (Some(Reply::Frontier { complete: a }), Reply::Frontier { complete: b }) => {
                 Reply::Frontier { complete: a.zip(b).map(|(a, b)| a.min(b)) }
             }
@@ -400,6 +405,8 @@ struct Engine {
     log_dir: std::path::PathBuf,
     /// The generation's `Recover` command has run: the log is replayed and ingest is taken.
     recovered: bool,
+    /// The epoch after this thread's log replay (its replayed events are at earlier epochs).
+    recovered_epoch: Epoch,
     /// The process's batch ids.
     batches: Arc<Mutex<Batches>>,
     /// Local threads done replaying, and how many there are.
@@ -460,6 +467,7 @@ pub fn run(worker: &mut Worker, ctx: Arc<Context>) -> ! {
         log: Err("not opened".into()),
         log_dir: ctx.data_dir.join("log").join(format!("t{local}")),
         recovered: false,
+        recovered_epoch: 0,
         batches: Arc::clone(&ctx.batches),
         recovered_threads: (Arc::clone(&ctx.recovered), ctx.threads.len()),
         ctx: Arc::clone(&ctx_handle),
@@ -507,6 +515,7 @@ impl Engine {
                 if !self.recovered {
                     self.recover(worker);
                     self.recovered = true;
+                    self.recovered_epoch = self.epoch;
                     self.recovered_threads.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
@@ -630,6 +639,11 @@ impl Engine {
                         Some(df) => Reply::Frontier { complete: complete_epoch(&df.rendered.probe) },
                         None => unknown_dataflow(&dataflow),
                     });
+                    None
+                }
+                PartJob::Recovered if !self.recovered => Some(Job::Part { after, part: PartJob::Recovered, gather }),
+                PartJob::Recovered => {
+                    gather.complete(Reply::Recovered { epoch: self.recovered_epoch });
                     None
                 }
                 PartJob::Late { source } => {

@@ -264,6 +264,8 @@ struct Supervisor {
     inflight: std::collections::HashMap<u64, Inflight>,
     /// When to send the next stats to the coordinator.
     next_stats: Instant,
+    /// The newest checkpoint the coordinator said every process has.
+    last_committed: Option<u64>,
 }
 
 /// A request the computation is serving, as the metrics need it.
@@ -325,6 +327,7 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
         metrics,
         inflight: std::collections::HashMap::new(),
         next_stats: Instant::now(),
+        last_committed: None,
     };
     sup.run()
 }
@@ -726,14 +729,15 @@ impl Supervisor {
         }
     }
 
-    /// Every process has the checkpoint at `epoch`. Keeps it and the complete one before it (a
-    /// fallback, should the newest be lost or damaged), and deletes older checkpoints and the
-    /// log segments that the older kept one covers.
+    /// Every process has the checkpoint at `epoch`. Keeps it and the previously committed one
+    /// (which every process also has: a fallback, should the newest be lost or damaged), and
+    /// deletes older checkpoints and the log segments that the fallback covers. After a restart
+    /// the first commit deletes nothing (the previous commit is not known yet).
     fn checkpoint_committed(&mut self, epoch: u64) {
+        let previous = self.last_committed.replace(epoch);
+        let Some(oldest_kept) = previous.filter(|p| *p < epoch) else { return };
+        let kept = [oldest_kept, epoch];
         let data_dir = &self.cfg.data_dir;
-        let complete = crate::checkpoint::complete(data_dir);
-        let kept: Vec<u64> = complete.iter().copied().filter(|e| *e <= epoch).rev().take(2).collect();
-        let Some(&oldest_kept) = kept.last() else { return };
         let checkpoints = match crate::checkpoint::delete_before(data_dir, oldest_kept) {
             Ok(n) => n,
             Err(e) => {
