@@ -1,12 +1,14 @@
 //! Property test of the windowed aggregates against a naive model.
 //!
-//! Random definitions (every aggregation; tumbling, hopping, session, sliding, cumulate and global
-//! windows; a filter, finite or infinite retention) and random event streams — out of order, in random
-//! batches, spread over the ingest partitions of 1 or 3 worker threads, with events behind the
-//! watermark — run through the real rendered dataflow in one process. The result, read from the
-//! arrangement at the last epoch, must equal what a plain recomputation over the accepted events
-//! gives: windows and values per key and feature, `closed` flags and retention included. The
-//! model computes the watermark itself (Flink's rule) and decides which events are late.
+//! Random definitions (every exact aggregation, and last_k, top_k, exp_decay_sum; tumbling,
+//! hopping, session, sliding, cumulate and global windows; a filter, finite or infinite
+//! retention) and random event streams — out of order, in random batches, spread over the ingest
+//! partitions of 1 or 3 worker threads, with events behind the watermark — run through the real
+//! rendered dataflow in one process. The result, read from the arrangement at a random epoch
+//! during the stream and at the last one, must equal what a plain recomputation over the events
+//! accepted by then gives: windows and values per key and feature, `closed` flags and retention
+//! included. The model computes the watermark itself (Flink's rule) and decides which events are
+//! late; "now" of sliding windows and decayed sums is the largest accepted event time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -58,6 +60,8 @@ struct Case {
     threads: usize,
     /// epochs[e][partition] = events
     epochs: Vec<Vec<Vec<Event>>>,
+    /// Also read after this many epochs (a random read time before the end).
+    read_after: usize,
 }
 
 fn window() -> impl Strategy<Value = Window> {
@@ -100,8 +104,8 @@ fn case() -> impl Strategy<Value = Case> {
     let threads = prop_oneof![Just(1usize), Just(3usize)];
     let events =
         prop::collection::vec((0u64..5, 0i64..2_000, prop::option::weighted(0.9, -50i64..200), 0u8..4), 0..160);
-    (features, retention, filter, threads, events, 1usize..8, any::<u64>()).prop_map(
-        |(features, retention_ms, filter, threads, raw, nbatches, seed)| {
+    (features, retention, filter, threads, events, 1usize..8, any::<u64>(), any::<prop::sample::Index>()).prop_map(
+        |(features, retention_ms, filter, threads, raw, nbatches, seed, read_at)| {
             let features = features
                 .into_iter()
                 .enumerate()
@@ -134,7 +138,8 @@ fn case() -> impl Strategy<Value = Case> {
                 let part = ((seed >> (i % 60)) as usize + i) % threads;
                 epochs[batch.min(nbatches - 1)][part].push(Event { user, ts, amount, score: f64::from(score) * 0.5 });
             }
-            Case { plan, threads, epochs }
+            let read_after = read_at.index(epochs.len()) + 1;
+            Case { plan, threads, epochs, read_after }
         },
     )
 }
@@ -322,7 +327,8 @@ fn model(case: &Case) -> (Results, Option<i64>) {
     (out, wm)
 }
 
-fn run(case: &Case) -> (Results, Option<i64>) {
+/// Runs the case through the dataflow; reads after `read_after` epochs and at the end.
+fn run(case: &Case) -> [(Results, Option<i64>); 2] {
     let (wms, accepted) = model_ingest(case);
     let shared = std::sync::Arc::new((case.clone(), accepted, wms));
     let guards = timely::execute(timely::Config::process(case.threads), move |worker| {
@@ -348,35 +354,37 @@ fn run(case: &Case) -> (Results, Option<i64>) {
             // Lockstep: the next batch is checked against this epoch's watermark.
             worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
         }
-        let last = epoch - 1;
-        let (wm, now) = (r.watermarks.borrow().at(last), r.watermarks.borrow().now_at(last));
-        let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
-        read_all(&mut r.trace, last, |key, slots| {
-            let Datum::UInt(user) = key.parts()[0] else { panic!("u64 keys") };
-            for (name, windows) in assemble(&r.layout, &slots, wm, now) {
-                if !windows.is_empty() {
-                    results.push((
-                        user,
-                        name,
-                        windows.into_iter().map(|w| (w.start, w.end, w.value, w.closed)).collect(),
-                    ));
+        // Epoch e + 1 is complete after the e-th batch; the trace keeps every epoch readable.
+        [case.read_after as Epoch, epoch - 1].map(|at| {
+            let (wm, now) = (r.watermarks.borrow().at(at), r.watermarks.borrow().now_at(at));
+            let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
+            read_all(&mut r.trace, at, |key, slots| {
+                let Datum::UInt(user) = key.parts()[0] else { panic!("u64 keys") };
+                for (name, windows) in assemble(&r.layout, &slots, wm, now) {
+                    if !windows.is_empty() {
+                        results.push((
+                            user,
+                            name,
+                            windows.into_iter().map(|w| (w.start, w.end, w.value, w.closed)).collect(),
+                        ));
+                    }
                 }
-            }
+            })
+            .unwrap();
+            (results, wm)
         })
-        .unwrap();
-        (results, wm)
     })
     .unwrap();
-    let mut out = BTreeMap::new();
-    let mut wm = None;
+    let mut out = [(BTreeMap::new(), None), (BTreeMap::new(), None)];
     for result in guards.join() {
-        let (results, w) = result.unwrap();
-        wm = w;
-        for (user, name, windows) in results {
-            assert!(out.insert((user, name), windows).is_none(), "a key lives on one worker only");
+        for (i, (results, w)) in result.unwrap().into_iter().enumerate() {
+            out[i].1 = w;
+            for (user, name, windows) in results {
+                assert!(out[i].0.insert((user, name), windows).is_none(), "a key lives on one worker only");
+            }
         }
     }
-    (out, wm)
+    out
 }
 
 fn close(a: &Value, b: &Value) -> bool {
@@ -391,15 +399,19 @@ proptest! {
 
     #[test]
     fn aggregates_match_the_model(case in case()) {
-        let (want, want_wm) = model(&case);
-        let (got, got_wm) = run(&case);
-        prop_assert_eq!(got_wm, want_wm, "watermark");
-        prop_assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "groups");
-        for (k, w) in &want {
-            let g = &got[k];
-            prop_assert_eq!(g.len(), w.len(), "windows of {:?}: got {:?} want {:?}", k, g, w);
-            for (a, b) in g.iter().zip(w) {
-                prop_assert!(a.0 == b.0 && a.1 == b.1 && a.3 == b.3 && close(&a.2, &b.2), "{:?}: got {:?} want {:?}", k, g, w);
+        // At a random read time during the stream (the model sees the epochs up to it), and at
+        // the end.
+        let earlier = Case { epochs: case.epochs[..case.read_after].to_vec(), ..case.clone() };
+        let [at_read, at_end] = run(&case);
+        for ((got, got_wm), (want, want_wm)) in [(at_read, model(&earlier)), (at_end, model(&case))] {
+            prop_assert_eq!(got_wm, want_wm, "watermark");
+            prop_assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "groups");
+            for (k, w) in &want {
+                let g = &got[k];
+                prop_assert_eq!(g.len(), w.len(), "windows of {:?}: got {:?} want {:?}", k, g, w);
+                for (a, b) in g.iter().zip(w) {
+                    prop_assert!(a.0 == b.0 && a.1 == b.1 && a.3 == b.3 && close(&a.2, &b.2), "{:?}: got {:?} want {:?}", k, g, w);
+                }
             }
         }
     }
