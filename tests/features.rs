@@ -380,7 +380,7 @@ fn sliding_and_cumulating_windows_through_the_http_api_equal_the_model() {
         let f = &v["features"];
         assert_eq!(
             f["spend_1h"],
-            json!({"start": start, "end": end, "value": inside.iter().sum::<i64>(), "closed": false})
+            json!({"start": start, "end": end, "value": inside.iter().sum::<i64>(), "closed": false, "tile_aligned": true})
         );
         assert_eq!(f["largest_1h"]["value"], json!(inside.iter().max().unwrap()));
         // Cumulating windows: per day with events, [day, day + k hours) from the first hour

@@ -563,7 +563,12 @@ fn features_json(plan: Option<&DataflowPlan>, result: Option<&KeyResult>) -> Val
     if let Some(r) = result {
         for (name, windows) in &r.features {
             let value = if sliding(name) {
-                windows.first().and_then(|w| serde_json::to_value(w).ok()).unwrap_or(Value::Null)
+                // Say that the span is whole tiles: the oldest tile may reach before now - size.
+                let mut window = windows.first().and_then(|w| serde_json::to_value(w).ok()).unwrap_or(Value::Null);
+                if let Value::Object(map) = &mut window {
+                    map.insert("tile_aligned".into(), Value::Bool(true));
+                }
+                window
             } else {
                 serde_json::to_value(windows).unwrap_or(Value::Null)
             };
