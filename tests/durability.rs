@@ -137,6 +137,10 @@ fn workers_killed_at_random_moments_of_a_long_ingest_lose_nothing() {
     let mut workers = [env.worker("w0", &control, 2), env.worker("w1", &control, 2)];
     wait_state(&http, "running", Duration::from_secs(60));
     create_catalog(&http);
+    // A first checkpoint, so that every generation below has one to restore.
+    wait_for(Duration::from_secs(30), "a first checkpoint", || {
+        [env.path("w0"), env.path("w1")].iter().all(|d| !complete_checkpoints(d).is_empty()).then_some(())
+    });
 
     // `sundial ingest` reads the stream from a pipe that the test fills at a steady pace, so the
     // ingest lasts while the workers are killed.
@@ -226,16 +230,20 @@ fn workers_killed_at_random_moments_of_a_long_ingest_lose_nothing() {
         .sum::<usize>();
     assert!(replays >= 20, "every generation replays the logs ({replays} replays logged)");
     // Checkpoints were taken, restored, and deleted the log segments they cover.
-    let logs: String =
-        ["w0", "w1"].iter().map(|w| std::fs::read_to_string(env.path(&format!("{w}.log"))).unwrap()).collect();
-    let restores = logs.matches("restoring the checkpoint").count();
-    assert!(restores >= 10, "most generations start from a checkpoint ({restores} did)");
-    let freed: u64 = logs
-        .lines()
-        .filter(|l| l.contains("checkpoint committed"))
-        .filter_map(|l| l.split("log_bytes_freed=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    assert!(freed > 0, "committed checkpoints delete the log segments they cover");
+    let logs = || -> String {
+        ["w0", "w1"].iter().map(|w| std::fs::read_to_string(env.path(&format!("{w}.log"))).unwrap()).collect()
+    };
+    let restores = logs().matches("restoring the checkpoint").count();
+    assert!(restores >= 2 * kills, "every generation starts from a checkpoint ({restores} restores)");
+    // Once the cluster stays up, committed checkpoints delete the log segments they cover.
+    let freed = wait_for(Duration::from_secs(30), "checkpoints to delete covered log segments", || {
+        let freed: u64 = logs()
+            .lines()
+            .filter(|l| l.contains("checkpoint committed"))
+            .filter_map(|l| l.split("log_bytes_freed=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        (freed > 0).then_some(freed)
+    });
     eprintln!("{restores} restores from checkpoints; {freed} log bytes freed");
 }
 
