@@ -54,29 +54,10 @@ fn export(http: &str) -> Model {
 
 /// The export at `as_of` (else at the newest complete epoch).
 fn export_at(http: &str, as_of: Option<u64>) -> Model {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .build()
-        .into();
     let query = as_of.map_or(String::new(), |e| format!("?as_of={e}"));
-    let mut response = agent.get(&format!("http://{http}/v1/dataflows/per_minute/export{query}")).call().unwrap();
-    let status = response.status().as_u16();
-    let text = response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap();
+    let (status, text) = get_text(http, &format!("/v1/dataflows/per_minute/export{query}"));
     assert_eq!(status, 200, "{text}");
-    text.lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (
-                (
-                    v["key"][0].as_str().unwrap().to_string(),
-                    v["feature"].as_str().unwrap().to_string(),
-                    v["start"].as_i64().unwrap(),
-                ),
-                v["value"].clone(),
-            )
-        })
-        .collect()
+    parse_export(&text)
 }
 
 fn create_catalog(http: &str) {
@@ -467,24 +448,7 @@ fn damaged_logs_and_checkpoints_are_handled_and_reported() {
     let status_before = complete_checkpoints(&w1);
     let b_epoch = {
         // Without a coordinator, ingest goes to the workers' own endpoints.
-        let addr0 = std::fs::read_to_string(env.path("w0.log")).unwrap();
-        let addr0 = addr0
-            .rsplit("HTTP endpoint listening address=")
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
-        let addr1 = std::fs::read_to_string(env.path("w1.log")).unwrap();
-        let addr1 = addr1
-            .rsplit("HTTP endpoint listening address=")
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
+        let (addr0, addr1) = (http_addr_in_log(&env.path("w0.log")), http_addr_in_log(&env.path("w1.log")));
         let mut epoch = None;
         for (i, chunk) in b.chunks(500).enumerate() {
             let addr = if i % 2 == 0 { &addr0 } else { &addr1 };

@@ -50,19 +50,7 @@ fn export(http: &str, as_of: u64) -> BTreeMap<(String, String, i64), Value> {
 fn export_paged(http: &str, as_of: u64, page_keys: u32) -> BTreeMap<(String, String, i64), Value> {
     let (code, text) = get_text(http, &format!("/v1/dataflows/per_minute/export?as_of={as_of}&page_keys={page_keys}"));
     assert_eq!(code, 200, "{text}");
-    text.lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (
-                (
-                    v["key"][0].as_str().unwrap().to_string(),
-                    v["feature"].as_str().unwrap().to_string(),
-                    v["start"].as_i64().unwrap(),
-                ),
-                v["value"].clone(),
-            )
-        })
-        .collect()
+    parse_export(&text)
 }
 
 /// Sends a request head announcing `length` bytes of body, then `partial` of them, and returns
@@ -99,17 +87,6 @@ fn create_per_minute(http: &str) {
         "features": [{"name": "n", "agg": "count", "window": {"tumbling": "1m"}},
                      {"name": "total", "agg": "sum", "field": "amount", "window": {"tumbling": "1m"}}]});
     assert_eq!(post(http, "/v1/dataflows", "application/json", definition.to_string().as_bytes()).0, 201);
-}
-
-fn get_text(addr: &str, path: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent.get(&format!("http://{addr}{path}")).call().unwrap();
-    let status = response.status().as_u16();
-    (status, response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap())
 }
 
 #[test]

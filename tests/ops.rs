@@ -57,17 +57,6 @@ fn series(scrape: &prometheus_parse::Scrape, metric: &str) -> Vec<HashMap<String
         .collect()
 }
 
-fn get_text(addr: &str, path: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(30)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent.get(&format!("http://{addr}{path}")).call().unwrap();
-    let status = response.status().as_u16();
-    (status, response.body_mut().read_to_string().unwrap())
-}
-
 fn create_catalog(http: &str) {
     // A short idle timeout, so that partitions without events stop holding the watermark back.
     let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "1s", "idle_timeout": "200ms",

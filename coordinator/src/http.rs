@@ -623,7 +623,7 @@ async fn read_one(
         "key": key.to_json(),
         "as_of": as_of,
         "watermark": watermark,
-        "features": features_json(find_dataflow(&shared, &name).ok().as_ref(), results.first().and_then(Option::as_ref)),
+        "features": features_json(Some(&plan), results.first().and_then(Option::as_ref)),
     })))
 }
 
@@ -680,11 +680,10 @@ async fn lookup(
     let ready = shared.ready()?;
     let as_of = resolve_as_of(&shared, &ready, &name, body.as_of).await?;
     let (watermark, results) = read_keys(&shared, &ready, &name, &keys, as_of, timeout_ms).await?;
-    let plan = find_dataflow(&shared, &name).ok();
     let results: Vec<Value> = keys
         .iter()
         .zip(&results)
-        .map(|(k, r)| json!({"key": k.to_json(), "features": features_json(plan.as_ref(), r.as_ref())}))
+        .map(|(k, r)| json!({"key": k.to_json(), "features": features_json(Some(&plan), r.as_ref())}))
         .collect();
     Ok(Json(json!({"dataflow": name, "as_of": as_of, "watermark": watermark, "results": results})))
 }

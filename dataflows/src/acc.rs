@@ -275,22 +275,15 @@ fn value_hash(v: &Datum) -> u64 {
 }
 
 impl Acc {
-    /// The empty accumulator of `agg` with parameters `params`, over a field of type `ty`.
-    pub fn with_params(agg: Agg, ty: Option<FieldType>, params: &AggParams) -> Acc {
-        match agg {
-            Agg::ApproxDistinct => Acc::Hll(Hll::new(if params.precision == 0 { 12 } else { params.precision })),
-            Agg::ApproxQuantile => Acc::Quantiles(DdSketch::default()),
-            Agg::LastK => Acc::LastK { k: params.k.max(1), items: Vec::new() },
-            Agg::TopK => Acc::TopK { k: params.k.max(1), items: Vec::new() },
-            Agg::ExpDecaySum => {
-                Acc::ExpDecay { half_life_ms: params.half_life_ms.max(1), reference: None, sum: F64(0.0) }
-            }
-            other => Acc::new(other, ty),
-        }
+    /// The empty accumulator of `agg` over a field of type `ty` (none for a plain count), with
+    /// default parameters (k = 1, precision 12, a half-life of 1 ms).
+    pub fn new(agg: Agg, ty: Option<FieldType>) -> Acc {
+        Acc::with_params(agg, ty, &AggParams::default())
     }
 
-    /// The empty accumulator of `agg` over a field of type `ty` (none for a plain count).
-    pub fn new(agg: Agg, ty: Option<FieldType>) -> Acc {
+    /// The empty accumulator of `agg` with parameters `params` (unset ones take the defaults of
+    /// [`Acc::new`]), over a field of type `ty`.
+    pub fn with_params(agg: Agg, ty: Option<FieldType>, params: &AggParams) -> Acc {
         let float = ty == Some(FieldType::F64);
         match agg {
             Agg::Count => Acc::Count(0),
@@ -303,8 +296,12 @@ impl Acc {
             Agg::CountDistinct => Acc::Distinct(BTreeSet::new()),
             Agg::First => Acc::First(None),
             Agg::Last => Acc::Last(None),
-            other => {
-                Acc::with_params(other, ty, &AggParams { k: 1, precision: 12, half_life_ms: 1, ..AggParams::default() })
+            Agg::ApproxDistinct => Acc::Hll(Hll::new(if params.precision == 0 { 12 } else { params.precision })),
+            Agg::ApproxQuantile => Acc::Quantiles(DdSketch::default()),
+            Agg::LastK => Acc::LastK { k: params.k.max(1), items: Vec::new() },
+            Agg::TopK => Acc::TopK { k: params.k.max(1), items: Vec::new() },
+            Agg::ExpDecaySum => {
+                Acc::ExpDecay { half_life_ms: params.half_life_ms.max(1), reference: None, sum: F64(0.0) }
             }
         }
     }

@@ -49,7 +49,7 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Capability, Input, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle, Scope};
 
-use sundial_protocol::plan::{Agg, DataflowPlan, FieldType, Window};
+use sundial_protocol::plan::{DataflowPlan, FieldType, Window};
 use sundial_protocol::value::{Datum, Key};
 use sundial_protocol::WindowOut;
 
@@ -984,29 +984,24 @@ pub fn assemble(
             continue;
         };
         let mine: Vec<&Slot> = slots.iter().filter(|s| s.group == g as u32).collect();
-        let agg: Agg = feature.agg;
+        // A window [start, end) of this feature holding `acc`.
+        let window = |start: i64, end: i64, acc: &Acc| WindowOut {
+            start: Some(start),
+            end: Some(end),
+            value: acc.value_at(feature.agg, &feature.params, now),
+            closed: closed(end),
+        };
         let mut windows = Vec::new();
         match feature.window {
             Window::Tumbling { .. } | Window::Session { .. } => {
-                for s in &mine {
-                    if retained(s.end) {
-                        windows.push(WindowOut {
-                            start: Some(s.start),
-                            end: Some(s.end),
-                            value: s.accs[pos].value_at(agg, &feature.params, now),
-                            closed: closed(s.end),
-                        });
-                    }
+                for s in mine.iter().filter(|s| retained(s.end)) {
+                    windows.push(window(s.start, s.end, &s.accs[pos]));
                 }
             }
             Window::Global => {
                 for s in &mine {
-                    windows.push(WindowOut {
-                        start: None,
-                        end: None,
-                        value: s.accs[pos].value_at(agg, &feature.params, now),
-                        closed: false,
-                    });
+                    let value = s.accs[pos].value_at(feature.agg, &feature.params, now);
+                    windows.push(WindowOut { start: None, end: None, value, closed: false });
                 }
             }
             Window::Hopping { size_ms, hop_ms } => {
@@ -1016,25 +1011,9 @@ pub fn assemble(
                     panes.keys().flat_map(|&p| (0..size / hop).map(move |k| p - k * hop)).collect();
                 starts.sort_unstable();
                 starts.dedup();
-                for start in starts {
-                    let end = start + size;
-                    if !retained(end) {
-                        continue;
-                    }
-                    let mut acc: Option<Acc> = None;
-                    for (_, pane) in panes.range(start..end) {
-                        match &mut acc {
-                            None => acc = Some((*pane).clone()),
-                            Some(a) => a.merge(pane),
-                        }
-                    }
-                    if let Some(acc) = acc {
-                        windows.push(WindowOut {
-                            start: Some(start),
-                            end: Some(end),
-                            value: acc.value_at(agg, &feature.params, now),
-                            closed: closed(end),
-                        });
+                for start in starts.into_iter().filter(|s| retained(s + size)) {
+                    if let Some(acc) = merged(panes.range(start..start + size).map(|(_, a)| *a)) {
+                        windows.push(window(start, start + size, &acc));
                     }
                 }
             }
@@ -1043,14 +1022,9 @@ pub fn assemble(
                 if let Some(now) = now {
                     let end = now.div_euclid(tile) * tile + tile;
                     let start = end - size;
-                    let panes = mine.iter().filter(|s| s.start >= start && s.start < end).map(|s| &s.accs[pos]);
-                    if let Some(acc) = merged(panes) {
-                        windows.push(WindowOut {
-                            start: Some(start),
-                            end: Some(end),
-                            value: acc.value_at(agg, &feature.params, Some(now)),
-                            closed: closed(end),
-                        });
+                    let tiles = mine.iter().filter(|s| s.start >= start && s.start < end).map(|s| &s.accs[pos]);
+                    if let Some(acc) = merged(tiles) {
+                        windows.push(window(start, end, &acc));
                     }
                 }
             }
@@ -1061,24 +1035,15 @@ pub fn assemble(
                 // first step that holds a pane.
                 let mut periods: BTreeMap<i64, i64> = BTreeMap::new();
                 for &p in panes.keys() {
-                    let base = p.div_euclid(max) * max;
-                    let first = periods.entry(base).or_insert(p);
+                    let first = periods.entry(p.div_euclid(max) * max).or_insert(p);
                     *first = (*first).min(p);
                 }
                 for (base, first) in periods {
-                    let mut end = first + step;
-                    while end <= base + max {
-                        if retained(end) {
-                            if let Some(acc) = merged(panes.range(base..end).map(|(_, a)| *a)) {
-                                windows.push(WindowOut {
-                                    start: Some(base),
-                                    end: Some(end),
-                                    value: acc.value_at(agg, &feature.params, now),
-                                    closed: closed(end),
-                                });
-                            }
+                    let ends = (first + step..=base + max).step_by(step as usize).filter(|e| retained(*e));
+                    for end in ends {
+                        if let Some(acc) = merged(panes.range(base..end).map(|(_, a)| *a)) {
+                            windows.push(window(base, end, &acc));
                         }
-                        end += step;
                     }
                 }
             }
@@ -1092,10 +1057,11 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sundial_protocol::plan::{FeaturePlan, Field, SourcePlan, TimeUnit};
+    use sundial_protocol::plan::{Agg, FeaturePlan, Field, SourcePlan, TimeUnit};
 
-    fn state(lateness: u64) -> AggregateState {
-        let source = SourcePlan {
+    /// A source `s` of (k u64, t i64), t being the event time.
+    fn source(lateness: u64) -> SourcePlan {
+        SourcePlan {
             name: "s".into(),
             fields: vec![
                 Field { name: "k".into(), ty: FieldType::U64 },
@@ -1105,7 +1071,11 @@ mod tests {
             time_unit: TimeUnit::Ms,
             allowed_lateness_ms: lateness,
             idle_timeout_ms: 10_000,
-        };
+        }
+    }
+
+    fn state(lateness: u64) -> AggregateState {
+        let source = source(lateness);
         let plan = DataflowPlan {
             name: "d".into(),
             id: 0,
@@ -1147,17 +1117,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_restores_every_slot_and_the_watermark() {
-        let source = SourcePlan {
-            name: "s".into(),
-            fields: vec![
-                Field { name: "k".into(), ty: FieldType::U64 },
-                Field { name: "t".into(), ty: FieldType::I64 },
-            ],
-            time: 1,
-            time_unit: TimeUnit::Ms,
-            allowed_lateness_ms: 0,
-            idle_timeout_ms: 10_000,
-        };
+        let source = source(0);
         let feature = |name: &str, agg, window| FeaturePlan {
             name: name.into(),
             agg,

@@ -138,13 +138,6 @@ pub struct AggParams {
     pub precision: u8,
 }
 
-impl AggParams {
-    /// True when no aggregation parameter is set.
-    pub fn is_default(&self) -> bool {
-        *self == AggParams::default()
-    }
-}
-
 /// A window.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

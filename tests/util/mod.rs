@@ -308,3 +308,33 @@ pub fn wait_log(path: &Path, needle: &str, timeout: Duration) {
         fs::read_to_string(path).ok().filter(|t| t.contains(needle)).map(|_| ())
     });
 }
+
+/// GET `http://{addr}{path}`: status and body text (up to 1 GiB).
+pub fn get_text(addr: &str, path: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent.get(&format!("http://{addr}{path}")).call().unwrap();
+    let status = response.status().as_u16();
+    (status, response.body_mut().with_config().limit(1 << 30).read_to_string().unwrap())
+}
+
+/// An export's NDJSON as (first key part, feature, window start) → value.
+pub fn parse_export(text: &str) -> std::collections::BTreeMap<(String, String, i64), Value> {
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            let key = v["key"][0].as_str().unwrap().to_string();
+            ((key, v["feature"].as_str().unwrap().to_string(), v["start"].as_i64().unwrap()), v["value"].clone())
+        })
+        .collect()
+}
+
+/// The address a worker's log says its HTTP endpoint listens on (the newest start's).
+pub fn http_addr_in_log(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap();
+    let after = text.rsplit("HTTP endpoint listening address=").next().unwrap();
+    after.split_whitespace().next().unwrap().to_string()
+}

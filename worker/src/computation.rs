@@ -84,7 +84,7 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
 
     let threads = formation.threads;
     // The checkpoint to start from: its batch ids are remembered again right away.
-    let batches = Arc::new(Mutex::new(engine::Batches::default()));
+    let batches = Mutex::new(engine::Batches::default());
     let restore = match formation.restore {
         Some(epoch) => match crate::checkpoint::read_complete(&data_dir, epoch) {
             Ok(part) if part.threads == threads => {

@@ -236,7 +236,7 @@ pub struct Context {
     /// When log records are synced.
     pub fsync: Fsync,
     /// The batch ids this process has seen, shared by its threads.
-    pub batches: Arc<Mutex<Batches>>,
+    pub batches: Mutex<Batches>,
     /// Local threads that have replayed their logs. Ingest waits for all of them: a retried
     /// batch may have been logged by another thread than the one it reaches now.
     pub recovered: Arc<std::sync::atomic::AtomicUsize>,
@@ -407,10 +407,6 @@ struct Engine {
     recovered: bool,
     /// The epoch after this thread's log replay (its replayed events are at earlier epochs).
     recovered_epoch: Epoch,
-    /// The process's batch ids.
-    batches: Arc<Mutex<Batches>>,
-    /// Local threads done replaying, and how many there are.
-    recovered_threads: (Arc<std::sync::atomic::AtomicUsize>, usize),
     /// The computation's shared context.
     ctx: Arc<Context>,
     /// Dataflows installed from now on start at this epoch or later (the newest checkpoint's),
@@ -468,8 +464,6 @@ pub fn run(worker: &mut Worker, ctx: Arc<Context>) -> ! {
         log_dir: ctx.data_dir.join("log").join(format!("t{local}")),
         recovered: false,
         recovered_epoch: 0,
-        batches: Arc::clone(&ctx.batches),
-        recovered_threads: (Arc::clone(&ctx.recovered), ctx.threads.len()),
         ctx: Arc::clone(&ctx_handle),
         checkpoint_floor: 0,
         pending_checkpoint: None,
@@ -516,7 +510,7 @@ impl Engine {
                     self.recover(worker);
                     self.recovered = true;
                     self.recovered_epoch = self.epoch;
-                    self.recovered_threads.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    self.ctx.recovered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             Command::CreateSource(plan) => {
@@ -692,7 +686,7 @@ impl Engine {
             return Reply::Error { message: format!("unknown source {source:?}") };
         };
         if let Some(id) = batch {
-            let seen = self.batches.lock().map(|mut b| b.begin(id)).unwrap_or(None);
+            let seen = self.ctx.batches.lock().map(|mut b| b.begin(id)).unwrap_or(None);
             match seen {
                 Some(Seen::Done(outcome)) => {
                     tracing::info!(batch = id, "answered a retried batch from its first attempt");
@@ -743,7 +737,7 @@ impl Engine {
             };
             if let Err(e) = logged {
                 if let Some(id) = batch {
-                    if let Ok(mut b) = self.batches.lock() {
+                    if let Ok(mut b) = self.ctx.batches.lock() {
                         b.abandon(id);
                     }
                 }
@@ -770,7 +764,7 @@ impl Engine {
         }
         self.feed(source, accepted, None);
         if let Some(id) = batch {
-            if let Ok(mut b) = self.batches.lock() {
+            if let Ok(mut b) = self.ctx.batches.lock() {
                 b.done(id, IngestOutcome { errors: Vec::new(), ..outcome.clone() });
             }
         }
@@ -895,10 +889,9 @@ impl Engine {
         }
         // The files are written by a thread of their own, so that the dataflows go on meanwhile.
         let ctx = Arc::clone(&self.ctx);
-        let batches = Arc::clone(&self.batches);
         let index = self.index;
         let spawned = std::thread::Builder::new().name("sundial:checkpoint".into()).spawn(move || {
-            write_checkpoint(&ctx, &batches, epoch, index, snapshots);
+            write_checkpoint(&ctx, epoch, index, snapshots);
         });
         if let Err(e) = spawned {
             tracing::warn!(epoch, "cannot start the checkpoint writer: {e}");
@@ -910,7 +903,7 @@ impl Engine {
 
     /// Every local thread has replayed its log (so every batch id logged here is known).
     fn all_recovered(&self) -> bool {
-        self.recovered && self.recovered_threads.0.load(std::sync::atomic::Ordering::SeqCst) >= self.recovered_threads.1
+        self.recovered && self.ctx.recovered.load(std::sync::atomic::Ordering::SeqCst) >= self.ctx.threads.len()
     }
 
     /// Sends rows of `source` into the dataflows reading it (only those in `only`, if given).
@@ -959,7 +952,7 @@ impl Engine {
                 if let Some(id) = batch {
                     let outcome =
                         IngestOutcome { accepted: rows.len() as u64, rejected, late, epoch, errors: Vec::new() };
-                    if let Ok(mut b) = self.batches.lock() {
+                    if let Ok(mut b) = self.ctx.batches.lock() {
                         b.done(&id, outcome);
                     }
                 }
@@ -1112,13 +1105,7 @@ impl Engine {
 
 /// Writes one thread's part of the checkpoint at `epoch`; the last thread of the process to
 /// finish writes `COMPLETE` and tells the supervisor.
-fn write_checkpoint(
-    ctx: &Context,
-    batches: &Mutex<Batches>,
-    epoch: Epoch,
-    index: usize,
-    snapshots: Vec<(String, u64, Vec<u8>)>,
-) {
+fn write_checkpoint(ctx: &Context, epoch: Epoch, index: usize, snapshots: Vec<(String, u64, Vec<u8>)>) {
     let started = Instant::now();
     let mut failed = false;
     for (name, id, bytes) in &snapshots {
@@ -1155,7 +1142,7 @@ fn write_checkpoint(
     };
     if finished {
         let dataflows = snapshots.iter().map(|(_, id, _)| *id).collect();
-        let batches = batches.lock().map(|b| b.export()).unwrap_or_default();
+        let batches = ctx.batches.lock().map(|b| b.export()).unwrap_or_default();
         let part = ProcessCheckpoint { epoch, threads, dataflows, batches };
         match checkpoint::write_complete(&ctx.data_dir, &part) {
             Ok(()) => crate::computation::tell(&FromChild::Checkpointed { epoch }),

@@ -216,9 +216,10 @@ fn check_header(path: &Path, header: &[u8]) -> Result<(), LogError> {
     Ok(())
 }
 
-/// Reads the next record of `reader`: `Ok(None)` at a clean end, `Err(reason)` for a torn or
-/// corrupt record.
-fn next_record(reader: &mut impl Read, scratch: &mut Vec<u8>) -> Result<Option<(Record, u64)>, String> {
+/// Reads the next record of `reader`, which has `left` bytes to go: `Ok(None)` at a clean end,
+/// `Err(reason)` for a torn or corrupt record. A damaged length field cannot make it allocate
+/// more than the file holds.
+fn next_record(reader: &mut impl Read, scratch: &mut Vec<u8>, left: u64) -> Result<Option<(Record, u64)>, String> {
     let mut head = [0u8; 8];
     let mut got = 0;
     while got < head.len() {
@@ -234,6 +235,9 @@ fn next_record(reader: &mut impl Read, scratch: &mut Vec<u8>) -> Result<Option<(
     let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     if len > MAX_RECORD {
         return Err(format!("record length {len} is beyond any record"));
+    }
+    if u64::from(len) + 8 > left {
+        return Err(format!("torn record ({len} bytes announced, {} left)", left.saturating_sub(8)));
     }
     scratch.clear();
     scratch.resize(len as usize, 0);
@@ -296,7 +300,7 @@ impl Log {
             let mut reader = BufReader::new(&mut file);
             let mut good = HEADER_LEN;
             loop {
-                match next_record(&mut reader, &mut log.scratch) {
+                match next_record(&mut reader, &mut log.scratch, size - good) {
                     Ok(Some((_, n))) => good += n,
                     Ok(None) => break,
                     Err(reason) => {
@@ -468,6 +472,7 @@ pub fn replay(dir: &Path, from: u64, mut f: impl FnMut(Record)) -> Result<Vec<St
             continue;
         }
         let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
+        let size = file.metadata().map_err(io_err(&seg.path))?.len();
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut header = [0u8; HEADER_LEN as usize];
         if reader.read_exact(&mut header).is_err() {
@@ -476,7 +481,7 @@ pub fn replay(dir: &Path, from: u64, mut f: impl FnMut(Record)) -> Result<Vec<St
         check_header(&seg.path, &header)?;
         let mut offset = HEADER_LEN;
         loop {
-            match next_record(&mut reader, &mut scratch) {
+            match next_record(&mut reader, &mut scratch, size.saturating_sub(offset)) {
                 Ok(Some((record, n))) => {
                     offset += n;
                     if record.epoch() >= from {

@@ -68,11 +68,6 @@ impl WorkerMetrics {
         stats
     }
 
-    /// A checkpoint was committed cluster-wide (the age is read from the data dir).
-    pub fn checkpoint_committed(&self, epoch: u64) {
-        tracing::trace!(epoch, "checkpoint committed");
-    }
-
     /// The Prometheus text of everything.
     pub fn render(&self) -> String {
         let snapshot = self.snapshot();

@@ -679,9 +679,15 @@ impl Supervisor {
     }
 
     fn on_child(&mut self, generation: u64, msg: FromChild) {
-        let Some(run) = self.child.as_mut().filter(|c| c.generation == generation) else {
+        if self.child.as_ref().is_none_or(|c| c.generation != generation) {
             return;
-        };
+        }
+        if let FromChild::Reply { id, reply } = &msg {
+            if let Some(what) = self.inflight.remove(id) {
+                self.account(what, reply);
+            }
+        }
+        let Some(run) = self.child.as_mut() else { return };
         match msg {
             FromChild::Started => {
                 run.started = true;
@@ -707,12 +713,6 @@ impl Supervisor {
                 let checkpoints = crate::checkpoint::complete(&self.cfg.data_dir);
                 self.send(&WorkerMsg::Heartbeat { generation, state, computation_pid, checkpoints });
                 self.send(&WorkerMsg::Failed { generation, reason });
-            }
-            FromChild::Reply { id, reply } if self.inflight.contains_key(&id) => {
-                if let Some(what) = self.inflight.remove(&id) {
-                    self.account(what, &reply);
-                }
-                self.on_child(generation, FromChild::Reply { id, reply });
             }
             FromChild::Reply { id, reply } if id >= LOCAL_IDS => {
                 if let Some(waiter) = self.local.remove(&id) {
@@ -763,7 +763,6 @@ impl Supervisor {
             log_bytes_freed = freed,
             "checkpoint committed"
         );
-        self.metrics.checkpoint_committed(epoch);
     }
 
     /// Counts the outcome of a request for the metrics, and logs a batch with rejected lines
