@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! bench_windows --workload w1|w2 --mode baseline|sundial [--threads T] [--events N] [--csv FILE]
+//!               [--input move|keep]
 //! ```
 //! Events are parsed rows in memory (generated like `gen.py`: Zipf(1.1) keys over 100,000 users,
 //! event time advancing 1 ms per event and up to 5 s late; or read from a `gen.py` CSV), fed in
@@ -11,7 +12,10 @@
 //! the rendered dataflow on T worker threads, fed round-robin, waited on until the last epoch is
 //! complete. Time is measured until the result is read (each side's state is torn down after,
 //! which a running server never does). Both print one line: events/s, result checksum (so the two can be compared), retained
-//! groups, and the process's peak RSS above what the input rows take. `drop` runs `sundial` and
+//! groups, and the process's peak RSS above what the input rows take. With `--input move` (the
+//! default) the dataflow takes the rows as ingest hands them over and frees them as it goes, so
+//! state reuses their memory and the peak above the input undercounts it; `--input keep` sends
+//! copies of an input that stays whole, so that the peak above it is the dataflow's. `drop` runs `sundial` and
 //! then drops the dataflow as `DELETE /v1/dataflows/{name}` does, printing the RSS before and
 //! after.
 
@@ -40,6 +44,7 @@ struct Args {
     events: usize,
     batch: usize,
     csv: Option<String>,
+    keep_input: bool,
 }
 
 fn args() -> Args {
@@ -50,6 +55,7 @@ fn args() -> Args {
         events: 10_000_000,
         batch: 200_000,
         csv: None,
+        keep_input: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,6 +67,7 @@ fn args() -> Args {
             "--events" => a.events = value.parse().expect("--events"),
             "--batch" => a.batch = value.parse().expect("--batch"),
             "--csv" => a.csv = Some(value),
+            "--input" => a.keep_input = value == "keep",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -230,26 +237,73 @@ fn baseline(rows: &[Row], workload: &str) -> (Checksum, Duration) {
 
 /// The dataflow's checksum, and the time until every worker had read it (before the dataflow's
 /// state is torn down, which a running server never does).
-fn sundial(rows: Vec<Row>, workload: &str, threads: usize, batch: usize, then_drop: bool) -> (Checksum, Duration) {
-    let plan = plan(workload);
-    // Each batch is split over the workers (their ingest partitions); rows are moved in, as
-    // ingest does.
-    let mut shares: Vec<Vec<Vec<Row>>> = (0..threads).map(|_| Vec::new()).collect();
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Row> = rows.by_ref().take(batch).collect();
-        let share = chunk.len().div_ceil(threads);
-        let mut chunk = chunk.into_iter();
-        for s in shares.iter_mut() {
-            s.push(chunk.by_ref().take(share).collect());
+/// How rows reach the dataflow: moved in, as ingest hands over what it parsed (the fastest;
+/// the dataflow frees them as it goes, so the memory they free is reused by state), or copied
+/// from an input that stays whole (so that the peak memory above the input is the dataflow's).
+enum Feed {
+    Move(Vec<std::sync::Mutex<Vec<Vec<Row>>>>),
+    Keep(Vec<Row>),
+}
+
+/// One worker's share of one batch.
+enum Chunk<'a> {
+    Moved(std::vec::IntoIter<Row>),
+    Kept(std::slice::Iter<'a, Row>),
+}
+
+impl Iterator for Chunk<'_> {
+    type Item = Row;
+    fn next(&mut self) -> Option<Row> {
+        match self {
+            Chunk::Moved(rows) => rows.next(),
+            Chunk::Kept(rows) => rows.next().cloned(),
         }
     }
-    let shares: Arc<Vec<std::sync::Mutex<Vec<Vec<Row>>>>> =
-        Arc::new(shares.into_iter().map(std::sync::Mutex::new).collect());
+}
+
+impl Feed {
+    /// Each batch of `batch` rows split over `threads` workers (their ingest partitions).
+    fn new(rows: Vec<Row>, keep: bool, threads: usize, batch: usize) -> Feed {
+        if keep {
+            return Feed::Keep(rows);
+        }
+        let mut shares: Vec<Vec<Vec<Row>>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<Row> = rows.by_ref().take(batch).collect();
+            let share = chunk.len().div_ceil(threads);
+            let mut chunk = chunk.into_iter();
+            for s in shares.iter_mut() {
+                s.push(chunk.by_ref().take(share).collect());
+            }
+        }
+        Feed::Move(shares.into_iter().map(std::sync::Mutex::new).collect())
+    }
+
+    fn chunks(&self, me: usize, threads: usize, batch: usize) -> Vec<Chunk<'_>> {
+        match self {
+            Feed::Move(shares) => {
+                let mine = std::mem::take(&mut *shares[me].lock().unwrap());
+                mine.into_iter().map(|c| Chunk::Moved(c.into_iter())).collect()
+            }
+            Feed::Keep(rows) => rows
+                .chunks(batch.max(1))
+                .map(|chunk| {
+                    let share = chunk.len().div_ceil(threads).max(1);
+                    Chunk::Kept(chunk.chunks(share).nth(me).unwrap_or(&[]).iter())
+                })
+                .collect(),
+        }
+    }
+}
+
+fn sundial(feed: Arc<Feed>, workload: &str, threads: usize, batch: usize, then_drop: bool) -> (Checksum, Duration) {
+    let plan = plan(workload);
     let started = Instant::now();
     let guards = timely::execute(timely::Config::process(threads), move |worker| {
         let me = worker.index();
-        let mine = std::mem::take(&mut *shares[me].lock().unwrap());
+        let feed = Arc::clone(&feed);
+        let mine = feed.chunks(me, threads, batch);
         let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan.clone(), None));
         let mut epoch: Epoch = 1;
         let mut max_ts = None;
@@ -359,18 +413,27 @@ fn main() {
         None => generate(a.events),
     };
     let n = rows.len();
-    let rss_input = rss_kib("VmRSS:");
-    let (checksum, elapsed) = match a.mode.as_str() {
-        "baseline" => baseline(&rows, &a.workload),
-        _ => sundial(rows, &a.workload, a.threads, a.batch, a.mode == "drop"),
+    let (checksum, elapsed, rss_input) = match a.mode.as_str() {
+        "baseline" => {
+            let rss_input = rss_kib("VmRSS:");
+            let (c, t) = baseline(&rows, &a.workload);
+            (c, t, rss_input)
+        }
+        _ => {
+            let feed = Arc::new(Feed::new(rows, a.keep_input, a.threads, a.batch));
+            let rss_input = rss_kib("VmRSS:");
+            let (c, t) = sundial(feed, &a.workload, a.threads, a.batch, a.mode == "drop");
+            (c, t, rss_input)
+        }
     };
     let groups = checksum.0;
     let secs = elapsed.as_secs_f64();
     let peak_above_input = rss_kib("VmHWM:").saturating_sub(rss_input) * 1024;
     println!(
-        "workload={} mode={} threads={} events={} secs={:.3} events_per_sec={:.0} checksum={:?} groups={} peak_bytes_above_input={} bytes_per_group={:.0}",
+        "workload={} mode={} input={} threads={} events={} secs={:.3} events_per_sec={:.0} checksum={:?} groups={} peak_bytes_above_input={} bytes_per_group={:.0}",
         a.workload,
         a.mode,
+        if a.keep_input { "keep" } else { "move" },
         a.threads,
         n,
         secs,

@@ -31,7 +31,7 @@ pub enum Acc {
         /// Values taken.
         n: u64,
         /// Their sum.
-        sum: i128,
+        sum: Wide,
     },
     /// Float `sum` and `avg`.
     SumFloat {
@@ -40,15 +40,9 @@ pub enum Acc {
         /// Their sum.
         sum: F64,
     },
-    /// Integer `variance` and `stddev`.
-    MomentsInt {
-        /// Values taken.
-        n: u64,
-        /// Their sum.
-        sum: i128,
-        /// The sum of their squares.
-        sumsq: i128,
-    },
+    /// Integer `variance` and `stddev` (boxed: three wide words would double every
+    /// accumulator's size).
+    MomentsInt(Box<MomentsInt>),
     /// Float `variance` and `stddev`.
     MomentsFloat {
         /// Values taken.
@@ -65,13 +59,13 @@ pub enum Acc {
     /// `count_distinct`: the distinct values.
     Distinct(BTreeSet<Datum>),
     /// `first`: the value with the smallest event time.
-    First(Option<(i64, Datum)>),
+    First(Option<Box<(i64, Datum)>>),
     /// `last`: the value with the largest event time.
-    Last(Option<(i64, Datum)>),
+    Last(Option<Box<(i64, Datum)>>),
     /// `approx_distinct`: a HyperLogLog sketch of the values' hashes.
-    Hll(Hll),
+    Hll(Box<Hll>),
     /// `approx_quantile`: a DDSketch of the values.
-    Quantiles(DdSketch),
+    Quantiles(Box<DdSketch>),
     /// `last_k`: the k most recent (time, value), most recent first; ties in time by value.
     LastK {
         /// How many.
@@ -86,16 +80,57 @@ pub enum Acc {
         /// The values, descending.
         items: Vec<Datum>,
     },
-    /// `exp_decay_sum`: the decayed sum as of `reference`, the largest event time taken, so
-    /// that merging and reading need no history: `value(now) = sum * 2^-((now - reference) / half_life)`.
-    ExpDecay {
-        /// The half-life.
-        half_life_ms: u64,
-        /// The time the sum is scaled to.
-        reference: Option<i64>,
-        /// The sum of value * 2^-((reference - t) / half_life).
-        sum: F64,
-    },
+    /// `exp_decay_sum`: the decayed sum as of a reference time, so that merging and reading
+    /// need no history.
+    ExpDecay(Box<ExpDecay>),
+}
+
+/// An `i128` stored as two words, so that accumulators holding one are aligned to 8 bytes, not
+/// 16 (the order of `(hi, lo)` is the order of the number).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Wide {
+    hi: i64,
+    lo: u64,
+}
+
+impl Wide {
+    /// The number.
+    pub fn get(self) -> i128 {
+        (i128::from(self.hi) << 64) | i128::from(self.lo)
+    }
+
+    fn add(&mut self, x: i128) {
+        *self = Wide::from(self.get().wrapping_add(x));
+    }
+}
+
+impl From<i128> for Wide {
+    fn from(x: i128) -> Wide {
+        Wide { hi: (x >> 64) as i64, lo: x as u64 }
+    }
+}
+
+/// The moments of integer values: exact while they fit in 128 bits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MomentsInt {
+    /// Values taken.
+    pub n: u64,
+    /// Their sum.
+    pub sum: i128,
+    /// The sum of their squares (saturating).
+    pub sumsq: i128,
+}
+
+/// An exponentially decayed sum scaled to `reference`, the largest event time taken:
+/// `value(now) = sum * 2^-((now - reference) / half_life)`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ExpDecay {
+    /// The half-life.
+    pub half_life_ms: u64,
+    /// The time the sum is scaled to.
+    pub reference: Option<i64>,
+    /// The sum of value * 2^-((reference - t) / half_life).
+    pub sum: F64,
 }
 
 /// A HyperLogLog sketch with 2^p registers, sparse (sorted (register, rank) pairs) while few
@@ -288,21 +323,25 @@ impl Acc {
         match agg {
             Agg::Count => Acc::Count(0),
             Agg::Sum | Agg::Avg if float => Acc::SumFloat { n: 0, sum: F64(0.0) },
-            Agg::Sum | Agg::Avg => Acc::SumInt { n: 0, sum: 0 },
+            Agg::Sum | Agg::Avg => Acc::SumInt { n: 0, sum: Wide::default() },
             Agg::Variance | Agg::Stddev if float => Acc::MomentsFloat { n: 0, sum: F64(0.0), sumsq: F64(0.0) },
-            Agg::Variance | Agg::Stddev => Acc::MomentsInt { n: 0, sum: 0, sumsq: 0 },
+            Agg::Variance | Agg::Stddev => Acc::MomentsInt(Box::default()),
             Agg::Min => Acc::Min(Datum::Null),
             Agg::Max => Acc::Max(Datum::Null),
             Agg::CountDistinct => Acc::Distinct(BTreeSet::new()),
             Agg::First => Acc::First(None),
             Agg::Last => Acc::Last(None),
-            Agg::ApproxDistinct => Acc::Hll(Hll::new(if params.precision == 0 { 12 } else { params.precision })),
-            Agg::ApproxQuantile => Acc::Quantiles(DdSketch::default()),
+            Agg::ApproxDistinct => {
+                Acc::Hll(Box::new(Hll::new(if params.precision == 0 { 12 } else { params.precision })))
+            }
+            Agg::ApproxQuantile => Acc::Quantiles(Box::default()),
             Agg::LastK => Acc::LastK { k: params.k.max(1), items: Vec::new() },
             Agg::TopK => Acc::TopK { k: params.k.max(1), items: Vec::new() },
-            Agg::ExpDecaySum => {
-                Acc::ExpDecay { half_life_ms: params.half_life_ms.max(1), reference: None, sum: F64(0.0) }
-            }
+            Agg::ExpDecaySum => Acc::ExpDecay(Box::new(ExpDecay {
+                half_life_ms: params.half_life_ms.max(1),
+                reference: None,
+                sum: F64(0.0),
+            })),
         }
     }
 
@@ -320,17 +359,17 @@ impl Acc {
             Acc::Count(c) => *c += 1,
             Acc::SumInt { n, sum } => {
                 *n += 1;
-                *sum += v.as_i128().unwrap_or(0);
+                sum.add(v.as_i128().unwrap_or(0));
             }
             Acc::SumFloat { n, sum } => {
                 *n += 1;
                 sum.0 += v.as_f64().unwrap_or(0.0);
             }
-            Acc::MomentsInt { n, sum, sumsq } => {
+            Acc::MomentsInt(m) => {
                 let x = v.as_i128().unwrap_or(0);
-                *n += 1;
-                *sum += x;
-                *sumsq = sumsq.saturating_add(x.saturating_mul(x));
+                m.n += 1;
+                m.sum += x;
+                m.sumsq = m.sumsq.saturating_add(x.saturating_mul(x));
             }
             Acc::MomentsFloat { n, sum, sumsq } => {
                 let x = v.as_f64().unwrap_or(0.0);
@@ -354,13 +393,13 @@ impl Acc {
                 }
             }
             Acc::First(cur) => {
-                if cur.as_ref().is_none_or(|(t, d)| (time, v) < (*t, d)) {
-                    *cur = Some((time, v.clone()));
+                if cur.as_deref().is_none_or(|(t, d)| (time, v) < (*t, d)) {
+                    *cur = Some(Box::new((time, v.clone())));
                 }
             }
             Acc::Last(cur) => {
-                if cur.as_ref().is_none_or(|(t, d)| (time, v) > (*t, d)) {
-                    *cur = Some((time, v.clone()));
+                if cur.as_deref().is_none_or(|(t, d)| (time, v) > (*t, d)) {
+                    *cur = Some(Box::new((time, v.clone())));
                 }
             }
             Acc::Hll(h) => h.add_hash(value_hash(v)),
@@ -384,18 +423,18 @@ impl Acc {
                     items.truncate(*k as usize);
                 }
             }
-            Acc::ExpDecay { half_life_ms, reference, sum } => {
+            Acc::ExpDecay(e) => {
                 let Some(x) = v.as_f64() else { return };
-                match *reference {
+                match e.reference {
                     None => {
-                        *reference = Some(time);
-                        sum.0 = x;
+                        e.reference = Some(time);
+                        e.sum.0 = x;
                     }
                     Some(r) if time > r => {
-                        sum.0 = sum.0 * decay(time - r, *half_life_ms) + x;
-                        *reference = Some(time);
+                        e.sum.0 = e.sum.0 * decay(time - r, e.half_life_ms) + x;
+                        e.reference = Some(time);
                     }
-                    Some(r) => sum.0 += x * decay(r - time, *half_life_ms),
+                    Some(r) => e.sum.0 += x * decay(r - time, e.half_life_ms),
                 }
             }
         }
@@ -407,16 +446,16 @@ impl Acc {
             (Acc::Count(a), Acc::Count(b)) => *a += b,
             (Acc::SumInt { n, sum }, Acc::SumInt { n: n2, sum: s2 }) => {
                 *n += n2;
-                *sum += s2;
+                sum.add(s2.get());
             }
             (Acc::SumFloat { n, sum }, Acc::SumFloat { n: n2, sum: s2 }) => {
                 *n += n2;
                 sum.0 += s2.0;
             }
-            (Acc::MomentsInt { n, sum, sumsq }, Acc::MomentsInt { n: n2, sum: s2, sumsq: q2 }) => {
-                *n += n2;
-                *sum += s2;
-                *sumsq = sumsq.saturating_add(*q2);
+            (Acc::MomentsInt(a), Acc::MomentsInt(b)) => {
+                a.n += b.n;
+                a.sum += b.sum;
+                a.sumsq = a.sumsq.saturating_add(b.sumsq);
             }
             (Acc::MomentsFloat { n, sum, sumsq }, Acc::MomentsFloat { n: n2, sum: s2, sumsq: q2 }) => {
                 *n += n2;
@@ -440,17 +479,18 @@ impl Acc {
                 items.sort_by(|a, b| b.cmp(a));
                 items.truncate(*k as usize);
             }
-            (Acc::ExpDecay { half_life_ms, reference, sum }, Acc::ExpDecay { reference: Some(r2), sum: s2, .. }) => {
-                match *reference {
+            (Acc::ExpDecay(a), Acc::ExpDecay(b)) => {
+                let Some(r2) = b.reference else { return };
+                match a.reference {
                     None => {
-                        *reference = Some(*r2);
-                        *sum = *s2;
+                        a.reference = Some(r2);
+                        a.sum = b.sum;
                     }
-                    Some(r) if *r2 > r => {
-                        sum.0 = sum.0 * decay(r2 - r, *half_life_ms) + s2.0;
-                        *reference = Some(*r2);
+                    Some(r) if r2 > r => {
+                        a.sum.0 = a.sum.0 * decay(r2 - r, a.half_life_ms) + b.sum.0;
+                        a.reference = Some(r2);
                     }
-                    Some(r) => sum.0 += s2.0 * decay(r - r2, *half_life_ms),
+                    Some(r) => a.sum.0 += b.sum.0 * decay(r - r2, a.half_life_ms),
                 }
             }
             _ => {}
@@ -479,10 +519,10 @@ impl Acc {
                     many => Value::Object(many.iter().map(|q| (q.to_string(), one(*q))).collect()),
                 }
             }
-            Acc::ExpDecay { reference: None, .. } => Value::Null,
-            Acc::ExpDecay { half_life_ms, reference: Some(r), sum } => {
-                float(sum.0 * decay(now.map_or(0, |n| n - r), *half_life_ms))
-            }
+            Acc::ExpDecay(e) => match e.reference {
+                None => Value::Null,
+                Some(r) => float(e.sum.0 * decay(now.map_or(0, |n| n - r), e.half_life_ms)),
+            },
             _ => self.value(agg),
         }
     }
@@ -505,16 +545,18 @@ impl Acc {
         match self {
             Acc::Count(c) => (*c).into(),
             Acc::SumInt { n: 0, .. } | Acc::SumFloat { n: 0, .. } => Value::Null,
-            Acc::MomentsInt { n: 0, .. } | Acc::MomentsFloat { n: 0, .. } => Value::Null,
+            Acc::MomentsInt(m) if m.n == 0 => Value::Null,
+            Acc::MomentsFloat { n: 0, .. } => Value::Null,
             Acc::SumInt { n, sum } => match agg {
-                Agg::Avg => float(*sum as f64 / *n as f64),
-                _ => i64::try_from(*sum).map_or_else(|_| float(*sum as f64), Value::from),
+                Agg::Avg => float(sum.get() as f64 / *n as f64),
+                _ => i64::try_from(sum.get()).map_or_else(|_| float(sum.get() as f64), Value::from),
             },
             Acc::SumFloat { n, sum } => match agg {
                 Agg::Avg => float(sum.0 / *n as f64),
                 _ => float(sum.0),
             },
-            Acc::MomentsInt { n, sum, sumsq } => {
+            Acc::MomentsInt(m) => {
+                let (n, sum, sumsq) = (&m.n, &m.sum, &m.sumsq);
                 // Exact numerator n*sumsq - sum^2, divided once.
                 let n128 = i128::from(*n);
                 let var = match n128.checked_mul(*sumsq).and_then(|a| sum.checked_mul(*sum).map(|b| a - b)) {
@@ -526,14 +568,14 @@ impl Acc {
             Acc::MomentsFloat { n, sum, sumsq } => finish(variance_f(*n, sum.0, sumsq.0)),
             Acc::Min(d) | Acc::Max(d) => d.to_json(),
             Acc::Distinct(set) => (set.len() as u64).into(),
-            Acc::First(v) | Acc::Last(v) => v.as_ref().map_or(Value::Null, |(_, d)| d.to_json()),
+            Acc::First(v) | Acc::Last(v) => v.as_deref().map_or(Value::Null, |(_, d)| d.to_json()),
             Acc::Hll(h) => h.estimate().into(),
             Acc::Quantiles(s) => s.quantile(0.5).map_or(Value::Null, float),
             Acc::LastK { .. } | Acc::TopK { .. } if self.is_empty_list() => Value::Null,
             Acc::LastK { items, .. } => Value::Array(items.iter().map(|(_, d)| d.to_json()).collect()),
             Acc::TopK { items, .. } => Value::Array(items.iter().map(Datum::to_json).collect()),
-            Acc::ExpDecay { reference: None, .. } => Value::Null,
-            Acc::ExpDecay { sum, .. } => float(sum.0),
+            Acc::ExpDecay(e) if e.reference.is_none() => Value::Null,
+            Acc::ExpDecay(e) => float(e.sum.0),
         }
     }
 }
@@ -717,6 +759,20 @@ mod tests {
         // Read an hour later, it has halved 3.6 times.
         let later = decay.value_at(Agg::ExpDecaySum, &p, Some(9 + 3_600)).as_f64().unwrap();
         assert!((later - want * 2f64.powf(-3.6)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn accumulators_are_four_words() {
+        // Every slot of every pane holds one per feature: the common ones stay inline.
+        assert_eq!(std::mem::size_of::<Acc>(), 32);
+        let mut s = Acc::new(Agg::Sum, Some(FieldType::I64));
+        s.add(0, Some(&int(i64::MAX)));
+        s.add(0, Some(&int(i64::MAX)));
+        s.add(0, Some(&int(-3)));
+        let Acc::SumInt { sum, .. } = &s else { unreachable!() };
+        assert_eq!(sum.get(), 2 * i128::from(i64::MAX) - 3);
+        let (a, b) = (Wide::from(-1), Wide::from(1));
+        assert!(a < b && Wide::from(i128::MIN) < a && b < Wide::from(i128::MAX));
     }
 
     #[test]

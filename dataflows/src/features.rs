@@ -261,6 +261,9 @@ pub struct Stats {
     /// Events that reached the aggregate after their slot was evicted (they are applied anyway,
     /// and evicted again at the next watermark).
     pub reopened: u64,
+    /// Of the live slots, those the aggregate holds in memory (the others, in closed panes, only
+    /// the arrangement holds).
+    pub hot_slots: u64,
 }
 
 /// What a rendered dataflow gives the worker.
@@ -290,7 +293,8 @@ pub struct StateSize {
     pub live_slots: u64,
     /// Updates held by the arrangement's batches.
     pub arrangement_updates: u64,
-    /// Bytes of both, at the in-memory sizes of their types (keys' heap parts not counted).
+    /// Bytes of the arrangement and of the slots the aggregate holds in memory, at the
+    /// in-memory sizes of their types (keys' heap parts not counted).
     pub bytes: u64,
 }
 
@@ -303,14 +307,15 @@ impl Rendered {
         use differential_dataflow::trace::TraceReader;
         let mut updates = 0u64;
         self.trace.map_spans(|span| updates += span.inner.as_ref().map_or(0, |b| b.len() as u64));
-        let live_slots = self.stats.get().live_slots;
+        let stats = self.stats.get();
+        let (live_slots, hot_slots) = (stats.live_slots, stats.hot_slots);
         let groups = self.layout.groups.len().max(1);
         let features: usize = self.layout.groups.iter().map(|g| g.features.len()).sum();
         let accs = (features.div_ceil(groups) * std::mem::size_of::<Acc>()) as u64;
         let update = (std::mem::size_of::<(Key, Slot, Epoch, isize)>() as u64) + accs;
         // A hash-map entry: key, accumulators' vector, flag, and one control byte.
         let slot = (std::mem::size_of::<(Key, Live)>() as u64) + 1 + accs;
-        StateSize { live_slots, arrangement_updates: updates, bytes: updates * update + live_slots * slot }
+        StateSize { live_slots, arrangement_updates: updates, bytes: updates * update + hot_slots * slot }
     }
 }
 
@@ -325,7 +330,7 @@ pub struct CheckpointCell {
 }
 
 /// The format version of [`StateSnapshot`].
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// [`StateSnapshot`] borrowing the live state (same field order and encoding).
 #[derive(Serialize)]
@@ -347,8 +352,14 @@ enum GroupRef<'a> {
 }
 
 /// Pane start → slots, encoded as the sequence of pairs `GroupSnapshot::Panes` holds (bincode
-/// writes a map and a sequence of pairs alike).
-struct PanesRef<'a>(&'a BTreeMap<i64, SlotMap>);
+/// writes a map and a sequence of pairs alike): the live panes' slots, and those of closed panes
+/// read back from the arrangement (`frozen`; a slot live again in `live` is not in it).
+struct PanesRef<'a> {
+    live: &'a BTreeMap<i64, Pane>,
+    frozen: BTreeMap<i64, KeyedAccs>,
+}
+/// The slots of one pane: live ones and ones read back.
+struct PaneRef<'a>(Option<&'a SlotMap>, Option<&'a KeyedAccs>);
 /// Key → accumulators.
 struct SlotsRef<'a>(&'a SlotMap);
 /// Key → sessions.
@@ -358,7 +369,29 @@ struct SessionListRef<'a>(&'a [Session]);
 
 impl Serialize for PanesRef<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(start, slots)| (start, SlotsRef(slots))))
+        use serde::ser::SerializeMap;
+        let starts: std::collections::BTreeSet<i64> = self.live.keys().chain(self.frozen.keys()).copied().collect();
+        let mut map = serializer.serialize_map(Some(starts.len()))?;
+        for start in starts {
+            let pane = PaneRef(self.live.get(&start).map(|p| &p.slots), self.frozen.get(&start));
+            map.serialize_entry(&start, &pane)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for PaneRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let len = self.0.map_or(0, |m| m.len()) + self.1.map_or(0, |v| v.len());
+        let mut map = serializer.serialize_map(Some(len))?;
+        for (key, live) in self.0.into_iter().flatten() {
+            map.serialize_entry(key, &live.accs)?;
+        }
+        for (key, accs) in self.1.into_iter().flatten() {
+            map.serialize_entry(key, accs)?;
+        }
+        map.end()
     }
 }
 
@@ -434,6 +467,9 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
 
     let prep = Rc::clone(&layout);
     let events = row_stream.flat_map(move |row| prep.prepare(&row));
+    // The aggregate reads closed panes back from the arrangement it feeds (made below).
+    let feeding: Rc<RefCell<Option<SlotTrace>>> = Rc::new(RefCell::new(None));
+    let mut store = TraceStore { trace: Rc::clone(&feeding), upper: timely::progress::Antichain::new() };
     let mut state = AggregateState::new(Rc::clone(&layout));
     let mut restored = Vec::new();
     if let Some(snapshot) = restore {
@@ -497,11 +533,11 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
                     let Some((_, cap)) = caps.pop_first() else { break };
                     if let Some(c) = cell.requested.filter(|c| epoch >= *c) {
                         cell.requested = None;
-                        cell.result = Some((c, state.timed_snapshot()));
+                        cell.result = Some((c, state.timed_snapshot(&mut store)));
                     }
                     let evs = pending_events.remove(&epoch).unwrap_or_default();
                     let reps = pending_reports.remove(&epoch).unwrap_or_default();
-                    state.apply_epoch(evs, &reps, &mut out);
+                    state.apply_epoch(epoch, evs, &reps, &mut out, &mut store);
                     last_applied = Some(epoch);
                     let mut marks = wm_out.borrow_mut();
                     if let Some(w) = state.watermark {
@@ -527,7 +563,7 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
                 if let Some(c) = cell.requested {
                     if !events_frontier.less_than(&c) && !reports_frontier.less_than(&c) {
                         cell.requested = None;
-                        cell.result = Some((c, state.timed_snapshot()));
+                        cell.result = Some((c, state.timed_snapshot(&mut store)));
                     }
                 }
             }
@@ -539,6 +575,7 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
         &format!("Features({name})"),
         ValBatcher::new,
     );
+    *feeding.borrow_mut() = Some(arranged.trace.clone());
     let probe = ProbeHandle::new();
     let _ = arranged.stream.clone().probe_with(&probe);
     Rendered { rows, reports, trace: arranged.trace, probe, watermarks, stats, layout, checkpoint }
@@ -548,6 +585,129 @@ struct Session {
     start: i64,
     end: i64,
     accs: Vec<Acc>,
+}
+
+/// The live slots of one pane, and the last epoch that changed any of them.
+#[derive(Default)]
+struct Pane {
+    slots: SlotMap,
+    changed: Epoch,
+}
+
+/// A pane group's slots. Once a pane is closed (the watermark passed its end) and the
+/// arrangement holds every change made to it, its slots leave memory: the arrangement is then
+/// their only copy. An event that still reaches such a pane (it was accepted before the
+/// watermark moved) reads its slot back; retention evicts closed panes by retracting what the
+/// arrangement holds; snapshots read them from there.
+#[derive(Default)]
+struct Panes {
+    /// Pane start → live slots.
+    live: BTreeMap<i64, Pane>,
+    /// Start of each closed pane that left memory → the keys of its slots, kept only when
+    /// retention will need them to evict the pane (a key may repeat after a pane reopened).
+    frozen: BTreeMap<i64, Vec<Key>>,
+}
+
+/// Where the aggregate finds the slots of closed panes: the arrangement it feeds.
+trait SlotStore {
+    /// Every epoch before this one is in the store.
+    fn upper(&mut self) -> Epoch;
+    /// Calls `f` with the accumulators of each of `keys` (ascending) that has a slot of `group`
+    /// starting at `start`.
+    fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Vec<Acc>));
+    /// Calls `f` with every slot held.
+    fn for_each(&mut self, f: &mut dyn FnMut(&Key, &Slot));
+}
+
+/// The feature arrangement as a [`SlotStore`], through a trace handle of its own whose
+/// compaction frontiers follow the arrangement's upper (so that it never holds compaction back).
+struct TraceStore {
+    trace: Rc<RefCell<Option<SlotTrace>>>,
+    upper: timely::progress::Antichain<Epoch>,
+}
+
+impl SlotStore for TraceStore {
+    fn upper(&mut self) -> Epoch {
+        use differential_dataflow::trace::TraceReader;
+        let mut cell = self.trace.borrow_mut();
+        let Some(trace) = cell.as_mut() else { return 0 };
+        trace.read_upper(&mut self.upper);
+        match self.upper.first() {
+            Some(&upper) => {
+                trace.set_logical_compaction(self.upper.borrow());
+                trace.set_physical_compaction(self.upper.borrow());
+                upper
+            }
+            // Complete: nothing more will be changed, nothing needs reading back.
+            None => 0,
+        }
+    }
+
+    fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Vec<Acc>)) {
+        use differential_dataflow::trace::cursor::{cursor_list, Cursor};
+        use differential_dataflow::trace::TraceReader;
+        let mut cell = self.trace.borrow_mut();
+        let Some(trace) = cell.as_mut() else { return };
+        let Some(batches) = trace.batches_through(timely::progress::Antichain::new().borrow()) else { return };
+        let (mut cursor, storage) = cursor_list(batches);
+        for key in keys {
+            cursor.seek_key(&storage, key);
+            if cursor.get_key(&storage) != Some(key) {
+                continue;
+            }
+            // Slots order by group, then start. (Not `seek_val`: the cursor list's seeks the
+            // cursors of every batch, also those past their last key, which panics.)
+            while let Some(slot) = cursor.get_val(&storage) {
+                if (slot.group, slot.start) < (group, start) {
+                    cursor.step_val(&storage);
+                    continue;
+                }
+                if (slot.group, slot.start) > (group, start) {
+                    break;
+                }
+                let mut count = 0isize;
+                cursor.map_times(&storage, |_, r| count += *r);
+                if count > 0 {
+                    f(key, slot.accs.clone());
+                    break;
+                }
+                cursor.step_val(&storage);
+            }
+        }
+    }
+
+    fn for_each(&mut self, f: &mut dyn FnMut(&Key, &Slot)) {
+        use differential_dataflow::trace::cursor::{cursor_list, Cursor};
+        use differential_dataflow::trace::TraceReader;
+        let mut cell = self.trace.borrow_mut();
+        let Some(trace) = cell.as_mut() else { return };
+        let Some(batches) = trace.batches_through(timely::progress::Antichain::new().borrow()) else { return };
+        let (mut cursor, storage) = cursor_list(batches);
+        while let Some(key) = cursor.get_key(&storage) {
+            while let Some(slot) = cursor.get_val(&storage) {
+                let mut count = 0isize;
+                cursor.map_times(&storage, |_, r| count += *r);
+                if count > 0 {
+                    f(key, slot);
+                }
+                cursor.step_val(&storage);
+            }
+            cursor.step_key(&storage);
+        }
+    }
+}
+
+/// No store: nothing leaves memory (tests of the aggregate alone).
+#[cfg(test)]
+struct NoStore;
+
+#[cfg(test)]
+impl SlotStore for NoStore {
+    fn upper(&mut self) -> Epoch {
+        0
+    }
+    fn get(&mut self, _: &[Key], _: u32, _: i64, _: &mut dyn FnMut(&Key, Vec<Acc>)) {}
+    fn for_each(&mut self, _: &mut dyn FnMut(&Key, &Slot)) {}
 }
 
 /// A live slot: its accumulators, and whether the current epoch already changed it.
@@ -602,7 +762,7 @@ fn unindex(by_end: &mut BTreeMap<i64, Vec<Key>>, end: i64, key: &Key) {
 }
 
 enum GroupState {
-    Panes(BTreeMap<i64, SlotMap>),
+    Panes(Panes),
     Sessions { by_key: FxHashMap<Key, Vec<Session>>, by_end: BTreeMap<i64, Vec<Key>> },
     Global(SlotMap),
 }
@@ -622,7 +782,7 @@ impl AggregateState {
             .groups
             .iter()
             .map(|g| match g.kind {
-                GroupKind::Pane(_) => GroupState::Panes(BTreeMap::new()),
+                GroupKind::Pane(_) => GroupState::Panes(Panes::default()),
                 GroupKind::Session(_) => GroupState::Sessions { by_key: FxHashMap::default(), by_end: BTreeMap::new() },
                 GroupKind::Global => GroupState::Global(SlotMap::default()),
             })
@@ -630,13 +790,21 @@ impl AggregateState {
         AggregateState { layout, groups, partitions: HashMap::new(), watermark: None, stats: Stats::default() }
     }
 
-    /// Applies one epoch's events, then its watermark; pushes the slot updates to `out`.
-    fn apply_epoch(&mut self, events: Vec<Ev>, reports: &[Report], out: &mut Vec<((Key, Slot), isize)>) {
+    /// Applies epoch `epoch`'s events, then its watermark; pushes the slot updates to `out`.
+    /// Closed panes that `store` holds leave memory.
+    fn apply_epoch(
+        &mut self,
+        epoch: Epoch,
+        events: Vec<Ev>,
+        reports: &[Report],
+        out: &mut Vec<((Key, Slot), isize)>,
+        store: &mut dyn SlotStore,
+    ) {
         let layout = Rc::clone(&self.layout);
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
-                (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) => {
+                (GroupState::Panes(Panes { live: panes, frozen }), GroupKind::Pane(pane_ms)) => {
                     let pane = pane_ms as i64;
                     let evicted_before = match (self.watermark, layout.plan.retention_ms) {
                         (Some(w), Some(r)) => Some(w.saturating_sub(r as i64).saturating_sub(group.span_ms as i64)),
@@ -648,17 +816,36 @@ impl AggregateState {
                         if evicted_before.is_some_and(|limit| start <= limit) {
                             self.stats.reopened += 1;
                         }
-                        let slots = panes.entry(start).or_default();
-                        let accs = touch(slots, &ev.key, start, &mut touched, &mut self.stats.live_slots, || {
-                            layout.empty_accs(group)
-                        });
+                        let current = panes.entry(start).or_default();
+                        current.changed = epoch;
+                        let accs = if frozen.contains_key(&start) && !current.slots.contains_key(&ev.key) {
+                            // A closed pane that left memory: its slot (if the key has one) is
+                            // read back and replaced like any other.
+                            let mut old = None;
+                            store.get(std::slice::from_ref(&ev.key), gid, start, &mut |_, accs| old = Some(accs));
+                            if old.is_none() {
+                                self.stats.live_slots += 1;
+                            }
+                            let accs = old.clone().unwrap_or_else(|| layout.empty_accs(group));
+                            touched.push((start, ev.key.clone(), old));
+                            &mut current
+                                .slots
+                                .entry(ev.key.clone())
+                                .insert(Live { accs, touched: true })
+                                .into_mut()
+                                .accs
+                        } else {
+                            touch(&mut current.slots, &ev.key, start, &mut touched, &mut self.stats.live_slots, || {
+                                layout.empty_accs(group)
+                            })
+                        };
                         for (acc, input) in accs.iter_mut().zip(&group.inputs) {
                             acc.add(ev.time, input.map(|i| &ev.values[i]));
                         }
                     }
                     for (start, key, old) in touched {
                         let end = start + pane;
-                        let Some(live) = panes.get_mut(&start).and_then(|s| s.get_mut(&key)) else { continue };
+                        let Some(live) = panes.get_mut(&start).and_then(|p| p.slots.get_mut(&key)) else { continue };
                         live.touched = false;
                         let new = live.accs.clone();
                         if let Some(old) = old {
@@ -738,14 +925,44 @@ impl AggregateState {
             }
         }
         self.update_watermark(reports);
-        self.evict(out);
+        self.evict(out, store);
+        self.freeze(store);
+        self.stats.hot_slots = self
+            .groups
+            .iter()
+            .map(|g| match g {
+                GroupState::Panes(panes) => panes.live.values().map(|p| p.slots.len() as u64).sum(),
+                GroupState::Sessions { by_key, .. } => by_key.len() as u64,
+                GroupState::Global(slots) => slots.len() as u64,
+            })
+            .sum();
+    }
+
+    /// Takes out of memory the closed panes whose every change the store holds.
+    fn freeze(&mut self, store: &mut dyn SlotStore) {
+        let Some(w) = self.watermark else { return };
+        let mut upper = None;
+        let keep_keys = self.layout.plan.retention_ms.is_some();
+        for (state, group) in self.groups.iter_mut().zip(&self.layout.groups) {
+            let (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) = (state, group.kind) else { continue };
+            let closed = panes.live.range(..=w.saturating_sub(pane_ms as i64));
+            let upper = *upper.get_or_insert_with(|| store.upper());
+            let ready: Vec<i64> = closed.filter(|(_, p)| p.changed < upper).map(|(s, _)| *s).collect();
+            for start in ready {
+                let Some(pane) = panes.live.remove(&start) else { continue };
+                let keys = panes.frozen.entry(start).or_default();
+                if keep_keys {
+                    keys.extend(pane.slots.into_keys());
+                }
+            }
+        }
     }
 
     /// The state as a snapshot, encoded.
     /// [`AggregateState::snapshot`], logging its size and how long it took (at debug level).
-    fn timed_snapshot(&self) -> Result<Vec<u8>, String> {
+    fn timed_snapshot(&self, store: &mut dyn SlotStore) -> Result<Vec<u8>, String> {
         let started = std::time::Instant::now();
-        let result = self.snapshot();
+        let result = self.snapshot(store);
         if let Ok(bytes) = &result {
             tracing::debug!(
                 dataflow = %self.layout.plan.name,
@@ -757,9 +974,23 @@ impl AggregateState {
         result
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
-        // Serialized straight from the live maps (no copy of the state first); the encoding is
-        // exactly that of `StateSnapshot`, which is what restores read.
+    fn snapshot(&self, store: &mut dyn SlotStore) -> Result<Vec<u8>, String> {
+        // Slots of closed panes that left memory, read back from the store: those of panes
+        // still retained, unless live again.
+        let mut frozen: Vec<BTreeMap<i64, KeyedAccs>> = self.groups.iter().map(|_| BTreeMap::new()).collect();
+        if self.groups.iter().any(|g| matches!(g, GroupState::Panes(p) if !p.frozen.is_empty())) {
+            store.for_each(&mut |key, slot| {
+                let Some(GroupState::Panes(panes)) = self.groups.get(slot.group as usize) else { return };
+                if !panes.frozen.contains_key(&slot.start)
+                    || panes.live.get(&slot.start).is_some_and(|p| p.slots.contains_key(key))
+                {
+                    return;
+                }
+                frozen[slot.group as usize].entry(slot.start).or_default().push((key.clone(), slot.accs.clone()));
+            });
+        }
+        // Serialized straight from the live maps (no copy of the live state first); the
+        // encoding is exactly that of `StateSnapshot`, which is what restores read.
         let snapshot = SnapshotRef {
             version: SNAPSHOT_VERSION,
             dataflow: self.layout.plan.id,
@@ -768,8 +999,11 @@ impl AggregateState {
             groups: self
                 .groups
                 .iter()
-                .map(|g| match g {
-                    GroupState::Panes(panes) => GroupRef::Panes(PanesRef(panes)),
+                .enumerate()
+                .map(|(g, state)| match state {
+                    GroupState::Panes(panes) => {
+                        GroupRef::Panes(PanesRef { live: &panes.live, frozen: std::mem::take(&mut frozen[g]) })
+                    }
                     GroupState::Sessions { by_key, .. } => GroupRef::Sessions(SessionsRef(by_key)),
                     GroupState::Global(slots) => GroupRef::Global(SlotsRef(slots)),
                 })
@@ -784,14 +1018,16 @@ impl AggregateState {
     fn restore(&mut self, snapshot: StateSnapshot) {
         self.watermark = snapshot.watermark;
         self.partitions = snapshot.partitions.into_iter().map(|(p, m, idle)| (p, (m, idle))).collect();
-        self.stats = Stats { live_slots: snapshot.stats.0, reopened: snapshot.stats.1 };
+        self.stats = Stats { live_slots: snapshot.stats.0, reopened: snapshot.stats.1, hot_slots: snapshot.stats.0 };
         for (state, group) in self.groups.iter_mut().zip(snapshot.groups) {
             match (state, group) {
                 (GroupState::Panes(panes), GroupSnapshot::Panes(saved)) => {
+                    // Everything restored is live; closed panes leave memory once the
+                    // arrangement holds them.
                     for (start, slots) in saved {
-                        let map = panes.entry(start).or_default();
+                        let pane = panes.live.entry(start).or_default();
                         for (key, accs) in slots {
-                            map.insert(key, Live { accs, touched: false });
+                            pane.slots.insert(key, Live { accs, touched: false });
                         }
                     }
                 }
@@ -822,9 +1058,9 @@ impl AggregateState {
             let gid = g as u32;
             match (state, group.kind) {
                 (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) => {
-                    for (start, slots) in panes {
+                    for (start, pane) in &panes.live {
                         let end = start + pane_ms as i64;
-                        for (key, live) in slots {
+                        for (key, live) in &pane.slots {
                             out.push((
                                 (key.clone(), Slot { group: gid, start: *start, end, accs: live.accs.clone() }),
                                 1,
@@ -886,7 +1122,7 @@ impl AggregateState {
         }
     }
 
-    fn evict(&mut self, out: &mut Vec<((Key, Slot), isize)>) {
+    fn evict(&mut self, out: &mut Vec<((Key, Slot), isize)>, store: &mut dyn SlotStore) {
         let (Some(w), Some(retention)) = (self.watermark, self.layout.plan.retention_ms) else {
             return;
         };
@@ -895,23 +1131,41 @@ impl AggregateState {
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
-                (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) => {
+                (GroupState::Panes(Panes { live: panes, frozen }), GroupKind::Pane(pane_ms)) => {
                     // A pane is evicted once the last window using it (starting at the pane)
-                    // ended more than `retention` before the watermark.
+                    // ended more than `retention` before the watermark. The slots of a closed
+                    // pane that left memory are read back to be retracted, except those live
+                    // again (retracted below with their current value).
+                    let end_of = |start: i64| start + pane_ms as i64;
+                    while let Some((&start, _)) = frozen.first_key_value() {
+                        if start + group.span_ms as i64 > limit {
+                            break;
+                        }
+                        let Some((_, mut keys)) = frozen.pop_first() else {
+                            break;
+                        };
+                        keys.sort_unstable();
+                        keys.dedup();
+                        if let Some(pane) = panes.get(&start) {
+                            keys.retain(|k| !pane.slots.contains_key(k));
+                        }
+                        let live_slots = &mut self.stats.live_slots;
+                        store.get(&keys, gid, start, &mut |key, accs| {
+                            *live_slots -= 1;
+                            out.push(((key.clone(), Slot { group: gid, start, end: end_of(start), accs }), -1));
+                        });
+                    }
                     while let Some((&start, _)) = panes.first_key_value() {
                         if start + group.span_ms as i64 > limit {
                             break;
                         }
-                        let Some((_, slots)) = panes.pop_first() else {
+                        let Some((_, pane)) = panes.pop_first() else {
                             break;
                         };
-                        self.stats.live_slots -= slots.len() as u64;
-                        let end = start + pane_ms as i64;
-                        out.extend(
-                            slots
-                                .into_iter()
-                                .map(|(key, live)| ((key, Slot { group: gid, start, end, accs: live.accs }), -1)),
-                        );
+                        self.stats.live_slots -= pane.slots.len() as u64;
+                        out.extend(pane.slots.into_iter().map(|(key, live)| {
+                            ((key, Slot { group: gid, start, end: end_of(start), accs: live.accs }), -1)
+                        }));
                     }
                 }
                 (GroupState::Sessions { by_key, by_end }, GroupKind::Session(_)) => {
@@ -1150,8 +1404,8 @@ mod tests {
                 layout.prepare(&row).unwrap()
             })
             .collect();
-        live.apply_epoch(events, &[report(0, Some(4_000), false)], &mut out);
-        let bytes = live.snapshot().unwrap();
+        live.apply_epoch(1, events, &[report(0, Some(4_000), false)], &mut out, &mut NoStore);
+        let bytes = live.snapshot(&mut NoStore).unwrap();
         let snapshot: StateSnapshot = bincode::deserialize(&bytes).unwrap();
         assert_eq!(snapshot.dataflow, 9);
         assert_eq!(snapshot.partition_max(0), Some(4_000));
@@ -1178,11 +1432,121 @@ mod tests {
                 })
                 .collect();
             let mut out = Vec::new();
-            state.apply_epoch(evs, &[report(0, Some(4_149), false)], &mut out);
+            state.apply_epoch(2, evs, &[report(0, Some(4_149), false)], &mut out, &mut NoStore);
             out.sort();
             out
         };
         assert_eq!(more(&mut live), more(&mut restored));
+    }
+
+    /// A store that holds what the aggregate emitted, complete through the last epoch given.
+    #[derive(Default)]
+    struct MapStore {
+        slots: BTreeMap<(Key, Slot), isize>,
+        upper: Epoch,
+    }
+
+    impl MapStore {
+        fn take(&mut self, epoch: Epoch, out: &mut Vec<((Key, Slot), isize)>) {
+            for (slot, diff) in out.drain(..) {
+                *self.slots.entry(slot).or_default() += diff;
+            }
+            self.slots.retain(|_, d| *d != 0);
+            self.upper = epoch + 1;
+        }
+    }
+
+    impl SlotStore for MapStore {
+        fn upper(&mut self) -> Epoch {
+            self.upper
+        }
+        fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Vec<Acc>)) {
+            assert!(keys.windows(2).all(|w| w[0] < w[1]), "keys ascending, once each");
+            for key in keys {
+                let found =
+                    self.slots.iter().find(|((k, s), d)| k == key && s.group == group && s.start == start && **d > 0);
+                if let Some(((_, slot), _)) = found {
+                    f(key, slot.accs.clone());
+                }
+            }
+        }
+        fn for_each(&mut self, f: &mut dyn FnMut(&Key, &Slot)) {
+            for ((key, slot), d) in &self.slots {
+                assert_eq!(*d, 1, "one copy of each slot");
+                f(key, slot);
+            }
+        }
+    }
+
+    #[test]
+    fn closed_panes_leave_memory_and_are_read_back_exactly() {
+        // Tumbling and hopping panes with retention, fed in order with stragglers that reach
+        // panes already closed (and some already evicted), against the same aggregate keeping
+        // every slot in memory: the same updates, the same snapshots, and few slots in memory.
+        let feature = |name: &str, agg, window| FeaturePlan {
+            name: name.into(),
+            agg,
+            field: Some(1),
+            window,
+            params: Default::default(),
+        };
+        let plan = DataflowPlan {
+            name: "d".into(),
+            id: 3,
+            source: source(100),
+            key: vec![0],
+            filter: None,
+            retention_ms: Some(6_000),
+            features: vec![
+                feature("count", Agg::Count, Window::Tumbling { size_ms: 1_000 }),
+                feature("max", Agg::Max, Window::Hopping { size_ms: 2_000, hop_ms: 500 }),
+                feature("last", Agg::Last, Window::Hopping { size_ms: 2_000, hop_ms: 500 }),
+            ],
+        };
+        let layout = Rc::new(Layout::new(plan));
+        let (mut all, mut some) = (AggregateState::new(Rc::clone(&layout)), AggregateState::new(Rc::clone(&layout)));
+        let mut store = MapStore::default();
+        let mut expected: BTreeMap<(Key, Slot), isize> = BTreeMap::new();
+        let (mut fewest_hot, mut most_live) = (u64::MAX, 0);
+        for epoch in 1..=60u64 {
+            let base = epoch as i64 * 200;
+            let events: Vec<Ev> = (0..40i64)
+                .map(|i| {
+                    // Mostly recent; every seventh event up to 9 s late (past retention, some).
+                    let t = if i % 7 == 0 { base - (i * 211 % 9_000) } else { base + i * 5 };
+                    layout.prepare(&Row { time: t, values: vec![Datum::UInt((i % 9) as u64), Datum::Int(t)].into() })
+                })
+                .collect::<Option<_>>()
+                .unwrap();
+            let reports = [report(0, Some(base + 200), false)];
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            all.apply_epoch(epoch, events.clone(), &reports, &mut a, &mut NoStore);
+            some.apply_epoch(epoch, events, &reports, &mut b, &mut store);
+            for (slot, diff) in a {
+                *expected.entry(slot).or_default() += diff;
+            }
+            expected.retain(|_, d| *d != 0);
+            store.take(epoch, &mut b);
+            assert_eq!(store.slots, expected, "epoch {epoch}: the same slots");
+            assert_eq!(some.stats.live_slots, all.stats.live_slots);
+            assert_eq!(some.stats.reopened, all.stats.reopened);
+            if epoch > 30 {
+                fewest_hot = fewest_hot.min(some.stats.hot_slots);
+                most_live = most_live.max(some.stats.live_slots);
+            }
+            let decode = |bytes: Vec<u8>| {
+                let mut s: StateSnapshot = bincode::deserialize(&bytes).unwrap();
+                for g in &mut s.groups {
+                    if let GroupSnapshot::Panes(panes) = g {
+                        panes.iter_mut().for_each(|(_, slots)| slots.sort());
+                    }
+                }
+                s
+            };
+            assert_eq!(decode(some.snapshot(&mut store).unwrap()), decode(all.snapshot(&mut NoStore).unwrap()));
+        }
+        assert!(some.stats.reopened > 0 && expected.len() > 100);
+        assert!(fewest_hot * 3 < most_live, "closed panes left memory: {fewest_hot} in memory of {most_live}");
     }
 
     #[test]
