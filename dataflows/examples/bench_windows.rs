@@ -10,14 +10,15 @@
 //! epochs of `--batch` events. `baseline` is a single-threaded hash map of per-minute panes (W2's
 //! windows are merged from panes at the end, as a hand-written aggregator would). `sundial` is
 //! the rendered dataflow on T worker threads, fed round-robin, waited on until the last epoch is
-//! complete. Time is measured until the result is read (each side's state is torn down after,
-//! which a running server never does). Both print one line: events/s, result checksum (so the two can be compared), retained
-//! groups, and the process's peak RSS above what the input rows take. With `--input move` (the
-//! default) the dataflow takes the rows as ingest hands them over and frees them as it goes, so
-//! state reuses their memory and the peak above the input undercounts it; `--input keep` sends
-//! copies of an input that stays whole, so that the peak above it is the dataflow's. `drop` runs `sundial` and
-//! then drops the dataflow as `DELETE /v1/dataflows/{name}` does, printing the RSS before and
-//! after.
+//! complete. Time and memory are measured until the result is read (each side's state is torn
+//! down after, which a running server never does; tearing the arrangement down merges its
+//! batches into one more copy). Both print one line: events/s, result checksum (so the two can
+//! be compared), retained groups, and the process's peak RSS until then above what the input
+//! rows take. With `--input move` (the default) the dataflow takes the rows as ingest hands them
+//! over and frees them as it goes, so state reuses their memory and the peak above the input
+//! undercounts it; `--input keep` sends copies of an input that stays whole, so that the peak
+//! above it is the dataflow's. `drop` runs `sundial` and then drops the dataflow as
+//! `DELETE /v1/dataflows/{name}` does, printing the RSS before and after.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -196,7 +197,7 @@ fn rss_kib(field: &str) -> u64 {
 type Checksum = (u64, u64, i128, i128);
 
 /// The baseline's checksum, and the time until it was ready (its maps are dropped after).
-fn baseline(rows: &[Row], workload: &str) -> (Checksum, Duration) {
+fn baseline(rows: &[Row], workload: &str) -> (Checksum, Duration, u64) {
     let started = Instant::now();
     let mut panes: HashMap<(u64, i64), (u64, i64, i64)> = HashMap::new();
     for row in rows {
@@ -214,7 +215,7 @@ fn baseline(rows: &[Row], workload: &str) -> (Checksum, Duration) {
             c.1 += count;
             c.2 += i128::from(*sum);
         }
-        return (c, started.elapsed());
+        return (c, started.elapsed(), rss_kib("VmHWM:"));
     }
     let mut windows: HashMap<(u64, i64), (u64, i64, i64)> = HashMap::new();
     for ((user, pane), (count, sum, max)) in &panes {
@@ -232,7 +233,7 @@ fn baseline(rows: &[Row], workload: &str) -> (Checksum, Duration) {
         c.2 += i128::from(*sum);
         c.3 += i128::from(*max);
     }
-    (c, started.elapsed())
+    (c, started.elapsed(), rss_kib("VmHWM:"))
 }
 
 /// The dataflow's checksum, and the time until every worker had read it (before the dataflow's
@@ -297,7 +298,13 @@ impl Feed {
     }
 }
 
-fn sundial(feed: Arc<Feed>, workload: &str, threads: usize, batch: usize, then_drop: bool) -> (Checksum, Duration) {
+fn sundial(
+    feed: Arc<Feed>,
+    workload: &str,
+    threads: usize,
+    batch: usize,
+    then_drop: bool,
+) -> (Checksum, Duration, u64) {
     let plan = plan(workload);
     let started = Instant::now();
     let guards = timely::execute(timely::Config::process(threads), move |worker| {
@@ -348,6 +355,10 @@ fn sundial(feed: Arc<Feed>, workload: &str, threads: usize, batch: usize, then_d
         })
         .unwrap();
         let ready = started.elapsed();
+        // The peak so far: what the dataflow took to compute and serve the result. (Tearing it
+        // down merges the arrangement's batches into one copy more, which a running server
+        // never does.)
+        let peak = rss_kib("VmHWM:");
         if layout.plan.name == "slide4" && me == 0 {
             // One key's features at a time, as a point read does: read the key's tiles from the
             // arrangement and assemble the four sliding windows.
@@ -390,20 +401,22 @@ fn sundial(feed: Arc<Feed>, workload: &str, threads: usize, batch: usize, then_d
                 );
             }
         }
-        (c, ready)
+        (c, ready, peak)
     })
     .unwrap();
     let mut total: Checksum = (0, 0, 0, 0);
     let mut ready = Duration::ZERO;
+    let mut peak = 0;
     for result in guards.join() {
-        let (c, t) = result.unwrap();
+        let (c, t, p) = result.unwrap();
+        peak = peak.max(p);
         total.0 += c.0;
         total.1 += c.1;
         total.2 += c.2;
         total.3 += c.3;
         ready = ready.max(t);
     }
-    (total, ready)
+    (total, ready, peak)
 }
 
 fn main() {
@@ -413,22 +426,22 @@ fn main() {
         None => generate(a.events),
     };
     let n = rows.len();
-    let (checksum, elapsed, rss_input) = match a.mode.as_str() {
+    let (checksum, elapsed, peak, rss_input) = match a.mode.as_str() {
         "baseline" => {
             let rss_input = rss_kib("VmRSS:");
-            let (c, t) = baseline(&rows, &a.workload);
-            (c, t, rss_input)
+            let (c, t, peak) = baseline(&rows, &a.workload);
+            (c, t, peak, rss_input)
         }
         _ => {
             let feed = Arc::new(Feed::new(rows, a.keep_input, a.threads, a.batch));
             let rss_input = rss_kib("VmRSS:");
-            let (c, t) = sundial(feed, &a.workload, a.threads, a.batch, a.mode == "drop");
-            (c, t, rss_input)
+            let (c, t, peak) = sundial(feed, &a.workload, a.threads, a.batch, a.mode == "drop");
+            (c, t, peak, rss_input)
         }
     };
     let groups = checksum.0;
     let secs = elapsed.as_secs_f64();
-    let peak_above_input = rss_kib("VmHWM:").saturating_sub(rss_input) * 1024;
+    let peak_above_input = peak.saturating_sub(rss_input) * 1024;
     println!(
         "workload={} mode={} input={} threads={} events={} secs={:.3} events_per_sec={:.0} checksum={:?} groups={} peak_bytes_above_input={} bytes_per_group={:.0}",
         a.workload,

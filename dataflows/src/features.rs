@@ -86,6 +86,11 @@ pub struct Ev {
     pub values: SmallVec<[Datum; 2]>,
 }
 
+/// The accumulators of one slot, one per feature of its group: inline up to two (a slot is
+/// cloned for every change and kept by the arrangement, so this saves an allocation per change
+/// and a pointer and heap block per retained group).
+pub type Accs = SmallVec<[Acc; 2]>;
+
 /// A maintained partial aggregate: one pane, session or global group of one key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Slot {
@@ -96,7 +101,7 @@ pub struct Slot {
     /// End (exclusive) of the pane, or of the session (last event + gap).
     pub end: i64,
     /// One accumulator per feature of the group.
-    pub accs: Vec<Acc>,
+    pub accs: Accs,
 }
 
 /// How a group's slots are formed.
@@ -174,7 +179,7 @@ impl Layout {
         Layout { plan, inputs, groups }
     }
 
-    fn empty_accs(&self, group: &Group) -> Vec<Acc> {
+    fn empty_accs(&self, group: &Group) -> Accs {
         let source = &self.plan.source;
         group
             .features
@@ -432,9 +437,9 @@ pub struct StateSnapshot {
 }
 
 /// The accumulators of one slot, by key.
-pub type KeyedAccs = Vec<(Key, Vec<Acc>)>;
+pub type KeyedAccs = Vec<(Key, Accs)>;
 /// One session: start, end, accumulators.
-pub type SavedSession = (i64, i64, Vec<Acc>);
+pub type SavedSession = (i64, i64, Accs);
 
 /// The slots of one group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -584,7 +589,7 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
 struct Session {
     start: i64,
     end: i64,
-    accs: Vec<Acc>,
+    accs: Accs,
 }
 
 /// The live slots of one pane, and the last epoch that changed any of them.
@@ -614,7 +619,7 @@ trait SlotStore {
     fn upper(&mut self) -> Epoch;
     /// Calls `f` with the accumulators of each of `keys` (ascending) that has a slot of `group`
     /// starting at `start`.
-    fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Vec<Acc>));
+    fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Accs));
     /// Calls `f` with every slot held.
     fn for_each(&mut self, f: &mut dyn FnMut(&Key, &Slot));
 }
@@ -643,7 +648,7 @@ impl SlotStore for TraceStore {
         }
     }
 
-    fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Vec<Acc>)) {
+    fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Accs)) {
         use differential_dataflow::trace::cursor::{cursor_list, Cursor};
         use differential_dataflow::trace::TraceReader;
         let mut cell = self.trace.borrow_mut();
@@ -706,18 +711,18 @@ impl SlotStore for NoStore {
     fn upper(&mut self) -> Epoch {
         0
     }
-    fn get(&mut self, _: &[Key], _: u32, _: i64, _: &mut dyn FnMut(&Key, Vec<Acc>)) {}
+    fn get(&mut self, _: &[Key], _: u32, _: i64, _: &mut dyn FnMut(&Key, Accs)) {}
     fn for_each(&mut self, _: &mut dyn FnMut(&Key, &Slot)) {}
 }
 
 /// A live slot: its accumulators, and whether the current epoch already changed it.
 struct Live {
-    accs: Vec<Acc>,
+    accs: Accs,
     touched: bool,
 }
 
 /// Slots changed in the current epoch: (start, key, value before the epoch if it existed).
-type Touched = Vec<(i64, Key, Option<Vec<Acc>>)>;
+type Touched = Vec<(i64, Key, Option<Accs>)>;
 
 /// The accumulators of `key` in `slots` for an update, recording in `touched` the value the
 /// slot had before its first change in this epoch (one clone per slot and epoch, none per event).
@@ -727,8 +732,8 @@ fn touch<'a>(
     start: i64,
     touched: &mut Touched,
     live_slots: &mut u64,
-    empty: impl FnOnce() -> Vec<Acc>,
-) -> &'a mut Vec<Acc> {
+    empty: impl FnOnce() -> Accs,
+) -> &'a mut Accs {
     match slots.entry_ref(key) {
         EntryRef::Occupied(entry) => {
             let live = entry.into_mut();
@@ -1460,7 +1465,7 @@ mod tests {
         fn upper(&mut self) -> Epoch {
             self.upper
         }
-        fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Vec<Acc>)) {
+        fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Accs)) {
             assert!(keys.windows(2).all(|w| w[0] < w[1]), "keys ascending, once each");
             for key in keys {
                 let found =
