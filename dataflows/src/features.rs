@@ -462,6 +462,42 @@ impl StateSnapshot {
 /// Builds the dataflow of `plan` in `scope`, starting from `restore` if given (the state of
 /// this worker at a checkpoint); the caller checks that it belongs to this plan.
 pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<StateSnapshot>) -> Rendered {
+    render_with(scope, plan, restore, Tuning::default())
+}
+
+/// How the aggregate trades memory for latency. Tests shrink both, to exercise the paths that
+/// read closed panes back.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// How long a closed pane stays in memory before it may leave. Ingest checks lateness
+    /// against the watermark of the epochs complete when a batch enters, and the aggregate closes
+    /// panes by the watermark of the epochs applied before it, which runs ahead by the pipeline's
+    /// delay: the events of that gap reach panes just closed, and reading those back one by one
+    /// costs more than keeping the panes a moment longer.
+    pub freeze_after: std::time::Duration,
+    /// At most this many slots of closed panes evicted by retention are read back and retracted
+    /// per epoch (the rest wait for the next epochs), so that an eviction does not hold up
+    /// ingest and reads. Reads leave evicted windows out from the moment the watermark passes.
+    pub evict_per_epoch: usize,
+    /// Closed panes leave memory only in groups that retain at least this many panes (retention
+    /// plus the longest window): with fewer, the memory saved is small and every eviction reads
+    /// the arrangement.
+    pub freeze_min_panes: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning { freeze_after: std::time::Duration::from_millis(500), evict_per_epoch: 256, freeze_min_panes: 8 }
+    }
+}
+
+/// [`render`] with `tuning`.
+pub fn render_with(
+    scope: Scope<'_, Epoch>,
+    plan: DataflowPlan,
+    restore: Option<StateSnapshot>,
+    tuning: Tuning,
+) -> Rendered {
     let layout = Rc::new(Layout::new(plan));
     let name = layout.plan.name.clone();
     let (rows, row_stream) = scope.new_input::<Vec<Row>>();
@@ -476,6 +512,7 @@ pub fn render(scope: Scope<'_, Epoch>, plan: DataflowPlan, restore: Option<State
     let feeding: Rc<RefCell<Option<SlotTrace>>> = Rc::new(RefCell::new(None));
     let mut store = TraceStore { trace: Rc::clone(&feeding), upper: timely::progress::Antichain::new() };
     let mut state = AggregateState::new(Rc::clone(&layout));
+    state.tuning = tuning;
     let mut restored = Vec::new();
     if let Some(snapshot) = restore {
         state.restore(snapshot);
@@ -592,11 +629,13 @@ struct Session {
     accs: Accs,
 }
 
-/// The live slots of one pane, and the last epoch that changed any of them.
+/// The live slots of one pane, the last epoch that changed any of them, and since when it has
+/// been seen closed.
 #[derive(Default)]
 struct Pane {
     slots: SlotMap,
     changed: Epoch,
+    closed_since: Option<std::time::Instant>,
 }
 
 /// A pane group's slots. Once a pane is closed (the watermark passed its end) and the
@@ -611,6 +650,9 @@ struct Panes {
     /// Start of each closed pane that left memory → the keys of its slots, kept only when
     /// retention will need them to evict the pane (a key may repeat after a pane reopened).
     frozen: BTreeMap<i64, Vec<Key>>,
+    /// Closed panes evicted by retention whose slots are still to be retracted (start, keys
+    /// ascending), a few per epoch.
+    evicting: std::collections::VecDeque<(i64, Vec<Key>)>,
 }
 
 /// Where the aggregate finds the slots of closed panes: the arrangement it feeds.
@@ -649,34 +691,39 @@ impl SlotStore for TraceStore {
     }
 
     fn get(&mut self, keys: &[Key], group: u32, start: i64, f: &mut dyn FnMut(&Key, Accs)) {
-        use differential_dataflow::trace::cursor::{cursor_list, Cursor};
+        use differential_dataflow::trace::cursor::{Cursor, Navigable};
         use differential_dataflow::trace::TraceReader;
         let mut cell = self.trace.borrow_mut();
         let Some(trace) = cell.as_mut() else { return };
         let Some(batches) = trace.batches_through(timely::progress::Antichain::new().borrow()) else { return };
-        let (mut cursor, storage) = cursor_list(batches);
-        for key in keys {
-            cursor.seek_key(&storage, key);
-            if cursor.get_key(&storage) != Some(key) {
-                continue;
-            }
-            // Slots order by group, then start. (Not `seek_val`: the cursor list's seeks the
-            // cursors of every batch, also those past their last key, which panics.)
-            while let Some(slot) = cursor.get_val(&storage) {
-                if (slot.group, slot.start) < (group, start) {
-                    cursor.step_val(&storage);
+        // Batch by batch (the cursor list's `seek_val` also seeks the cursors of batches that do
+        // not hold the key, which panics), seeking straight to the slots of (group, start): a
+        // key's slots order by group, then start, and retracted ones wait there until compacted.
+        let probe = Slot { group, start, end: i64::MIN, accs: Accs::new() };
+        let mut counts: BTreeMap<(usize, Slot), isize> = BTreeMap::new();
+        for batch in &batches {
+            let batch: &<SlotSpine as TraceReader>::Batch = batch;
+            let mut cursor = batch.cursor();
+            for (i, key) in keys.iter().enumerate() {
+                cursor.seek_key(batch, key);
+                if cursor.get_key(batch) != Some(key) {
                     continue;
                 }
-                if (slot.group, slot.start) > (group, start) {
-                    break;
+                cursor.seek_val(batch, &probe);
+                while let Some(slot) = cursor.get_val(batch) {
+                    if (slot.group, slot.start) != (group, start) {
+                        break;
+                    }
+                    let mut count = 0isize;
+                    cursor.map_times(batch, |_, r| count += *r);
+                    *counts.entry((i, slot.clone())).or_default() += count;
+                    cursor.step_val(batch);
                 }
-                let mut count = 0isize;
-                cursor.map_times(&storage, |_, r| count += *r);
-                if count > 0 {
-                    f(key, slot.accs.clone());
-                    break;
-                }
-                cursor.step_val(&storage);
+            }
+        }
+        for ((i, slot), count) in counts {
+            if count > 0 {
+                f(&keys[i], slot.accs);
             }
         }
     }
@@ -779,6 +826,7 @@ struct AggregateState {
     partitions: HashMap<u32, (Option<i64>, bool)>,
     watermark: Option<i64>,
     stats: Stats,
+    tuning: Tuning,
 }
 
 impl AggregateState {
@@ -792,7 +840,14 @@ impl AggregateState {
                 GroupKind::Global => GroupState::Global(SlotMap::default()),
             })
             .collect();
-        AggregateState { layout, groups, partitions: HashMap::new(), watermark: None, stats: Stats::default() }
+        AggregateState {
+            layout,
+            groups,
+            partitions: HashMap::new(),
+            watermark: None,
+            stats: Stats::default(),
+            tuning: Tuning::default(),
+        }
     }
 
     /// Applies epoch `epoch`'s events, then its watermark; pushes the slot updates to `out`.
@@ -809,7 +864,7 @@ impl AggregateState {
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
-                (GroupState::Panes(Panes { live: panes, frozen }), GroupKind::Pane(pane_ms)) => {
+                (GroupState::Panes(Panes { live: panes, frozen, .. }), GroupKind::Pane(pane_ms)) => {
                     let pane = pane_ms as i64;
                     let evicted_before = match (self.watermark, layout.plan.retention_ms) {
                         (Some(w), Some(r)) => Some(w.saturating_sub(r as i64).saturating_sub(group.span_ms as i64)),
@@ -819,7 +874,9 @@ impl AggregateState {
                     for ev in &events {
                         let start = ev.time.div_euclid(pane) * pane;
                         if evicted_before.is_some_and(|limit| start <= limit) {
+                            // Its windows are evicted: no read shows them any more.
                             self.stats.reopened += 1;
+                            continue;
                         }
                         let current = panes.entry(start).or_default();
                         current.changed = epoch;
@@ -950,9 +1007,22 @@ impl AggregateState {
         let keep_keys = self.layout.plan.retention_ms.is_some();
         for (state, group) in self.groups.iter_mut().zip(&self.layout.groups) {
             let (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) = (state, group.kind) else { continue };
-            let closed = panes.live.range(..=w.saturating_sub(pane_ms as i64));
+            // Worth it only when many closed panes are retained: evicting a pane that left
+            // memory costs a read of each of its slots from the arrangement.
+            let retained = self.layout.plan.retention_ms.map(|r| r.saturating_add(group.span_ms));
+            if retained.is_some_and(|r| r < self.tuning.freeze_min_panes.saturating_mul(pane_ms)) {
+                continue;
+            }
+            let closed = panes.live.range_mut(..=w.saturating_sub(pane_ms as i64));
             let upper = *upper.get_or_insert_with(|| store.upper());
-            let ready: Vec<i64> = closed.filter(|(_, p)| p.changed < upper).map(|(s, _)| *s).collect();
+            let now = std::time::Instant::now();
+            let mut ready = Vec::new();
+            for (start, pane) in closed {
+                let since = *pane.closed_since.get_or_insert(now);
+                if pane.changed < upper && now.duration_since(since) >= self.tuning.freeze_after {
+                    ready.push(*start);
+                }
+            }
             for start in ready {
                 let Some(pane) = panes.live.remove(&start) else { continue };
                 let keys = panes.frozen.entry(start).or_default();
@@ -1136,11 +1206,12 @@ impl AggregateState {
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
-                (GroupState::Panes(Panes { live: panes, frozen }), GroupKind::Pane(pane_ms)) => {
+                (GroupState::Panes(Panes { live: panes, frozen, evicting }), GroupKind::Pane(pane_ms)) => {
                     // A pane is evicted once the last window using it (starting at the pane)
                     // ended more than `retention` before the watermark. The slots of a closed
                     // pane that left memory are read back to be retracted, except those live
-                    // again (retracted below with their current value).
+                    // again (retracted below with their current value), a few per epoch: reads
+                    // leave evicted windows out already, and events no longer reach them.
                     let end_of = |start: i64| start + pane_ms as i64;
                     while let Some((&start, _)) = frozen.first_key_value() {
                         if start + group.span_ms as i64 > limit {
@@ -1154,8 +1225,19 @@ impl AggregateState {
                         if let Some(pane) = panes.get(&start) {
                             keys.retain(|k| !pane.slots.contains_key(k));
                         }
+                        evicting.push_back((start, keys));
+                    }
+                    let mut budget = self.tuning.evict_per_epoch;
+                    while budget > 0 {
+                        let Some((start, keys)) = evicting.front_mut() else { break };
+                        let start = *start;
+                        let chunk = keys.split_off(keys.len().saturating_sub(budget));
+                        budget -= chunk.len();
+                        if keys.is_empty() {
+                            evicting.pop_front();
+                        }
                         let live_slots = &mut self.stats.live_slots;
-                        store.get(&keys, gid, start, &mut |key, accs| {
+                        store.get(&chunk, gid, start, &mut |key, accs| {
                             *live_slots -= 1;
                             out.push(((key.clone(), Slot { group: gid, start, end: end_of(start), accs }), -1));
                         });
@@ -1510,7 +1592,12 @@ mod tests {
         };
         let layout = Rc::new(Layout::new(plan));
         let (mut all, mut some) = (AggregateState::new(Rc::clone(&layout)), AggregateState::new(Rc::clone(&layout)));
-        let mut store = MapStore::default();
+        some.tuning =
+            Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: usize::MAX, freeze_min_panes: 0 };
+        // And one that retracts evicted slots three per epoch: behind, but never wrong.
+        let mut slow = AggregateState::new(Rc::clone(&layout));
+        slow.tuning = Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: 3, freeze_min_panes: 0 };
+        let (mut store, mut slow_store) = (MapStore::default(), MapStore::default());
         let mut expected: BTreeMap<(Key, Slot), isize> = BTreeMap::new();
         let (mut fewest_hot, mut most_live) = (u64::MAX, 0);
         for epoch in 1..=60u64 {
@@ -1526,13 +1613,20 @@ mod tests {
             let reports = [report(0, Some(base + 200), false)];
             let (mut a, mut b) = (Vec::new(), Vec::new());
             all.apply_epoch(epoch, events.clone(), &reports, &mut a, &mut NoStore);
-            some.apply_epoch(epoch, events, &reports, &mut b, &mut store);
+            some.apply_epoch(epoch, events.clone(), &reports, &mut b, &mut store);
+            let mut c = Vec::new();
+            slow.apply_epoch(epoch, events, &reports, &mut c, &mut slow_store);
             for (slot, diff) in a {
                 *expected.entry(slot).or_default() += diff;
             }
             expected.retain(|_, d| *d != 0);
             store.take(epoch, &mut b);
             assert_eq!(store.slots, expected, "epoch {epoch}: the same slots");
+            slow_store.take(epoch, &mut c);
+            assert!(
+                expected.iter().all(|(slot, d)| slow_store.slots.get(slot) == Some(d)),
+                "epoch {epoch}: what is retained is there"
+            );
             assert_eq!(some.stats.live_slots, all.stats.live_slots);
             assert_eq!(some.stats.reopened, all.stats.reopened);
             if epoch > 30 {
@@ -1551,6 +1645,13 @@ mod tests {
             assert_eq!(decode(some.snapshot(&mut store).unwrap()), decode(all.snapshot(&mut NoStore).unwrap()));
         }
         assert!(some.stats.reopened > 0 && expected.len() > 100);
+        assert!(slow_store.slots.len() > expected.len(), "evictions are behind");
+        for epoch in 61..=200u64 {
+            let mut c = Vec::new();
+            slow.apply_epoch(epoch, Vec::new(), &[report(0, Some(12_200), false)], &mut c, &mut slow_store);
+            slow_store.take(epoch, &mut c);
+        }
+        assert_eq!(slow_store.slots, expected, "evictions caught up");
         assert!(fewest_hot * 3 < most_live, "closed panes left memory: {fewest_hot} in memory of {most_live}");
     }
 

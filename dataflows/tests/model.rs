@@ -8,7 +8,11 @@
 //! during the stream and at the last one, must equal what a plain recomputation over the events
 //! accepted by then gives: windows and values per key and feature, `closed` flags and retention
 //! included. The model computes the watermark itself (Flink's rule) and decides which events are
-//! late; "now" of sliding windows and decayed sums is the largest accepted event time.
+//! late; "now" of sliding windows and decayed sums is the largest accepted event time. Closed
+//! panes leave the aggregate's memory at once here (in a server, half a second after they
+//! close), and evicted ones are retracted two slots per epoch, so stragglers, retention and
+//! reads go through the slots read back from the arrangement, and through evictions in
+//! progress.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use serde_json::Value;
 
-use sundial_dataflows::features::{assemble, render, Epoch, Report};
+use sundial_dataflows::features::{assemble, render_with, Epoch, Report, Tuning};
 use sundial_dataflows::read::read_all;
 use sundial_dataflows::row::Row;
 use sundial_protocol::plan::{Agg, AggParams, DataflowPlan, FeaturePlan, SourcePlan, Window};
@@ -334,7 +338,14 @@ fn run(case: &Case) -> [(Results, Option<i64>); 2] {
     let guards = timely::execute(timely::Config::process(case.threads), move |worker| {
         let (case, accepted, _wms) = &*shared;
         let me = worker.index();
-        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, case.plan.clone(), None));
+        let mut r = worker.dataflow::<Epoch, _, _>(|scope| {
+            render_with(
+                scope,
+                case.plan.clone(),
+                None,
+                Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: 2, freeze_min_panes: 0 },
+            )
+        });
         let mut max_ts: Option<i64> = None;
         let mut epoch: Epoch = 1;
         for (e, batch) in case.epochs.iter().enumerate() {
