@@ -871,6 +871,7 @@ impl AggregateState {
                         _ => None,
                     };
                     let mut touched: Touched = Vec::new();
+                    let mut cached: Option<(i64, bool, &mut Pane)> = None;
                     for ev in &events {
                         let start = ev.time.div_euclid(pane) * pane;
                         if evicted_before.is_some_and(|limit| start <= limit) {
@@ -878,9 +879,15 @@ impl AggregateState {
                             self.stats.reopened += 1;
                             continue;
                         }
-                        let current = panes.entry(start).or_default();
-                        current.changed = epoch;
-                        let accs = if frozen.contains_key(&start) && !current.slots.contains_key(&ev.key) {
+                        // Events come mostly in time order: the pane of the previous event is
+                        // the likely one.
+                        if cached.as_ref().is_none_or(|(s, _, _)| *s != start) {
+                            let pane = panes.entry(start).or_default();
+                            pane.changed = epoch;
+                            cached = Some((start, frozen.contains_key(&start), pane));
+                        }
+                        let Some((_, is_frozen, current)) = cached.as_mut() else { continue };
+                        let accs = if *is_frozen && !current.slots.contains_key(&ev.key) {
                             // A closed pane that left memory: its slot (if the key has one) is
                             // read back and replaced like any other.
                             let mut old = None;
