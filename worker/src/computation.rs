@@ -132,6 +132,7 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
         recovered: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         restore,
         checkpoints: Mutex::new(std::collections::HashMap::new()),
+        schemas: std::sync::RwLock::new(std::collections::HashMap::new()),
     });
     let guards = match start_timely(&formation, sockets, Arc::clone(&ctx)) {
         Ok(g) => g,
@@ -240,10 +241,40 @@ impl Router {
                 return Err("commands are sequenced by process 0".into());
             }
             Request::Ingest { after, source, csv, body, first_line, min_epoch, batch } => {
-                // Each batch goes to one worker thread (its ingest partition), in turn.
+                // Each batch goes to one worker thread (its ingest partition), in turn. When the
+                // source's schema is known here, a thread of its own parses the body, so that the
+                // worker thread (which also answers reads) only logs and feeds the rows.
                 let local = self.next % self.threads;
                 self.next += 1;
-                self.send(local, Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch });
+                let schema = self.ctx.schemas.read().ok().and_then(|s| s.get(&source).cloned());
+                let job = Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, parsed: None };
+                match schema {
+                    Some(plan) => {
+                        let (sender, ctx) = (self.senders.get(local).cloned(), Arc::clone(&self.ctx));
+                        let parse = move || {
+                            let Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, .. } = job
+                            else {
+                                return;
+                            };
+                            let (rows, errors) = sundial_dataflows::row::parse_body(&body, csv, &plan, first_line);
+                            let parsed = Some(engine::Parsed { plan, rows, errors });
+                            // The body is kept only for a schema change in between (rare).
+                            let job =
+                                Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, parsed };
+                            if sender.is_some_and(|s| s.send(job).is_ok()) {
+                                if let Some(t) = ctx.threads.get(local).and_then(|t| t.get()) {
+                                    t.unpark();
+                                }
+                            }
+                        };
+                        if let Err(e) = thread::Builder::new().name("sundial:parse".into()).spawn(parse) {
+                            return Err(format!("cannot start a thread to parse the batch: {e}"));
+                        }
+                    }
+                    None => {
+                        self.send(local, job);
+                    }
+                }
             }
             Request::Frontier { after, dataflow } => {
                 gather_all(&|| PartJob::Frontier { dataflow: dataflow.clone() }, after, self);

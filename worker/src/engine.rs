@@ -67,6 +67,9 @@ pub enum Job {
         min_epoch: Epoch,
         /// The producer's batch id.
         batch: Option<String>,
+        /// The body already parsed (off the worker thread) against a source's schema; used
+        /// when that schema is still the source's when the job runs, else the body is parsed.
+        parsed: Option<Parsed>,
     },
     /// A part of a request answered by several workers of this process.
     Part {
@@ -77,6 +80,16 @@ pub enum Job {
         /// Where the answer goes.
         gather: Arc<Gather>,
     },
+}
+
+/// An ingest body parsed by the request's router, and the schema it was parsed against.
+pub struct Parsed {
+    /// The schema.
+    pub plan: Arc<SourcePlan>,
+    /// Good lines, by line number.
+    pub rows: Vec<(u64, Row)>,
+    /// Bad lines.
+    pub errors: Vec<sundial_dataflows::row::LineError>,
 }
 
 /// The per-worker part of a gathered request.
@@ -244,6 +257,9 @@ pub struct Context {
     pub restore: Option<ProcessCheckpoint>,
     /// Per checkpoint epoch, how far this process's threads are.
     pub checkpoints: Mutex<HashMap<Epoch, CheckpointProgress>>,
+    /// The sources' schemas as the worker threads applied them, so that ingest bodies can be
+    /// parsed before they reach a worker thread (which then only logs and feeds them).
+    pub schemas: std::sync::RwLock<HashMap<String, Arc<SourcePlan>>>,
 }
 
 /// How far the threads of a process are with one checkpoint.
@@ -516,6 +532,11 @@ impl Engine {
             Command::CreateSource(plan) => {
                 tracing::debug!(source = %plan.name, "source created");
                 let name = plan.name.clone();
+                if let Ok(mut schemas) = self.ctx.schemas.write() {
+                    if schemas.get(&name).is_none_or(|s| **s != plan) {
+                        schemas.insert(name.clone(), Arc::new(plan.clone()));
+                    }
+                }
                 match self.sources.get_mut(&name) {
                     Some(existing) => existing.plan = plan,
                     None => {
@@ -581,9 +602,13 @@ impl Engine {
         }
     }
 
+    /// Runs the queued jobs: reads and other parts of gathered requests first (they are short
+    /// and someone waits on each), then ingest and commands, in arrival order within each kind.
     fn run_jobs(&mut self) {
         let mut waiting = VecDeque::new();
-        while let Some(job) = self.deferred.pop_front() {
+        let (parts, rest): (VecDeque<Job>, VecDeque<Job>) =
+            std::mem::take(&mut self.deferred).into_iter().partition(|j| matches!(j, Job::Part { .. }));
+        for job in parts.into_iter().chain(rest) {
             if let Some(job) = self.run_job(job) {
                 waiting.push_back(job);
             }
@@ -619,11 +644,11 @@ impl Engine {
             Job::Ingest { after, .. } | Job::Part { after, .. } if after > self.applied => Some(job),
             // Ingest waits for the log replay of a new generation.
             Job::Ingest { .. } if !self.all_recovered() => Some(job),
-            Job::Ingest { id, source, csv, body, first_line, min_epoch, batch, .. } => {
+            Job::Ingest { id, source, csv, body, first_line, min_epoch, batch, parsed, .. } => {
                 if self.epoch < min_epoch {
                     self.advance_to(min_epoch);
                 }
-                let reply = self.ingest(&source, csv, &body, first_line, batch.as_deref());
+                let reply = self.ingest(&source, csv, &body, first_line, batch.as_deref(), parsed);
                 crate::computation::tell(&FromChild::Reply { id, reply });
                 None
             }
@@ -681,7 +706,15 @@ impl Engine {
         }
     }
 
-    fn ingest(&mut self, source: &str, csv: bool, body: &str, first_line: u64, batch: Option<&str>) -> Reply {
+    fn ingest(
+        &mut self,
+        source: &str,
+        csv: bool,
+        body: &str,
+        first_line: u64,
+        batch: Option<&str>,
+        parsed: Option<Parsed>,
+    ) -> Reply {
         let Some(src) = self.sources.get(source) else {
             return Reply::Error { message: format!("unknown source {source:?}") };
         };
@@ -701,7 +734,10 @@ impl Engine {
                 None => {}
             }
         }
-        let (rows, errors) = parse_body(body, csv, &src.plan, first_line);
+        let (rows, errors) = match parsed {
+            Some(p) if *p.plan == src.plan => (p.rows, p.errors),
+            _ => parse_body(body, csv, &src.plan, first_line),
+        };
         let mut outcome =
             IngestOutcome { rejected: errors.len() as u64, epoch: self.epoch, ..IngestOutcome::default() };
         outcome.errors = errors.into_iter().take(MAX_LISTED_ERRORS).collect();
