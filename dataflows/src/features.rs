@@ -92,7 +92,7 @@ pub struct Ev {
 pub type Accs = SmallVec<[Acc; 2]>;
 
 /// A maintained partial aggregate: one pane, session or global group of one key.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Slot {
     /// The group (index into [`Layout::groups`]).
     pub group: u32,
@@ -102,6 +102,27 @@ pub struct Slot {
     pub end: i64,
     /// One accumulator per feature of the group.
     pub accs: Accs,
+}
+
+impl Clone for Slot {
+    /// The arrangement clones every slot each time its batches merge: the usual two
+    /// accumulators are built in place rather than collected through an iterator.
+    fn clone(&self) -> Slot {
+        Slot { group: self.group, start: self.start, end: self.end, accs: clone_accs(&self.accs) }
+    }
+}
+
+/// A copy of `accs`, built in place for one or two.
+fn clone_accs(accs: &Accs) -> Accs {
+    match accs.as_slice() {
+        [a] => {
+            let mut v = Accs::new();
+            v.push(a.clone());
+            v
+        }
+        [a, b] => Accs::from_buf([a.clone(), b.clone()]),
+        other => other.iter().cloned().collect(),
+    }
 }
 
 /// How a group's slots are formed.
@@ -205,7 +226,17 @@ impl Layout {
         if key.parts().contains(&Datum::Null) {
             return None;
         }
-        let values = self.inputs.iter().map(|&i| row.values[i].clone()).collect();
+        // Built in place for the usual one or two inputs (no collecting through an iterator).
+        let values = match self.inputs.as_slice() {
+            [] => SmallVec::new(),
+            [a] => {
+                let mut v = SmallVec::new();
+                v.push(row.values[*a].clone());
+                v
+            }
+            [a, b] => SmallVec::from_buf([row.values[*a].clone(), row.values[*b].clone()]),
+            many => many.iter().map(|&i| row.values[i].clone()).collect(),
+        };
         Some(Ev { hash: key.hash64(), key, time: row.time, values })
     }
 
@@ -786,7 +817,7 @@ fn touch<'a>(
             let live = entry.into_mut();
             if !live.touched {
                 live.touched = true;
-                touched.push((start, key.clone(), Some(live.accs.clone())));
+                touched.push((start, key.clone(), Some(clone_accs(&live.accs))));
             }
             &mut live.accs
         }
@@ -916,7 +947,7 @@ impl AggregateState {
                         let end = start + pane;
                         let Some(live) = panes.get_mut(&start).and_then(|p| p.slots.get_mut(&key)) else { continue };
                         live.touched = false;
-                        let new = live.accs.clone();
+                        let new = clone_accs(&live.accs);
                         if let Some(old) = old {
                             out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
                         }
@@ -983,7 +1014,7 @@ impl AggregateState {
                     for (start, key, old) in touched {
                         let Some(live) = slots.get_mut(&key) else { continue };
                         live.touched = false;
-                        let new = live.accs.clone();
+                        let new = clone_accs(&live.accs);
                         if let Some(old) = old {
                             out.push(((key.clone(), Slot { group: gid, start, end: i64::MAX, accs: old }), -1));
                         }
