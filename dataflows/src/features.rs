@@ -684,6 +684,9 @@ struct Panes {
     /// Closed panes evicted by retention whose slots are still to be retracted (start, keys
     /// ascending), a few per epoch.
     evicting: std::collections::VecDeque<(i64, Vec<Key>)>,
+    /// Slots of the last pane that left memory or was evicted: a new pane's map starts at that
+    /// capacity instead of growing to it step by step.
+    typical: usize,
 }
 
 /// Where the aggregate finds the slots of closed panes: the arrangement it feeds.
@@ -895,7 +898,7 @@ impl AggregateState {
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
-                (GroupState::Panes(Panes { live: panes, frozen, .. }), GroupKind::Pane(pane_ms)) => {
+                (GroupState::Panes(Panes { live: panes, frozen, typical, .. }), GroupKind::Pane(pane_ms)) => {
                     let pane = pane_ms as i64;
                     let evicted_before = match (self.watermark, layout.plan.retention_ms) {
                         (Some(w), Some(r)) => Some(w.saturating_sub(r as i64).saturating_sub(group.span_ms as i64)),
@@ -913,7 +916,10 @@ impl AggregateState {
                         // Events come mostly in time order: the pane of the previous event is
                         // the likely one.
                         if cached.as_ref().is_none_or(|(s, _, _)| *s != start) {
-                            let pane = panes.entry(start).or_default();
+                            let pane = panes.entry(start).or_insert_with(|| Pane {
+                                slots: SlotMap::with_capacity_and_hasher(*typical, Default::default()),
+                                ..Pane::default()
+                            });
                             pane.changed = epoch;
                             cached = Some((start, frozen.contains_key(&start), pane));
                         }
@@ -1063,6 +1069,7 @@ impl AggregateState {
             }
             for start in ready {
                 let Some(pane) = panes.live.remove(&start) else { continue };
+                panes.typical = pane.slots.len();
                 let keys = panes.frozen.entry(start).or_default();
                 if keep_keys {
                     keys.extend(pane.slots.into_keys());
@@ -1244,7 +1251,7 @@ impl AggregateState {
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
-                (GroupState::Panes(Panes { live: panes, frozen, evicting }), GroupKind::Pane(pane_ms)) => {
+                (GroupState::Panes(Panes { live: panes, frozen, evicting, typical }), GroupKind::Pane(pane_ms)) => {
                     // A pane is evicted once the last window using it (starting at the pane)
                     // ended more than `retention` before the watermark. The slots of a closed
                     // pane that left memory are read back to be retracted, except those live
@@ -1287,6 +1294,7 @@ impl AggregateState {
                         let Some((_, pane)) = panes.pop_first() else {
                             break;
                         };
+                        *typical = pane.slots.len();
                         self.stats.live_slots -= pane.slots.len() as u64;
                         out.extend(pane.slots.into_iter().map(|(key, live)| {
                             ((key, Slot { group: gid, start, end: end_of(start), accs: live.accs }), -1)
