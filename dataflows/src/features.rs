@@ -294,12 +294,14 @@ impl Watermarks {
 pub struct Stats {
     /// Live slots in the aggregate's state.
     pub live_slots: u64,
-    /// Events that reached the aggregate after their slot was evicted (they are applied anyway,
-    /// and evicted again at the next watermark).
+    /// Events that reached a pane group after the pane was evicted by retention (counted once
+    /// per group; dropped there: no read shows an evicted window).
     pub reopened: u64,
     /// Of the live slots, those the aggregate holds in memory (the others, in closed panes, only
     /// the arrangement holds).
     pub hot_slots: u64,
+    /// Slots of closed panes read back from the arrangement because an event reached them.
+    pub read_back: u64,
 }
 
 /// What a rendered dataflow gives the worker.
@@ -929,8 +931,9 @@ impl AggregateState {
                             // read back and replaced like any other.
                             let mut old = None;
                             store.get(std::slice::from_ref(&ev.key), gid, start, &mut |_, accs| old = Some(accs));
-                            if old.is_none() {
-                                self.stats.live_slots += 1;
+                            match old {
+                                Some(_) => self.stats.read_back += 1,
+                                None => self.stats.live_slots += 1,
                             }
                             let accs = old.clone().unwrap_or_else(|| layout.empty_accs(group));
                             touched.push((start, ev.key.clone(), old));
@@ -1032,7 +1035,10 @@ impl AggregateState {
         }
         self.update_watermark(reports);
         self.evict(out, store);
-        self.freeze(store);
+        // Every epoch, whatever the groups: this also moves the store's own trace handle's
+        // compaction frontiers along, which would otherwise hold the arrangement's back.
+        let upper = store.upper();
+        self.freeze(upper);
         self.stats.hot_slots = self
             .groups
             .iter()
@@ -1045,9 +1051,8 @@ impl AggregateState {
     }
 
     /// Takes out of memory the closed panes whose every change the store holds.
-    fn freeze(&mut self, store: &mut dyn SlotStore) {
+    fn freeze(&mut self, upper: Epoch) {
         let Some(w) = self.watermark else { return };
-        let mut upper = None;
         let keep_keys = self.layout.plan.retention_ms.is_some();
         for (state, group) in self.groups.iter_mut().zip(&self.layout.groups) {
             let (GroupState::Panes(panes), GroupKind::Pane(pane_ms)) = (state, group.kind) else { continue };
@@ -1058,7 +1063,6 @@ impl AggregateState {
                 continue;
             }
             let closed = panes.live.range_mut(..=w.saturating_sub(pane_ms as i64));
-            let upper = *upper.get_or_insert_with(|| store.upper());
             let now = std::time::Instant::now();
             let mut ready = Vec::new();
             for (start, pane) in closed {
@@ -1138,7 +1142,12 @@ impl AggregateState {
     fn restore(&mut self, snapshot: StateSnapshot) {
         self.watermark = snapshot.watermark;
         self.partitions = snapshot.partitions.into_iter().map(|(p, m, idle)| (p, (m, idle))).collect();
-        self.stats = Stats { live_slots: snapshot.stats.0, reopened: snapshot.stats.1, hot_slots: snapshot.stats.0 };
+        self.stats = Stats {
+            live_slots: snapshot.stats.0,
+            reopened: snapshot.stats.1,
+            hot_slots: snapshot.stats.0,
+            read_back: 0,
+        };
         for (state, group) in self.groups.iter_mut().zip(snapshot.groups) {
             match (state, group) {
                 (GroupState::Panes(panes), GroupSnapshot::Panes(saved)) => {
@@ -1270,6 +1279,8 @@ impl AggregateState {
                         if let Some(pane) = panes.get(&start) {
                             keys.retain(|k| !pane.slots.contains_key(k));
                         }
+                        // Each is one slot the arrangement holds: gone now, retracted below.
+                        self.stats.live_slots = self.stats.live_slots.saturating_sub(keys.len() as u64);
                         evicting.push_back((start, keys));
                     }
                     let mut budget = self.tuning.evict_per_epoch;
@@ -1281,9 +1292,7 @@ impl AggregateState {
                         if keys.is_empty() {
                             evicting.pop_front();
                         }
-                        let live_slots = &mut self.stats.live_slots;
                         store.get(&chunk, gid, start, &mut |key, accs| {
-                            *live_slots -= 1;
                             out.push(((key.clone(), Slot { group: gid, start, end: end_of(start), accs }), -1));
                         });
                     }
@@ -1645,7 +1654,6 @@ mod tests {
         slow.tuning = Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: 3, freeze_min_panes: 0 };
         let (mut store, mut slow_store) = (MapStore::default(), MapStore::default());
         let mut expected: BTreeMap<(Key, Slot), isize> = BTreeMap::new();
-        let (mut fewest_hot, mut most_live) = (u64::MAX, 0);
         for epoch in 1..=60u64 {
             let base = epoch as i64 * 200;
             let events: Vec<Ev> = (0..40i64)
@@ -1674,10 +1682,11 @@ mod tests {
                 "epoch {epoch}: what is retained is there"
             );
             assert_eq!(some.stats.live_slots, all.stats.live_slots);
+            assert_eq!(slow.stats.live_slots, all.stats.live_slots, "evictions in progress are not live");
             assert_eq!(some.stats.reopened, all.stats.reopened);
             if epoch > 30 {
-                fewest_hot = fewest_hot.min(some.stats.hot_slots);
-                most_live = most_live.max(some.stats.live_slots);
+                let (hot, live) = (some.stats.hot_slots, some.stats.live_slots);
+                assert!(hot * 2 < live, "epoch {epoch}: closed panes left memory: {hot} in memory of {live}");
             }
             let decode = |bytes: Vec<u8>| {
                 let mut s: StateSnapshot = bincode::deserialize(&bytes).unwrap();
@@ -1688,9 +1697,12 @@ mod tests {
                 }
                 s
             };
-            assert_eq!(decode(some.snapshot(&mut store).unwrap()), decode(all.snapshot(&mut NoStore).unwrap()));
+            let reference = decode(all.snapshot(&mut NoStore).unwrap());
+            assert_eq!(decode(some.snapshot(&mut store).unwrap()), reference, "epoch {epoch}");
+            assert_eq!(decode(slow.snapshot(&mut slow_store).unwrap()), reference, "epoch {epoch}, evicting");
         }
         assert!(some.stats.reopened > 0 && expected.len() > 100);
+        assert!(some.stats.read_back > 0, "stragglers reached panes that had left memory");
         assert!(slow_store.slots.len() > expected.len(), "evictions are behind");
         for epoch in 61..=200u64 {
             let mut c = Vec::new();
@@ -1698,7 +1710,6 @@ mod tests {
             slow_store.take(epoch, &mut c);
         }
         assert_eq!(slow_store.slots, expected, "evictions caught up");
-        assert!(fewest_hot * 3 < most_live, "closed panes left memory: {fewest_hot} in memory of {most_live}");
     }
 
     #[test]

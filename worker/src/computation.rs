@@ -192,9 +192,55 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
         })
         .unwrap_or_else(|e| fail(&format!("spawning the stats reporter: {e}")));
 
-    let router =
-        Router { senders, ctx, process: formation.index, threads, peers: threads * formation.addresses.len(), next: 0 };
+    // One parser per worker thread, fed in order: a batch reaches its worker thread after every
+    // batch routed to that thread before it, parsed off the worker thread (which also answers
+    // reads) when the source's schema is known in this process.
+    let parsers: Vec<Sender<Job>> = senders
+        .iter()
+        .enumerate()
+        .map(|(local, to_worker)| {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let (to_worker, ctx) = (to_worker.clone(), Arc::clone(&ctx));
+            thread::Builder::new()
+                .name(format!("sundial:parse-{local}"))
+                .spawn(move || {
+                    for job in rx {
+                        if to_worker.send(parse_ingest(job, &ctx)).is_err() {
+                            return;
+                        }
+                        if let Some(t) = ctx.threads.get(local).and_then(|t| t.get()) {
+                            t.unpark();
+                        }
+                    }
+                })
+                .unwrap_or_else(|e| fail(&format!("spawning an ingest parser: {e}")));
+            tx
+        })
+        .collect();
+    let router = Router {
+        senders,
+        parsers,
+        ctx,
+        process: formation.index,
+        threads,
+        peers: threads * formation.addresses.len(),
+        next: 0,
+    };
     serve_stdin(stdin, router)
+}
+
+/// An ingest job with its body parsed, when its source's schema is known here (the worker thread
+/// checks that the schema is still the source's, and parses the body itself otherwise).
+fn parse_ingest(job: Job, ctx: &Context) -> Job {
+    let Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, parsed: None } = job else {
+        return job;
+    };
+    let schema = ctx.schemas.read().ok().and_then(|s| s.get(&source).cloned());
+    let parsed = schema.map(|plan| {
+        let (rows, errors) = sundial_dataflows::row::parse_body(&body, csv, &plan, first_line);
+        engine::Parsed { plan, rows, errors }
+    });
+    Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, parsed }
 }
 
 /// Reports that the computation cannot go on, and exits.
@@ -207,6 +253,8 @@ pub fn fail(reason: &str) -> ! {
 /// Routes requests from the supervisor to the worker threads of this process.
 struct Router {
     senders: Vec<Sender<Job>>,
+    /// Each worker thread's ingest parser.
+    parsers: Vec<Sender<Job>>,
     ctx: Arc<Context>,
     process: usize,
     threads: usize,
@@ -241,39 +289,13 @@ impl Router {
                 return Err("commands are sequenced by process 0".into());
             }
             Request::Ingest { after, source, csv, body, first_line, min_epoch, batch } => {
-                // Each batch goes to one worker thread (its ingest partition), in turn. When the
-                // source's schema is known here, a thread of its own parses the body, so that the
-                // worker thread (which also answers reads) only logs and feeds the rows.
+                // Each batch goes to one worker thread (its ingest partition), in turn, through
+                // that thread's parser.
                 let local = self.next % self.threads;
                 self.next += 1;
-                let schema = self.ctx.schemas.read().ok().and_then(|s| s.get(&source).cloned());
                 let job = Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, parsed: None };
-                match schema {
-                    Some(plan) => {
-                        let (sender, ctx) = (self.senders.get(local).cloned(), Arc::clone(&self.ctx));
-                        let parse = move || {
-                            let Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, .. } = job
-                            else {
-                                return;
-                            };
-                            let (rows, errors) = sundial_dataflows::row::parse_body(&body, csv, &plan, first_line);
-                            let parsed = Some(engine::Parsed { plan, rows, errors });
-                            // The body is kept only for a schema change in between (rare).
-                            let job =
-                                Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, parsed };
-                            if sender.is_some_and(|s| s.send(job).is_ok()) {
-                                if let Some(t) = ctx.threads.get(local).and_then(|t| t.get()) {
-                                    t.unpark();
-                                }
-                            }
-                        };
-                        if let Err(e) = thread::Builder::new().name("sundial:parse".into()).spawn(parse) {
-                            return Err(format!("cannot start a thread to parse the batch: {e}"));
-                        }
-                    }
-                    None => {
-                        self.send(local, job);
-                    }
+                if !self.parsers.get(local).is_some_and(|p| p.send(job).is_ok()) {
+                    return Err("the ingest parser of this worker thread has stopped".into());
                 }
             }
             Request::Frontier { after, dataflow } => {
