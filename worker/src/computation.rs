@@ -294,7 +294,7 @@ impl Router {
                 let local = self.next % self.threads;
                 self.next += 1;
                 let job = Job::Ingest { id, after, source, csv, body, first_line, min_epoch, batch, parsed: None };
-                if !self.parsers.get(local).is_some_and(|p| p.send(job).is_ok()) {
+                if self.parsers.get(local).is_none_or(|p| p.send(job).is_err()) {
                     return Err("the ingest parser of this worker thread has stopped".into());
                 }
             }
