@@ -86,8 +86,9 @@ pub enum Acc {
 }
 
 /// An `i128` stored as two words, so that accumulators holding one are aligned to 8 bytes, not
-/// 16 (the order of `(hi, lo)` is the order of the number).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// 16 (the order of `(hi, lo)` is the order of the number). Serialized as the `i128` it is, so
+/// that checkpoints written before it existed still read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Wide {
     hi: i64,
     lo: u64,
@@ -101,6 +102,18 @@ impl Wide {
 
     fn add(&mut self, x: i128) {
         *self = Wide::from(self.get().wrapping_add(x));
+    }
+}
+
+impl Serialize for Wide {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_i128(self.get())
+    }
+}
+
+impl<'de> Deserialize<'de> for Wide {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Wide, D::Error> {
+        i128::deserialize(deserializer).map(Wide::from)
     }
 }
 
@@ -773,6 +786,39 @@ mod tests {
         assert_eq!(sum.get(), 2 * i128::from(i64::MAX) - 3);
         let (a, b) = (Wide::from(-1), Wide::from(1));
         assert!(a < b && Wide::from(i128::MIN) < a && b < Wide::from(i128::MAX));
+    }
+
+    #[test]
+    fn checkpoints_of_the_earlier_layout_still_read() {
+        // Before accumulators shrank, sums were plain i128 and the big variants were not boxed;
+        // boxing does not change an encoding, and `Wide` encodes as an i128.
+        #[derive(Serialize)]
+        enum Before {
+            #[allow(dead_code)]
+            Count(u64),
+            SumInt {
+                n: u64,
+                sum: i128,
+            },
+            #[allow(dead_code)]
+            SumFloat {
+                n: u64,
+                sum: F64,
+            },
+            MomentsInt {
+                n: u64,
+                sum: i128,
+                sumsq: i128,
+            },
+        }
+        let sum = (1i128 << 70) - 5;
+        let bytes =
+            bincode::serialize(&vec![Before::SumInt { n: 3, sum }, Before::MomentsInt { n: 2, sum: -7, sumsq: 25 }])
+                .unwrap();
+        let now: Vec<Acc> = bincode::deserialize(&bytes).unwrap();
+        assert_eq!(now[0], Acc::SumInt { n: 3, sum: Wide::from(sum) });
+        assert_eq!(now[1], Acc::MomentsInt(Box::new(MomentsInt { n: 2, sum: -7, sumsq: 25 })));
+        assert_eq!(bincode::serialize(&now).unwrap(), bytes, "and they are written the same way");
     }
 
     #[test]

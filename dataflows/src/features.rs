@@ -368,7 +368,7 @@ pub struct CheckpointCell {
 }
 
 /// The format version of [`StateSnapshot`].
-pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSION: u32 = 1;
 
 /// [`StateSnapshot`] borrowing the live state (same field order and encoding).
 #[derive(Serialize)]
