@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sundial_dataflows::features::{render, Epoch, Report};
+use differential_dataflow::trace::TraceReader;
 use sundial_dataflows::read::read_all;
 use sundial_dataflows::row::Row;
 use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, SourcePlan, Window};
@@ -327,6 +328,14 @@ fn sundial(
             r.reports.advance_to(epoch);
             // Keep at most two epochs in flight.
             worker.step_while(|| r.probe.less_equal(&(epoch.saturating_sub(2))));
+            // As a worker does with its read handle: let the arrangement compact and merge its
+            // batches up to what is complete (a handle that never advances keeps every batch
+            // apart, which makes the final read slow and defers all merging to the teardown).
+            if let Some(complete) = r.probe.with_frontier(|f| f.first().copied()) {
+                let done = [complete.saturating_sub(1)];
+                r.trace.set_logical_compaction(timely::progress::frontier::AntichainRef::new(&done));
+                r.trace.set_physical_compaction(timely::progress::frontier::AntichainRef::new(&done));
+            }
         }
         worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
         let mut c: Checksum = (0, 0, 0, 0);
