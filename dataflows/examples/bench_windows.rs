@@ -26,8 +26,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sundial_dataflows::features::{render, Epoch, Report};
 use differential_dataflow::trace::TraceReader;
+use sundial_dataflows::features::{render, Epoch, Report};
 use sundial_dataflows::read::read_all;
 use sundial_dataflows::row::Row;
 use sundial_protocol::plan::{Agg, DataflowPlan, FeaturePlan, SourcePlan, Window};

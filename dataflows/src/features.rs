@@ -88,11 +88,77 @@ pub struct Ev {
 
 /// The accumulators of one slot, one per feature of its group: inline up to two (a slot is
 /// cloned for every change and kept by the arrangement, so this saves an allocation per change
-/// and a pointer and heap block per retained group).
-pub type Accs = SmallVec<[Acc; 2]>;
+/// and a pointer and heap block per retained group). 64 bytes: the variant is kept in a spare
+/// value of the first accumulator's tag. Encoded as a sequence, like a `Vec<Acc>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Accs {
+    /// One feature.
+    One(Acc),
+    /// Two features.
+    Two([Acc; 2]),
+    /// Three or more (or none).
+    Many(Box<[Acc]>),
+}
+
+impl Default for Accs {
+    fn default() -> Accs {
+        Accs::Many(Box::new([]))
+    }
+}
+
+impl std::ops::Deref for Accs {
+    type Target = [Acc];
+    fn deref(&self) -> &[Acc] {
+        match self {
+            Accs::One(a) => std::slice::from_ref(a),
+            Accs::Two(both) => both,
+            Accs::Many(all) => all,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Accs {
+    fn deref_mut(&mut self) -> &mut [Acc] {
+        match self {
+            Accs::One(a) => std::slice::from_mut(a),
+            Accs::Two(both) => both,
+            Accs::Many(all) => all,
+        }
+    }
+}
+
+impl FromIterator<Acc> for Accs {
+    fn from_iter<I: IntoIterator<Item = Acc>>(iter: I) -> Accs {
+        let mut it = iter.into_iter();
+        match (it.next(), it.next()) {
+            (Some(a), None) => Accs::One(a),
+            (Some(a), Some(b)) => match it.next() {
+                None => Accs::Two([a, b]),
+                Some(c) => {
+                    let mut all = vec![a, b, c];
+                    all.extend(it);
+                    Accs::Many(all.into_boxed_slice())
+                }
+            },
+            _ => Accs::default(),
+        }
+    }
+}
+
+impl Serialize for Accs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Accs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Accs, D::Error> {
+        Vec::<Acc>::deserialize(deserializer).map(|all| all.into_iter().collect())
+    }
+}
 
 /// A maintained partial aggregate: one pane, session or global group of one key.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Slot {
     /// The group (index into [`Layout::groups`]).
     pub group: u32,
@@ -102,27 +168,6 @@ pub struct Slot {
     pub end: i64,
     /// One accumulator per feature of the group.
     pub accs: Accs,
-}
-
-impl Clone for Slot {
-    /// The arrangement clones every slot each time its batches merge: the usual two
-    /// accumulators are built in place rather than collected through an iterator.
-    fn clone(&self) -> Slot {
-        Slot { group: self.group, start: self.start, end: self.end, accs: clone_accs(&self.accs) }
-    }
-}
-
-/// A copy of `accs`, built in place for one or two.
-fn clone_accs(accs: &Accs) -> Accs {
-    match accs.as_slice() {
-        [a] => {
-            let mut v = Accs::new();
-            v.push(a.clone());
-            v
-        }
-        [a, b] => Accs::from_buf([a.clone(), b.clone()]),
-        other => other.iter().cloned().collect(),
-    }
 }
 
 /// How a group's slots are formed.
@@ -520,7 +565,7 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Tuning {
-        Tuning { freeze_after: std::time::Duration::from_millis(500), evict_per_epoch: 256, freeze_min_panes: 8 }
+        Tuning { freeze_after: std::time::Duration::from_millis(100), evict_per_epoch: 256, freeze_min_panes: 8 }
     }
 }
 
@@ -735,7 +780,7 @@ impl SlotStore for TraceStore {
         // Batch by batch (the cursor list's `seek_val` also seeks the cursors of batches that do
         // not hold the key, which panics), seeking straight to the slots of (group, start): a
         // key's slots order by group, then start, and retracted ones wait there until compacted.
-        let probe = Slot { group, start, end: i64::MIN, accs: Accs::new() };
+        let probe = Slot { group, start, end: i64::MIN, accs: Accs::default() };
         let mut counts: BTreeMap<(usize, Slot), isize> = BTreeMap::new();
         for batch in &batches {
             let batch: &<SlotSpine as TraceReader>::Batch = batch;
@@ -822,7 +867,7 @@ fn touch<'a>(
             let live = entry.into_mut();
             if !live.touched {
                 live.touched = true;
-                touched.push((start, key.clone(), Some(clone_accs(&live.accs))));
+                touched.push((start, key.clone(), Some(live.accs.clone())));
             }
             &mut live.accs
         }
@@ -956,7 +1001,7 @@ impl AggregateState {
                         let end = start + pane;
                         let Some(live) = panes.get_mut(&start).and_then(|p| p.slots.get_mut(&key)) else { continue };
                         live.touched = false;
-                        let new = clone_accs(&live.accs);
+                        let new = live.accs.clone();
                         if let Some(old) = old {
                             out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
                         }
@@ -984,7 +1029,7 @@ impl AggregateState {
                             if s.start < merged.end && merged.start < s.end {
                                 merged.start = merged.start.min(s.start);
                                 merged.end = merged.end.max(s.end);
-                                for (a, b) in merged.accs.iter_mut().zip(&s.accs) {
+                                for (a, b) in merged.accs.iter_mut().zip(s.accs.iter()) {
                                     a.merge(b);
                                 }
                                 unindex(by_end, s.end, &ev.key);
@@ -1023,7 +1068,7 @@ impl AggregateState {
                     for (start, key, old) in touched {
                         let Some(live) = slots.get_mut(&key) else { continue };
                         live.touched = false;
-                        let new = clone_accs(&live.accs);
+                        let new = live.accs.clone();
                         if let Some(old) = old {
                             out.push(((key.clone(), Slot { group: gid, start, end: i64::MAX, accs: old }), -1));
                         }
