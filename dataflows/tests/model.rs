@@ -9,7 +9,7 @@
 //! accepted by then gives: windows and values per key and feature, `closed` flags and retention
 //! included. The model computes the watermark itself (Flink's rule) and decides which events are
 //! late; "now" of sliding windows and decayed sums is the largest accepted event time. Closed
-//! panes leave the aggregate's memory at once here (in a server, half a second after they
+//! panes leave the aggregate's memory at once here (in a server, 100 ms after they
 //! close), and evicted ones are retracted two slots per epoch, so stragglers, retention and
 //! reads go through the slots read back from the arrangement, and through evictions in
 //! progress.
