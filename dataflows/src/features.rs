@@ -41,7 +41,6 @@ use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
 use hashbrown::hash_map::EntryRef;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use smallvec::SmallVec;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange as ExchangePact, Pipeline};
 use timely::dataflow::operators::generic::Operator;
@@ -83,7 +82,7 @@ pub struct Ev {
     /// Event time, ms.
     pub time: i64,
     /// One value per input of the layout (inline up to two: no allocation per event).
-    pub values: SmallVec<[Datum; 2]>,
+    pub values: Values,
 }
 
 /// The accumulators of one slot, one per feature of its group: inline up to two (a slot is
@@ -154,6 +153,29 @@ impl Serialize for Accs {
 impl<'de> Deserialize<'de> for Accs {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Accs, D::Error> {
         Vec::<Acc>::deserialize(deserializer).map(|all| all.into_iter().collect())
+    }
+}
+
+/// The values of an event's inputs: one or two inline, more boxed (48 bytes: the variant lives
+/// in a spare value of the first datum's tag).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Values {
+    /// One input.
+    One(Datum),
+    /// Two inputs.
+    Two([Datum; 2]),
+    /// Three or more, or none.
+    Many(Box<[Datum]>),
+}
+
+impl std::ops::Deref for Values {
+    type Target = [Datum];
+    fn deref(&self) -> &[Datum] {
+        match self {
+            Values::One(d) => std::slice::from_ref(d),
+            Values::Two(both) => both,
+            Values::Many(all) => all,
+        }
     }
 }
 
@@ -273,14 +295,9 @@ impl Layout {
         }
         // Built in place for the usual one or two inputs (no collecting through an iterator).
         let values = match self.inputs.as_slice() {
-            [] => SmallVec::new(),
-            [a] => {
-                let mut v = SmallVec::new();
-                v.push(row.values[*a].clone());
-                v
-            }
-            [a, b] => SmallVec::from_buf([row.values[*a].clone(), row.values[*b].clone()]),
-            many => many.iter().map(|&i| row.values[i].clone()).collect(),
+            [a] => Values::One(row.values[*a].clone()),
+            [a, b] => Values::Two([row.values[*a].clone(), row.values[*b].clone()]),
+            many => Values::Many(many.iter().map(|&i| row.values[i].clone()).collect()),
         };
         Some(Ev { hash: key.hash64(), key, time: row.time, values })
     }
