@@ -827,22 +827,12 @@ impl SlotStore for TraceStore {
     }
 
     fn for_each(&mut self, f: &mut dyn FnMut(&Key, &Slot)) {
-        use differential_dataflow::trace::cursor::{cursor_list, Cursor};
-        use differential_dataflow::trace::TraceReader;
         let mut cell = self.trace.borrow_mut();
         let Some(trace) = cell.as_mut() else { return };
-        let Some(batches) = trace.batches_through(timely::progress::Antichain::new().borrow()) else { return };
-        let (mut cursor, storage) = cursor_list(batches);
-        while let Some(key) = cursor.get_key(&storage) {
-            while let Some(slot) = cursor.get_val(&storage) {
-                let mut count = 0isize;
-                cursor.map_times(&storage, |_, r| count += *r);
-                if count > 0 {
-                    f(key, slot);
-                }
-                cursor.step_val(&storage);
-            }
-            cursor.step_key(&storage);
+        // Everything the trace holds now: no epoch is past the last one.
+        let read = crate::read::read_all(trace, Epoch::MAX, |key, slots| slots.iter().for_each(|s| f(key, s)));
+        if let Err(e) = read {
+            tracing::error!(error = %e, "reading closed panes back for a snapshot");
         }
     }
 }
@@ -1532,24 +1522,27 @@ mod tests {
         }
     }
 
-    fn state(lateness: u64) -> AggregateState {
-        let source = source(lateness);
+    /// A feature over field `t`.
+    fn feature(name: &str, agg: Agg, window: Window) -> FeaturePlan {
+        FeaturePlan { name: name.into(), agg, field: Some(1), window, params: Default::default() }
+    }
+
+    /// The layout of dataflow `id` over `source(lateness)`, keyed by `k`.
+    fn layout(id: u64, lateness: u64, retention_ms: Option<u64>, features: Vec<FeaturePlan>) -> Rc<Layout> {
         let plan = DataflowPlan {
             name: "d".into(),
-            id: 0,
-            source,
+            id,
+            source: source(lateness),
             key: vec![0],
             filter: None,
-            retention_ms: None,
-            features: vec![FeaturePlan {
-                name: "c".into(),
-                agg: Agg::Count,
-                field: None,
-                window: Window::Global,
-                params: Default::default(),
-            }],
+            retention_ms,
+            features,
         };
-        AggregateState::new(Rc::new(Layout::new(plan)))
+        Rc::new(Layout::new(plan))
+    }
+
+    fn state(lateness: u64) -> AggregateState {
+        AggregateState::new(layout(0, lateness, None, vec![feature("c", Agg::Count, Window::Global)]))
     }
 
     fn report(partition: u32, max_ts: Option<i64>, idle: bool) -> Report {
@@ -1575,28 +1568,16 @@ mod tests {
 
     #[test]
     fn a_snapshot_restores_every_slot_and_the_watermark() {
-        let source = source(0);
-        let feature = |name: &str, agg, window| FeaturePlan {
-            name: name.into(),
-            agg,
-            field: Some(1),
-            window,
-            params: Default::default(),
-        };
-        let plan = DataflowPlan {
-            name: "d".into(),
-            id: 9,
-            source,
-            key: vec![0],
-            filter: None,
-            retention_ms: Some(60_000),
-            features: vec![
+        let layout = layout(
+            9,
+            0,
+            Some(60_000),
+            vec![
                 feature("tumbling", Agg::Count, Window::Tumbling { size_ms: 1_000 }),
                 feature("session", Agg::Max, Window::Session { gap_ms: 300 }),
                 feature("global", Agg::Sum, Window::Global),
             ],
-        };
-        let layout = Rc::new(Layout::new(plan));
+        );
         let mut live = AggregateState::new(Rc::clone(&layout));
         let mut out = Vec::new();
         let events: Vec<Ev> = (0..500u64)
@@ -1687,27 +1668,16 @@ mod tests {
         // Tumbling and hopping panes with retention, fed in order with stragglers that reach
         // panes already closed (and some already evicted), against the same aggregate keeping
         // every slot in memory: the same updates, the same snapshots, and few slots in memory.
-        let feature = |name: &str, agg, window| FeaturePlan {
-            name: name.into(),
-            agg,
-            field: Some(1),
-            window,
-            params: Default::default(),
-        };
-        let plan = DataflowPlan {
-            name: "d".into(),
-            id: 3,
-            source: source(100),
-            key: vec![0],
-            filter: None,
-            retention_ms: Some(6_000),
-            features: vec![
+        let layout = layout(
+            3,
+            100,
+            Some(6_000),
+            vec![
                 feature("count", Agg::Count, Window::Tumbling { size_ms: 1_000 }),
                 feature("max", Agg::Max, Window::Hopping { size_ms: 2_000, hop_ms: 500 }),
                 feature("last", Agg::Last, Window::Hopping { size_ms: 2_000, hop_ms: 500 }),
             ],
-        };
-        let layout = Rc::new(Layout::new(plan));
+        );
         let (mut all, mut some) = (AggregateState::new(Rc::clone(&layout)), AggregateState::new(Rc::clone(&layout)));
         some.tuning =
             Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: usize::MAX, freeze_min_panes: 0 };
