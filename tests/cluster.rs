@@ -45,11 +45,7 @@ fn one_two_and_three_workers_form_one_computation() {
 #[test]
 fn killed_worker_is_detected_and_rejoins_at_its_index() {
     let env = Env::new();
-    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
-    let (control, http) = env.coordinator_addresses();
-    let _w0 = env.worker("w0", &control, 2);
-    let mut w1 = env.worker("w1", &control, 2);
-    let before = wait_state(&http, "running", FORM);
+    let Pair { coordinator: _coordinator, workers: [_w0, mut w1], control, http, status: before } = env.running_pair(2);
     let ids_before = ids(&before);
     let victim = before["workers"].as_array().unwrap().iter().position(|w| w["pid"] == w1.pid()).unwrap();
     let survivor = 1 - victim;
@@ -84,11 +80,7 @@ fn killed_worker_is_detected_and_rejoins_at_its_index() {
 #[test]
 fn crashed_computation_makes_the_next_generation() {
     let env = Env::new();
-    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
-    let (control, http) = env.coordinator_addresses();
-    let _w0 = env.worker("w0", &control, 1);
-    let _w1 = env.worker("w1", &control, 1);
-    let before = wait_state(&http, "running", FORM);
+    let Pair { coordinator: _coordinator, workers: _workers, http, status: before, .. } = env.running_pair(1);
     let computation = field(&before, 1, "computation_pid");
     std::process::Command::new("kill").arg("-9").arg(computation.to_string()).status().unwrap();
     let after = wait_for(FORM, "generation 2 running", || {

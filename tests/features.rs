@@ -114,11 +114,7 @@ fn export_query(http: &str, dataflow: &str, query: &str) -> Model {
 #[test]
 fn a_cluster_computes_what_the_model_computes() {
     let env = Env::new();
-    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
-    let (control, http) = env.coordinator_addresses();
-    let _w0 = env.worker("w0", &control, 2);
-    let mut w1 = env.worker("w1", &control, 2);
-    wait_state(&http, "running", Duration::from_secs(60));
+    let Pair { coordinator: _coordinator, workers: [_w0, mut w1], control, http, .. } = env.running_pair(2);
 
     // Validation errors name the offending part; nothing is installed.
     let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "5s",
@@ -336,11 +332,7 @@ fn a_cluster_computes_what_the_model_computes() {
 #[test]
 fn sliding_and_cumulating_windows_through_the_http_api_equal_the_model() {
     let env = Env::new();
-    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
-    let (control, http) = env.coordinator_addresses();
-    let _w0 = env.worker("w0", &control, 2);
-    let _w1 = env.worker("w1", &control, 2);
-    wait_state(&http, "running", Duration::from_secs(60));
+    let Pair { coordinator: _coordinator, workers: _workers, http, .. } = env.running_pair(2);
     let source = json!({"name": "tx", "time": "ts", "allowed_lateness": "1h",
         "fields": {"user_id": "u64", "ts": "i64", "amount": "i64", "merchant": "string"}});
     assert_eq!(post_json(&http, "/v1/sources", &source).0, 201);

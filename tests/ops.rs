@@ -299,11 +299,7 @@ fn the_status_page_shows_the_workers_and_a_dataflow_in_a_browser() {
         return;
     }
     let env = Env::new();
-    let _coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
-    let (control, http) = env.coordinator_addresses();
-    let _w0 = env.worker("w0", &control, 1);
-    let _w1 = env.worker("w1", &control, 1);
-    wait_state(&http, "running", Duration::from_secs(60));
+    let Pair { coordinator: _coordinator, workers: _workers, http, .. } = env.running_pair(1);
     create_catalog(&http);
     let events: Vec<(u64, i64, i64)> = (0..1000).map(|i| (i % 37, BASE + i as i64 * 50, 3)).collect();
     let (code, text) = post(&http, "/v1/sources/tx/events", "application/x-ndjson", ndjson(&events).as_bytes());

@@ -28,11 +28,7 @@ fn refusal(answer: Option<serde_json::Value>) -> String {
 #[test]
 fn bad_handshakes_are_refused_and_the_cluster_keeps_running() {
     let env = Env::new();
-    let coordinator = env.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
-    let (control, http) = env.coordinator_addresses();
-    let w0 = env.worker("w0", &control, 1);
-    let _w1 = env.worker("w1", &control, 1);
-    wait_state(&http, "running", Duration::from_secs(60));
+    let Pair { coordinator, workers: [w0, _w1], control, http, .. } = env.running_pair(1);
 
     let reason = refusal(raw_control_exchange(&control, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
     assert!(reason.contains("over the limit"), "{reason}");

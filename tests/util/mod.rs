@@ -168,6 +168,30 @@ impl Env {
     }
 }
 
+/// A coordinator expecting two workers, and the two (`w0` and `w1`), formed and running.
+pub struct Pair {
+    pub coordinator: Proc,
+    pub workers: [Proc; 2],
+    /// The coordinator's control address.
+    pub control: String,
+    /// The coordinator's HTTP address.
+    pub http: String,
+    /// `GET /v1/cluster` once running.
+    pub status: Value,
+}
+
+impl Env {
+    /// Starts a coordinator and two workers of `threads` threads each, and waits until the
+    /// cluster runs.
+    pub fn running_pair(&self, threads: usize) -> Pair {
+        let coordinator = self.coordinator(2, "127.0.0.1:0", "127.0.0.1:0");
+        let (control, http) = self.coordinator_addresses();
+        let workers = [self.worker("w0", &control, threads), self.worker("w1", &control, threads)];
+        let status = wait_state(&http, "running", Duration::from_secs(60));
+        Pair { coordinator, workers, control, http, status }
+    }
+}
+
 /// POST `body` with `content_type` to `http://{addr}{path}`: status and body text.
 pub fn post(addr: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
