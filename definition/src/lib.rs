@@ -568,32 +568,30 @@ fn positive(what: &str, text: &str) -> Result<u64, String> {
     }
 }
 
+/// A whole duration and a part of it that must divide it (hop, tile, step), both in ms.
+fn whole_and_part(whole_name: &str, whole: &str, part_name: &str, part: &str) -> Result<(u64, u64), String> {
+    let whole_ms = positive(whole_name, whole)?;
+    let part_ms = positive(part_name, part)?;
+    if part_ms > whole_ms || whole_ms % part_ms != 0 {
+        return Err(format!("{part_name} {part} does not divide {whole_name} {whole}"));
+    }
+    Ok((whole_ms, part_ms))
+}
+
 fn validate_window(w: &WindowSpec) -> Result<Window, String> {
     match w {
         WindowSpec::Tumbling(size) => Ok(Window::Tumbling { size_ms: positive("size", size)? }),
         WindowSpec::Hopping { size, hop } => {
-            let size_ms = positive("size", size)?;
-            let hop_ms = positive("hop", hop)?;
-            if hop_ms > size_ms || size_ms % hop_ms != 0 {
-                return Err(format!("hop {hop} does not divide size {size}"));
-            }
+            let (size_ms, hop_ms) = whole_and_part("size", size, "hop", hop)?;
             Ok(Window::Hopping { size_ms, hop_ms })
         }
         WindowSpec::Session { gap } => Ok(Window::Session { gap_ms: positive("gap", gap)? }),
         WindowSpec::Sliding { size, tile } => {
-            let size_ms = positive("size", size)?;
-            let tile_ms = positive("tile", tile)?;
-            if tile_ms > size_ms || size_ms % tile_ms != 0 {
-                return Err(format!("tile {tile} does not divide size {size}"));
-            }
+            let (size_ms, tile_ms) = whole_and_part("size", size, "tile", tile)?;
             Ok(Window::Sliding { size_ms, tile_ms })
         }
         WindowSpec::Cumulate { step, max } => {
-            let step_ms = positive("step", step)?;
-            let max_ms = positive("max", max)?;
-            if step_ms > max_ms || max_ms % step_ms != 0 {
-                return Err(format!("step {step} does not divide max {max}"));
-            }
+            let (max_ms, step_ms) = whole_and_part("max", max, "step", step)?;
             Ok(Window::Cumulate { step_ms, max_ms })
         }
         WindowSpec::Global => Ok(Window::Global),
