@@ -14,17 +14,22 @@ use std::time::Duration;
 
 use util::*;
 
+/// `sundial local` with two workers of two threads, its data in `data`, its API on `http`.
+fn start_local(data: &std::path::Path, http: &str, stdout: Stdio) -> std::process::Child {
+    Command::new(bin())
+        .args(["local", "--workers", "2", "--threads", "2", "--data-dir", data.to_str().unwrap(), "--http", http])
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn local_starts_a_cluster_and_stops_without_orphans() {
     let env = Env::new();
     let data = env.path("data");
     let http = format!("127.0.0.1:{}", free_port());
-    let mut local = Command::new(bin())
-        .args(["local", "--workers", "2", "--threads", "2", "--data-dir", data.to_str().unwrap(), "--http", &http])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut local = start_local(&data, &http, Stdio::piped());
     let mut stdout = BufReader::new(local.stdout.take().unwrap());
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
@@ -71,12 +76,7 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
     assert!(coordinator_log.contains("checkpoint on shutdown committed"), "{coordinator_log}");
 
     // Started again: the state is back from the checkpoint, with nothing to replay.
-    let mut local = Command::new(bin())
-        .args(["local", "--workers", "2", "--threads", "2", "--data-dir", data.to_str().unwrap(), "--http", &http])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut local = start_local(&data, &http, Stdio::null());
     wait_state(&http, "running", Duration::from_secs(60));
     let (_, after) = get(&http, "/v1/dataflows/user_spend/keys/42").unwrap();
     assert_eq!(after["features"], before["features"]);
