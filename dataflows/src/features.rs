@@ -37,7 +37,7 @@ use std::rc::Rc;
 
 use differential_dataflow::operators::arrange::arrangement::arrange_core;
 use differential_dataflow::operators::arrange::TraceAgent;
-use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
+use differential_dataflow::trace::implementations::ValSpine;
 use hashbrown::hash_map::EntryRef;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,7 @@ use sundial_protocol::value::{Datum, Key};
 use sundial_protocol::WindowOut;
 
 use crate::acc::Acc;
+use crate::batcher::{epoch_in_order, SlotBatcher};
 use crate::eval;
 use crate::row::Row;
 
@@ -631,7 +632,7 @@ pub fn render_with(
         Pipeline,
         &format!("WindowAggregate({name})"),
         move |capability, _info| {
-            let mut pending_events: BTreeMap<Epoch, Vec<Ev>> = BTreeMap::new();
+            let mut pending_events: BTreeMap<Epoch, Vec<Vec<Ev>>> = BTreeMap::new();
             let mut pending_reports: BTreeMap<Epoch, Vec<Report>> = BTreeMap::new();
             let mut caps: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
             let mut out: Vec<((Key, Slot), isize)> = Vec::new();
@@ -654,7 +655,7 @@ pub fn render_with(
                 events.for_each(|cap, data| {
                     if let Some(&t) = cap.least() {
                         caps.entry(t).or_insert_with(|| cap.delayed(&t, port));
-                        pending_events.entry(t).or_default().append(data);
+                        pending_events.entry(t).or_default().push(std::mem::take(data));
                     }
                 });
                 reports.for_each(|cap, data| {
@@ -674,7 +675,7 @@ pub fn render_with(
                     }
                     let evs = pending_events.remove(&epoch).unwrap_or_default();
                     let reps = pending_reports.remove(&epoch).unwrap_or_default();
-                    state.apply_epoch(epoch, evs, &reps, &mut out, &mut store);
+                    state.apply_epoch(epoch, &evs, &reps, &mut out, &mut store);
                     last_applied = Some(epoch);
                     let mut marks = wm_out.borrow_mut();
                     if let Some(w) = state.watermark {
@@ -692,8 +693,9 @@ pub fn render_with(
                     drop(marks);
                     stats_out.set(state.stats);
                     if !out.is_empty() {
-                        let mut session = output.session(&cap);
-                        session.give_iterator(out.drain(..).map(|(d, r)| (d, epoch, r)));
+                        // In order, as one container: the batcher makes it the batch as it is.
+                        let mut changes = epoch_in_order(std::mem::take(&mut out), epoch);
+                        output.session(&cap).give_container(&mut changes);
                     }
                 }
                 // Every epoch before the requested one is applied and nothing after it.
@@ -706,12 +708,8 @@ pub fn render_with(
             }
         },
     );
-    let arranged = arrange_core::<_, _, ValBatcher<Key, Slot, Epoch, isize>, SlotSpine>(
-        updates,
-        Pipeline,
-        &format!("Features({name})"),
-        ValBatcher::new,
-    );
+    let arranged =
+        arrange_core::<_, _, SlotBatcher, SlotSpine>(updates, Pipeline, &format!("Features({name})"), SlotBatcher::new);
     *feeding.borrow_mut() = Some(arranged.trace.clone());
     let probe = ProbeHandle::new();
     let _ = arranged.stream.clone().probe_with(&probe);
@@ -943,7 +941,7 @@ impl AggregateState {
     fn apply_epoch(
         &mut self,
         epoch: Epoch,
-        events: Vec<Ev>,
+        events: &[Vec<Ev>],
         reports: &[Report],
         out: &mut Vec<((Key, Slot), isize)>,
         store: &mut dyn SlotStore,
@@ -960,7 +958,7 @@ impl AggregateState {
                     };
                     let mut touched: Touched = Vec::new();
                     let mut cached: Option<(i64, bool, &mut Pane)> = None;
-                    for ev in &events {
+                    for ev in events.iter().flatten() {
                         let start = ev.time.div_euclid(pane) * pane;
                         if evicted_before.is_some_and(|limit| start <= limit) {
                             // Its windows are evicted: no read shows them any more.
@@ -1018,7 +1016,7 @@ impl AggregateState {
                 (GroupState::Sessions { by_key, by_end }, GroupKind::Session(gap_ms)) => {
                     let gap = gap_ms as i64;
                     let mut before: HashMap<Key, Vec<Slot>> = HashMap::new();
-                    for ev in &events {
+                    for ev in events.iter().flatten() {
                         let sessions = by_key.entry(ev.key.clone()).or_default();
                         before.entry(ev.key.clone()).or_insert_with(|| {
                             sessions
@@ -1064,7 +1062,7 @@ impl AggregateState {
                 }
                 (GroupState::Global(slots), GroupKind::Global) => {
                     let mut touched: Touched = Vec::new();
-                    for ev in &events {
+                    for ev in events.iter().flatten() {
                         let accs = touch(slots, &ev.key, i64::MIN, &mut touched, &mut self.stats.live_slots, || {
                             layout.empty_accs(group)
                         });
@@ -1589,7 +1587,7 @@ mod tests {
                 layout.prepare(&row).unwrap()
             })
             .collect();
-        live.apply_epoch(1, events, &[report(0, Some(4_000), false)], &mut out, &mut NoStore);
+        live.apply_epoch(1, &[events], &[report(0, Some(4_000), false)], &mut out, &mut NoStore);
         let bytes = live.snapshot(&mut NoStore).unwrap();
         let snapshot: StateSnapshot = bincode::deserialize(&bytes).unwrap();
         assert_eq!(snapshot.dataflow, 9);
@@ -1617,7 +1615,7 @@ mod tests {
                 })
                 .collect();
             let mut out = Vec::new();
-            state.apply_epoch(2, evs, &[report(0, Some(4_149), false)], &mut out, &mut NoStore);
+            state.apply_epoch(2, &[evs], &[report(0, Some(4_149), false)], &mut out, &mut NoStore);
             out.sort();
             out
         };
@@ -1698,10 +1696,10 @@ mod tests {
                 .unwrap();
             let reports = [report(0, Some(base + 200), false)];
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            all.apply_epoch(epoch, events.clone(), &reports, &mut a, &mut NoStore);
-            some.apply_epoch(epoch, events.clone(), &reports, &mut b, &mut store);
+            all.apply_epoch(epoch, std::slice::from_ref(&events), &reports, &mut a, &mut NoStore);
+            some.apply_epoch(epoch, std::slice::from_ref(&events), &reports, &mut b, &mut store);
             let mut c = Vec::new();
-            slow.apply_epoch(epoch, events, &reports, &mut c, &mut slow_store);
+            slow.apply_epoch(epoch, &[events], &reports, &mut c, &mut slow_store);
             for (slot, diff) in a {
                 *expected.entry(slot).or_default() += diff;
             }
@@ -1738,7 +1736,7 @@ mod tests {
         assert!(slow_store.slots.len() > expected.len(), "evictions are behind");
         for epoch in 61..=200u64 {
             let mut c = Vec::new();
-            slow.apply_epoch(epoch, Vec::new(), &[report(0, Some(12_200), false)], &mut c, &mut slow_store);
+            slow.apply_epoch(epoch, &[], &[report(0, Some(12_200), false)], &mut c, &mut slow_store);
             slow_store.take(epoch, &mut c);
         }
         assert_eq!(slow_store.slots, expected, "evictions caught up");

@@ -10,6 +10,7 @@
 //! * [`diagnostic`]: the exchange check that proves the processes form one computation.
 
 pub mod acc;
+pub mod batcher;
 pub mod control;
 pub mod diagnostic;
 pub mod eval;
