@@ -385,6 +385,9 @@ pub struct Rendered {
     pub layout: Rc<Layout>,
     /// Checkpoint requests and their snapshots.
     pub checkpoint: Rc<RefCell<CheckpointCell>>,
+    /// Set by whoever feeds the dataflow while it is behind its input: the aggregate then
+    /// applies whole epochs instead of slices (throughput before the latency of reads).
+    pub catching_up: Rc<Cell<bool>>,
 }
 
 /// The size of a rendered dataflow's state on one worker.
@@ -579,11 +582,20 @@ pub struct Tuning {
     /// plus the longest window): with fewer, the memory saved is small and every eviction reads
     /// the arrangement.
     pub freeze_min_panes: u64,
+    /// The aggregate applies at most this many events per activation and activates itself again
+    /// for the rest of an epoch, so that one big batch does not keep the worker thread (and the
+    /// reads queued for it) waiting for milliseconds.
+    pub slice_events: usize,
 }
 
 impl Default for Tuning {
     fn default() -> Tuning {
-        Tuning { freeze_after: std::time::Duration::from_millis(100), evict_per_epoch: 256, freeze_min_panes: 8 }
+        Tuning {
+            freeze_after: std::time::Duration::from_millis(100),
+            evict_per_epoch: 256,
+            freeze_min_panes: 8,
+            slice_events: 1024,
+        }
     }
 }
 
@@ -626,12 +638,15 @@ pub fn render_with(
         drop(marks);
     }
     let (wm_out, stats_out, ckpt) = (Rc::clone(&watermarks), Rc::clone(&stats), Rc::clone(&checkpoint));
+    let (activations, slice_events) = (scope, tuning.slice_events.max(1));
+    let catching_up = Rc::new(Cell::new(false));
+    let behind = Rc::clone(&catching_up);
     let updates = events.binary_frontier::<_, CapacityContainerBuilder<Vec<((Key, Slot), Epoch, isize)>>, _, _, _, _>(
         report_stream.broadcast(),
         ExchangePact::new(|ev: &Ev| ev.hash),
         Pipeline,
         &format!("WindowAggregate({name})"),
-        move |capability, _info| {
+        move |capability, info| {
             let mut pending_events: BTreeMap<Epoch, Vec<Vec<Ev>>> = BTreeMap::new();
             let mut pending_reports: BTreeMap<Epoch, Vec<Report>> = BTreeMap::new();
             let mut caps: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
@@ -639,6 +654,8 @@ pub fn render_with(
             // A restored state enters the arrangement at the first epoch.
             let mut initial = (!restored.is_empty()).then_some((capability, restored));
             let mut last_applied: Option<Epoch> = None;
+            let mut current: Option<Current> = None;
+            let activator = activations.activator_for(Rc::clone(&info.address));
             move |(events, events_frontier), (reports, reports_frontier), output| {
                 let port = output.output_index();
                 if let Some((cap, slots)) = initial.take() {
@@ -664,18 +681,43 @@ pub fn render_with(
                         pending_reports.entry(t).or_default().append(data);
                     }
                 });
-                while let Some((&epoch, _)) = caps.first_key_value() {
-                    if events_frontier.less_equal(&epoch) || reports_frontier.less_equal(&epoch) {
+                // Epochs are applied in order, each in slices of at most `slice_events` events
+                // per activation (the operator activates itself again for the rest), so that
+                // the worker thread serves reads between the slices.
+                let mut budget = if behind.get() { usize::MAX } else { slice_events };
+                loop {
+                    if current.is_none() {
+                        let Some((&epoch, _)) = caps.first_key_value() else { break };
+                        if events_frontier.less_equal(&epoch) || reports_frontier.less_equal(&epoch) {
+                            break;
+                        }
+                        let Some((_, cap)) = caps.pop_first() else { break };
+                        if let Some(c) = cell.requested.filter(|c| epoch >= *c) {
+                            cell.requested = None;
+                            cell.result = Some((c, state.timed_snapshot(&mut store)));
+                        }
+                        let events = pending_events.remove(&epoch).unwrap_or_default();
+                        current = Some(Current { epoch, cap, events, chunk: 0, at: 0, work: state.begin_epoch() });
+                    }
+                    let Some(cur) = current.as_mut() else { break };
+                    while budget > 0 && cur.chunk < cur.events.len() {
+                        let chunk = &cur.events[cur.chunk];
+                        let n = (chunk.len() - cur.at).min(budget);
+                        state.absorb(cur.epoch, &chunk[cur.at..cur.at + n], &mut cur.work, &mut store);
+                        cur.at += n;
+                        budget -= n;
+                        if cur.at == chunk.len() {
+                            cur.chunk += 1;
+                            cur.at = 0;
+                        }
+                    }
+                    if cur.chunk < cur.events.len() {
+                        activator.activate();
                         break;
                     }
-                    let Some((_, cap)) = caps.pop_first() else { break };
-                    if let Some(c) = cell.requested.filter(|c| epoch >= *c) {
-                        cell.requested = None;
-                        cell.result = Some((c, state.timed_snapshot(&mut store)));
-                    }
-                    let evs = pending_events.remove(&epoch).unwrap_or_default();
+                    let Some(Current { epoch, cap, work, .. }) = current.take() else { break };
                     let reps = pending_reports.remove(&epoch).unwrap_or_default();
-                    state.apply_epoch(epoch, &evs, &reps, &mut out, &mut store);
+                    state.finish_epoch(&reps, work, &mut out, &mut store);
                     last_applied = Some(epoch);
                     let mut marks = wm_out.borrow_mut();
                     if let Some(w) = state.watermark {
@@ -697,9 +739,13 @@ pub fn render_with(
                         let mut changes = epoch_in_order(std::mem::take(&mut out), epoch);
                         output.session(&cap).give_container(&mut changes);
                     }
+                    if budget == 0 {
+                        activator.activate();
+                        break;
+                    }
                 }
                 // Every epoch before the requested one is applied and nothing after it.
-                if let Some(c) = cell.requested {
+                if let (Some(c), None) = (cell.requested, &current) {
                     if !events_frontier.less_than(&c) && !reports_frontier.less_than(&c) {
                         cell.requested = None;
                         cell.result = Some((c, state.timed_snapshot(&mut store)));
@@ -713,7 +759,18 @@ pub fn render_with(
     *feeding.borrow_mut() = Some(arranged.trace.clone());
     let probe = ProbeHandle::new();
     let _ = arranged.stream.clone().probe_with(&probe);
-    Rendered { rows, reports, trace: arranged.trace, probe, watermarks, stats, layout, checkpoint }
+    Rendered { rows, reports, trace: arranged.trace, probe, watermarks, stats, layout, checkpoint, catching_up }
+}
+
+/// The epoch the aggregate is applying, in slices: its events, how far it has got, and what it
+/// has changed so far.
+struct Current {
+    epoch: Epoch,
+    cap: Capability<Epoch>,
+    events: Vec<Vec<Ev>>,
+    chunk: usize,
+    at: usize,
+    work: EpochWork,
 }
 
 struct Session {
@@ -857,6 +914,13 @@ struct Live {
 /// Slots changed in the current epoch: (start, key, value before the epoch if it existed).
 type Touched = Vec<(i64, Key, Option<Accs>)>;
 
+/// What the epoch being applied has changed so far, per group: the slots it touched (pane and
+/// global groups) and each changed key's sessions before it (session groups).
+pub(crate) struct EpochWork {
+    touched: Vec<Touched>,
+    before: Vec<HashMap<Key, Vec<Slot>>>,
+}
+
 /// The accumulators of `key` in `slots` for an update, recording in `touched` the value the
 /// slot had before its first change in this epoch (one clone per slot and epoch, none per event).
 fn touch<'a>(
@@ -938,6 +1002,7 @@ impl AggregateState {
 
     /// Applies epoch `epoch`'s events, then its watermark; pushes the slot updates to `out`.
     /// Closed panes that `store` holds leave memory.
+    #[cfg(test)]
     fn apply_epoch(
         &mut self,
         epoch: Epoch,
@@ -946,6 +1011,23 @@ impl AggregateState {
         out: &mut Vec<((Key, Slot), isize)>,
         store: &mut dyn SlotStore,
     ) {
+        let mut work = self.begin_epoch();
+        for chunk in events {
+            self.absorb(epoch, chunk, &mut work, store);
+        }
+        self.finish_epoch(reports, work, out, store);
+    }
+
+    /// An epoch to be applied in parts: [`Self::absorb`] its events, in as many calls as suit,
+    /// then [`Self::finish_epoch`].
+    fn begin_epoch(&self) -> EpochWork {
+        let groups = self.layout.groups.len();
+        EpochWork { touched: vec![Vec::new(); groups], before: vec![HashMap::new(); groups] }
+    }
+
+    /// Applies some of the current epoch's events to the slots, recording in `work` what each
+    /// changed slot held before the epoch.
+    fn absorb(&mut self, epoch: Epoch, events: &[Ev], work: &mut EpochWork, store: &mut dyn SlotStore) {
         let layout = Rc::clone(&self.layout);
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
@@ -956,9 +1038,9 @@ impl AggregateState {
                         (Some(w), Some(r)) => Some(w.saturating_sub(r as i64).saturating_sub(group.span_ms as i64)),
                         _ => None,
                     };
-                    let mut touched: Touched = Vec::new();
+                    let touched = &mut work.touched[g];
                     let mut cached: Option<(i64, bool, &mut Pane)> = None;
-                    for ev in events.iter().flatten() {
+                    for ev in events {
                         let start = ev.time.div_euclid(pane) * pane;
                         if evicted_before.is_some_and(|limit| start <= limit) {
                             // Its windows are evicted: no read shows them any more.
@@ -994,7 +1076,7 @@ impl AggregateState {
                                 .into_mut()
                                 .accs
                         } else {
-                            touch(&mut current.slots, &ev.key, start, &mut touched, &mut self.stats.live_slots, || {
+                            touch(&mut current.slots, &ev.key, start, touched, &mut self.stats.live_slots, || {
                                 layout.empty_accs(group)
                             })
                         };
@@ -1002,21 +1084,11 @@ impl AggregateState {
                             acc.add(ev.time, input.map(|i| &ev.values[i]));
                         }
                     }
-                    for (start, key, old) in touched {
-                        let end = start + pane;
-                        let Some(live) = panes.get_mut(&start).and_then(|p| p.slots.get_mut(&key)) else { continue };
-                        live.touched = false;
-                        let new = live.accs.clone();
-                        if let Some(old) = old {
-                            out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
-                        }
-                        out.push(((key, Slot { group: gid, start, end, accs: new }), 1));
-                    }
                 }
                 (GroupState::Sessions { by_key, by_end }, GroupKind::Session(gap_ms)) => {
                     let gap = gap_ms as i64;
-                    let mut before: HashMap<Key, Vec<Slot>> = HashMap::new();
-                    for ev in events.iter().flatten() {
+                    let before = &mut work.before[g];
+                    for ev in events {
                         let sessions = by_key.entry(ev.key.clone()).or_default();
                         before.entry(ev.key.clone()).or_insert_with(|| {
                             sessions
@@ -1048,6 +1120,51 @@ impl AggregateState {
                         kept.sort_by_key(|s| s.start);
                         *sessions = kept;
                     }
+                }
+                (GroupState::Global(slots), GroupKind::Global) => {
+                    let touched = &mut work.touched[g];
+                    for ev in events {
+                        let accs = touch(slots, &ev.key, i64::MIN, touched, &mut self.stats.live_slots, || {
+                            layout.empty_accs(group)
+                        });
+                        for (acc, input) in accs.iter_mut().zip(&group.inputs) {
+                            acc.add(ev.time, input.map(|i| &ev.values[i]));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Ends the current epoch: pushes the changes of every slot it changed to `out`, then
+    /// applies its watermark (evicting and freezing panes).
+    fn finish_epoch(
+        &mut self,
+        reports: &[Report],
+        work: EpochWork,
+        out: &mut Vec<((Key, Slot), isize)>,
+        store: &mut dyn SlotStore,
+    ) {
+        let layout = Rc::clone(&self.layout);
+        let EpochWork { touched, before } = work;
+        for (((g, group), touched), before) in layout.groups.iter().enumerate().zip(touched).zip(before) {
+            let gid = g as u32;
+            match (&mut self.groups[g], group.kind) {
+                (GroupState::Panes(Panes { live: panes, .. }), GroupKind::Pane(pane_ms)) => {
+                    let pane = pane_ms as i64;
+                    for (start, key, old) in touched {
+                        let end = start + pane;
+                        let Some(live) = panes.get_mut(&start).and_then(|p| p.slots.get_mut(&key)) else { continue };
+                        live.touched = false;
+                        let new = live.accs.clone();
+                        if let Some(old) = old {
+                            out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
+                        }
+                        out.push(((key, Slot { group: gid, start, end, accs: new }), 1));
+                    }
+                }
+                (GroupState::Sessions { by_key, .. }, GroupKind::Session(_)) => {
                     for (key, old) in before {
                         for slot in old {
                             out.push(((key.clone(), slot), -1));
@@ -1061,15 +1178,6 @@ impl AggregateState {
                     }
                 }
                 (GroupState::Global(slots), GroupKind::Global) => {
-                    let mut touched: Touched = Vec::new();
-                    for ev in events.iter().flatten() {
-                        let accs = touch(slots, &ev.key, i64::MIN, &mut touched, &mut self.stats.live_slots, || {
-                            layout.empty_accs(group)
-                        });
-                        for (acc, input) in accs.iter_mut().zip(&group.inputs) {
-                            acc.add(ev.time, input.map(|i| &ev.values[i]));
-                        }
-                    }
                     for (start, key, old) in touched {
                         let Some(live) = slots.get_mut(&key) else { continue };
                         live.touched = false;
@@ -1677,11 +1785,20 @@ mod tests {
             ],
         );
         let (mut all, mut some) = (AggregateState::new(Rc::clone(&layout)), AggregateState::new(Rc::clone(&layout)));
-        some.tuning =
-            Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: usize::MAX, freeze_min_panes: 0 };
+        some.tuning = Tuning {
+            freeze_after: std::time::Duration::ZERO,
+            evict_per_epoch: usize::MAX,
+            freeze_min_panes: 0,
+            slice_events: usize::MAX,
+        };
         // And one that retracts evicted slots three per epoch: behind, but never wrong.
         let mut slow = AggregateState::new(Rc::clone(&layout));
-        slow.tuning = Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: 3, freeze_min_panes: 0 };
+        slow.tuning = Tuning {
+            freeze_after: std::time::Duration::ZERO,
+            evict_per_epoch: 3,
+            freeze_min_panes: 0,
+            slice_events: usize::MAX,
+        };
         let (mut store, mut slow_store) = (MapStore::default(), MapStore::default());
         let mut expected: BTreeMap<(Key, Slot), isize> = BTreeMap::new();
         for epoch in 1..=60u64 {

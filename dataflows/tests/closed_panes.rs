@@ -113,7 +113,7 @@ fn feed(worker: &mut timely::worker::Worker, r: &mut Rendered, e: u64) {
 
 #[test]
 fn a_checkpoint_of_panes_that_left_memory_restores_exactly() {
-    let tuning = Tuning { freeze_after: Duration::ZERO, evict_per_epoch: 5, freeze_min_panes: 0 };
+    let tuning = Tuning { freeze_after: Duration::ZERO, evict_per_epoch: 5, freeze_min_panes: 0, slice_events: 7 };
     timely::execute_directly(move |worker| {
         let mut original = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), None, tuning));
         // 40 epochs, then a checkpoint requested at epoch 41: taken before 41 is applied.

@@ -343,7 +343,12 @@ fn run(case: &Case) -> [(Results, Option<i64>); 2] {
                 scope,
                 case.plan.clone(),
                 None,
-                Tuning { freeze_after: std::time::Duration::ZERO, evict_per_epoch: 2, freeze_min_panes: 0 },
+                Tuning {
+                    freeze_after: std::time::Duration::ZERO,
+                    evict_per_epoch: 2,
+                    freeze_min_panes: 0,
+                    slice_events: 3,
+                },
             )
         });
         let mut max_ts: Option<i64> = None;
