@@ -31,9 +31,13 @@ use crate::log::{Fsync, Log, Record};
 
 /// How often epochs advance when nothing is ingested.
 pub const TICK: Duration = Duration::from_millis(20);
-/// How much history (in epochs, i.e. milliseconds) stays readable behind the newest complete
-/// epoch before it is compacted away.
-pub const HISTORY_MS: u64 = 30_000;
+/// How long an epoch stays readable (by `as_of`) after it completed, before it may be compacted
+/// away. Counted from completion, not from ingest: under a backlog an ingest reply's epoch
+/// completes seconds after the reply, and stays readable this long from then on.
+pub const HISTORY: Duration = Duration::from_secs(5);
+/// A dataflow whose newest complete epoch is this far (ms) behind the input's is catching up: it
+/// favours throughput over the latency of reads (see the compaction in `after_step`).
+pub const BACKLOG_MS: u64 = 100;
 /// Slots (panes, sessions) a worker reads for one page of an export at most, so that a page's
 /// reply stays a few megabytes whatever the number of windows per key.
 pub const PAGE_SLOTS: usize = 50_000;
@@ -228,6 +232,33 @@ struct DataflowRt {
     rendered: Rendered,
     /// When this worker built it: a partition without events idles this long after.
     installed: Instant,
+    /// When recent epochs completed, to compact only what completed [`HISTORY`] ago.
+    completions: Completions,
+}
+
+/// When each recent epoch became the newest complete one: one entry per 10 ms at most (so an
+/// epoch may count as complete up to 10 ms early), none older than the newest one at least
+/// [`HISTORY`] old.
+#[derive(Default)]
+struct Completions(VecDeque<(Instant, Epoch)>);
+
+impl Completions {
+    /// `complete` is the newest complete epoch at `now`.
+    fn record(&mut self, now: Instant, complete: Epoch) {
+        match self.0.back_mut() {
+            Some((at, e)) if now.duration_since(*at) < Duration::from_millis(10) => *e = (*e).max(complete),
+            Some((_, e)) if *e >= complete => {}
+            _ => self.0.push_back((now, complete)),
+        }
+        while self.0.get(1).is_some_and(|&(at, _)| now.duration_since(at) >= HISTORY) {
+            self.0.pop_front();
+        }
+    }
+
+    /// The newest epoch that was already complete [`HISTORY`] before `now` (0: none).
+    fn aged(&self, now: Instant) -> Epoch {
+        self.0.iter().take_while(|&&(at, _)| now.duration_since(at) >= HISTORY).last().map_or(0, |&(_, e)| e)
+    }
 }
 
 /// Context shared by the worker threads of one computation.
@@ -584,7 +615,10 @@ impl Engine {
                 if self.index == 0 {
                     tracing::info!(dataflow = %name, "dataflow installed");
                 }
-                self.dataflows.insert(name, DataflowRt { rendered, installed: Instant::now() });
+                self.dataflows.insert(
+                    name,
+                    DataflowRt { rendered, installed: Instant::now(), completions: Completions::default() },
+                );
             }
             Command::DropDataflow { name } => {
                 // Closing the inputs lets the dataflow drain and complete; dropping the trace
@@ -1113,8 +1147,9 @@ impl Engine {
             if let Some(source) = self.sources.get_mut(name) {
                 source.watermark = source.watermark.max(current);
             }
-            // Keep HISTORY_MS of epochs readable, and the epochs of exports in progress; let the
-            // rest compact. The compaction frontier never goes back.
+            // Keep epochs readable for HISTORY after they complete, and the epochs of exports in
+            // progress and of reads waiting for theirs; let the rest compact. The compaction
+            // frontier never goes back.
             if let Some(complete) = complete_epoch(&df.rendered.probe) {
                 if let Ok(mut frontiers) = ctx.frontiers.lock() {
                     let slots = frontiers
@@ -1127,12 +1162,29 @@ impl Engine {
                 let holds = self.holds.entry(df.rendered.layout.plan.name.clone()).or_default();
                 let now = Instant::now();
                 holds.retain(|(_, until)| *until > now);
-                let held = holds.iter().map(|(e, _)| *e).min().unwrap_or(u64::MAX);
+                let name = &df.rendered.layout.plan.name;
+                // Reads waiting for their epoch to complete hold it readable: under a backlog
+                // the newest complete epoch can pass a waiting read's by more than the history.
+                let waiting = self.deferred.iter().filter_map(|job| match job {
+                    Job::Part { part: PartJob::Read { dataflow, as_of, .. }, .. } if dataflow == name => Some(*as_of),
+                    _ => None,
+                });
+                let held = holds.iter().map(|(e, _)| *e).chain(waiting).min().unwrap_or(u64::MAX);
                 let current = df.rendered.trace.get_logical_compaction().iter().next().copied().unwrap_or(0);
-                let since = complete.saturating_sub(HISTORY_MS).min(held).max(current);
-                let frontier = Antichain::from_elem(since);
-                df.rendered.trace.set_logical_compaction(frontier.borrow());
-                df.rendered.trace.set_physical_compaction(frontier.borrow());
+                df.completions.record(now, complete);
+                let since = df.completions.aged(now).min(held).max(current);
+                // Times before `since` may be merged together. While the dataflow keeps up,
+                // batches may merge up to what is complete (a read accumulates updates by time,
+                // not by batch, and looks through fewer batches when they merge as they come)
+                // and the aggregate applies epochs in slices, so that reads wait less. Under a
+                // backlog, batches wait until their times compact, so that each merge cancels
+                // the history it folds instead of copying every version again, and epochs are
+                // applied whole: throughput first.
+                let behind = self.epoch.saturating_sub(complete) > BACKLOG_MS;
+                let merge_to = if behind { since } else { complete.max(since) };
+                df.rendered.catching_up.set(behind);
+                df.rendered.trace.set_logical_compaction(Antichain::from_elem(since).borrow());
+                df.rendered.trace.set_physical_compaction(Antichain::from_elem(merge_to).borrow());
                 df.rendered.watermarks.borrow_mut().compact(since);
             }
         }
@@ -1255,4 +1307,31 @@ fn row_json(source: &SourcePlan, row: &Row) -> String {
     let map: serde_json::Map<String, serde_json::Value> =
         source.fields.iter().zip(row.values.iter()).map(|(f, d)| (f.name.clone(), d.to_json())).collect();
     serde_json::Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_stay_readable_for_the_history_after_they_complete() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut c = Completions::default();
+        c.record(at(0), 100);
+        assert_eq!(c.aged(at(0)), 0, "nothing is old enough yet");
+        // A backlog: epoch 100 completes, then the dataflow catches up to 5,000 a second later.
+        c.record(at(1_000), 5_000);
+        c.record(at(1_005), 5_004);
+        assert_eq!(c.aged(at(4_999)), 0);
+        assert_eq!(c.aged(at(5_000)), 100, "epoch 100 completed 5 s ago");
+        c.record(at(6_000), 9_000);
+        // Epoch 5,004 (recorded with 5,000, 5 ms apart) completed 5 s ago; 9,000 just now.
+        assert_eq!(c.aged(at(6_000)), 5_004);
+        assert_eq!(c.0.len(), 2, "entries older than the newest aged one are dropped");
+        // An epoch from an ingest reply at 7,000 completed at 6,000: still readable at 10,999.
+        c.record(at(10_999), 9_000);
+        assert!(c.aged(at(10_999)) < 7_000);
+        assert!(c.aged(at(11_000)) >= 9_000);
+    }
 }
