@@ -313,6 +313,9 @@ fn sundial(
         let feed = Arc::clone(&feed);
         let mine = feed.chunks(me, threads, batch);
         let mut r = worker.dataflow::<Epoch, _, _>(|scope| render(scope, plan.clone(), None));
+        // Events always wait here (two epochs of `--batch` in flight): a worker in this state
+        // is catching up, and applies whole epochs (see `Rendered::catching_up`).
+        r.catching_up.set(true);
         let mut epoch: Epoch = 1;
         let mut max_ts = None;
         for chunk in mine {
@@ -399,10 +402,19 @@ fn sundial(
             while worker.has_dataflows() {
                 worker.step();
             }
-            // The allocator returns freed pages after a short delay.
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            drop(vec![0u8; 1 << 20]);
-            let after = rss_kib("VmRSS:");
+            // The allocator returns freed pages after a delay, on its next calls: allocate a
+            // little every 100 ms until the RSS stops falling (at most 5 s).
+            let mut after = rss_kib("VmRSS:");
+            for _ in 0..50 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                drop(std::hint::black_box(vec![0u8; 1 << 16]));
+                let now = rss_kib("VmRSS:");
+                if now + 1024 >= after && now < before {
+                    after = now;
+                    break;
+                }
+                after = now;
+            }
             if me == 0 {
                 println!(
                     "drop: rss_before_kib={before} rss_after_kib={after} freed_kib={}",
