@@ -711,7 +711,10 @@ pub fn render_with(
                             cur.at = 0;
                         }
                     }
-                    if cur.chunk < cur.events.len() {
+                    if budget > 0 && cur.chunk == cur.events.len() {
+                        budget -= state.emit_touched(&mut cur.work, budget, &mut out);
+                    }
+                    if cur.chunk < cur.events.len() || AggregateState::touched_left(&cur.work) {
                         activator.activate();
                         break;
                     }
@@ -1137,58 +1140,66 @@ impl AggregateState {
         }
     }
 
+    /// Pushes to `out` the changes of up to `budget` of the pane and global slots the current
+    /// epoch touched (and clears their marks); returns how many it took.
+    fn emit_touched(&mut self, work: &mut EpochWork, budget: usize, out: &mut Vec<((Key, Slot), isize)>) -> usize {
+        let layout = Rc::clone(&self.layout);
+        let mut taken = 0;
+        for (g, group) in layout.groups.iter().enumerate() {
+            let gid = g as u32;
+            let Some(touched) = work.touched.get_mut(g) else { continue };
+            while taken < budget {
+                let Some((start, key, old)) = touched.pop() else { break };
+                taken += 1;
+                let (live, end) = match (&mut self.groups[g], group.kind) {
+                    (GroupState::Panes(Panes { live: panes, .. }), GroupKind::Pane(pane_ms)) => {
+                        (panes.get_mut(&start).and_then(|p| p.slots.get_mut(&key)), start + pane_ms as i64)
+                    }
+                    (GroupState::Global(slots), GroupKind::Global) => (slots.get_mut(&key), i64::MAX),
+                    _ => (None, 0),
+                };
+                let Some(live) = live else { continue };
+                live.touched = false;
+                let new = live.accs.clone();
+                if let Some(old) = old {
+                    out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
+                }
+                out.push(((key, Slot { group: gid, start, end, accs: new }), 1));
+            }
+        }
+        taken
+    }
+
+    /// Whether slots the current epoch touched are still to be emitted.
+    fn touched_left(work: &EpochWork) -> bool {
+        work.touched.iter().any(|t| !t.is_empty())
+    }
+
     /// Ends the current epoch: pushes the changes of every slot it changed to `out`, then
     /// applies its watermark (evicting and freezing panes).
     fn finish_epoch(
         &mut self,
         reports: &[Report],
-        work: EpochWork,
+        mut work: EpochWork,
         out: &mut Vec<((Key, Slot), isize)>,
         store: &mut dyn SlotStore,
     ) {
+        self.emit_touched(&mut work, usize::MAX, out);
         let layout = Rc::clone(&self.layout);
-        let EpochWork { touched, before } = work;
-        for (((g, group), touched), before) in layout.groups.iter().enumerate().zip(touched).zip(before) {
+        for ((g, group), before) in layout.groups.iter().enumerate().zip(work.before) {
             let gid = g as u32;
-            match (&mut self.groups[g], group.kind) {
-                (GroupState::Panes(Panes { live: panes, .. }), GroupKind::Pane(pane_ms)) => {
-                    let pane = pane_ms as i64;
-                    for (start, key, old) in touched {
-                        let end = start + pane;
-                        let Some(live) = panes.get_mut(&start).and_then(|p| p.slots.get_mut(&key)) else { continue };
-                        live.touched = false;
-                        let new = live.accs.clone();
-                        if let Some(old) = old {
-                            out.push(((key.clone(), Slot { group: gid, start, end, accs: old }), -1));
-                        }
-                        out.push(((key, Slot { group: gid, start, end, accs: new }), 1));
+            if let (GroupState::Sessions { by_key, .. }, GroupKind::Session(_)) = (&mut self.groups[g], group.kind) {
+                for (key, old) in before {
+                    for slot in old {
+                        out.push(((key.clone(), slot), -1));
+                    }
+                    for s in by_key.get(&key).into_iter().flatten() {
+                        out.push((
+                            (key.clone(), Slot { group: gid, start: s.start, end: s.end, accs: s.accs.clone() }),
+                            1,
+                        ));
                     }
                 }
-                (GroupState::Sessions { by_key, .. }, GroupKind::Session(_)) => {
-                    for (key, old) in before {
-                        for slot in old {
-                            out.push(((key.clone(), slot), -1));
-                        }
-                        for s in by_key.get(&key).into_iter().flatten() {
-                            out.push((
-                                (key.clone(), Slot { group: gid, start: s.start, end: s.end, accs: s.accs.clone() }),
-                                1,
-                            ));
-                        }
-                    }
-                }
-                (GroupState::Global(slots), GroupKind::Global) => {
-                    for (start, key, old) in touched {
-                        let Some(live) = slots.get_mut(&key) else { continue };
-                        live.touched = false;
-                        let new = live.accs.clone();
-                        if let Some(old) = old {
-                            out.push(((key.clone(), Slot { group: gid, start, end: i64::MAX, accs: old }), -1));
-                        }
-                        out.push(((key, Slot { group: gid, start, end: i64::MAX, accs: new }), 1));
-                    }
-                }
-                _ => {}
             }
         }
         self.update_watermark(reports);
