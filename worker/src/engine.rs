@@ -84,6 +84,12 @@ pub enum Job {
         /// Where the answer goes.
         gather: Arc<Gather>,
     },
+    /// A read somewhere in the cluster waits for this epoch to complete: move this partition's
+    /// epoch past it now (not beyond the clock) instead of at the next tick.
+    Advance {
+        /// The epoch the read waits for.
+        past: Epoch,
+    },
 }
 
 /// An ingest body parsed by the request's router, and the schema it was parsed against.
@@ -636,12 +642,14 @@ impl Engine {
         }
     }
 
-    /// Runs the queued jobs: reads and other parts of gathered requests first (they are short
-    /// and someone waits on each), then ingest and commands, in arrival order within each kind.
+    /// Runs the queued jobs: reads, other parts of gathered requests and epoch advances first
+    /// (they are short and someone waits on each), then ingest and commands, in arrival order
+    /// within each kind.
     fn run_jobs(&mut self) {
         let mut waiting = VecDeque::new();
-        let (parts, rest): (VecDeque<Job>, VecDeque<Job>) =
-            std::mem::take(&mut self.deferred).into_iter().partition(|j| matches!(j, Job::Part { .. }));
+        let (parts, rest): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|j| matches!(j, Job::Part { .. } | Job::Advance { .. }));
         for job in parts.into_iter().chain(rest) {
             if let Some(job) = self.run_job(job) {
                 waiting.push_back(job);
@@ -673,6 +681,15 @@ impl Engine {
                 });
                 control.advance_to(seq + 1);
                 self.sequenced.push((seq, id, check));
+                None
+            }
+            // Only once the log replay of this generation is done (an advance is a shortcut:
+            // dropped, the read waits for the tick instead).
+            Job::Advance { past } => {
+                let next = past.saturating_add(1).min(unix_ms());
+                if next > self.epoch && self.all_recovered() {
+                    self.advance_to(next);
+                }
                 None
             }
             Job::Ingest { after, .. } | Job::Part { after, .. } if after > self.applied => Some(job),
