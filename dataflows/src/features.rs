@@ -664,7 +664,8 @@ pub fn render_with(
                 }
                 let mut cell = ckpt.borrow_mut();
                 if let Some(c) = cell.requested {
-                    if last_applied.is_some_and(|e| e >= c) {
+                    // Applied, or being applied in slices.
+                    if last_applied.max(current.as_ref().map(|cur| cur.epoch)).is_some_and(|e| e >= c) {
                         cell.requested = None;
                         cell.result = Some((c, Err(format!("epoch {c} was already applied"))));
                     }
@@ -747,9 +748,11 @@ pub fn render_with(
                         break;
                     }
                 }
-                // Every epoch before the requested one is applied and nothing after it.
+                // Every epoch before the requested one is applied and nothing after it (none in
+                // progress, none complete but waiting for the next activation).
                 if let (Some(c), None) = (cell.requested, &current) {
-                    if !events_frontier.less_than(&c) && !reports_frontier.less_than(&c) {
+                    let all_before_applied = caps.first_key_value().is_none_or(|(&e, _)| e >= c);
+                    if all_before_applied && !events_frontier.less_than(&c) && !reports_frontier.less_than(&c) {
                         cell.requested = None;
                         cell.result = Some((c, state.timed_snapshot(&mut store)));
                     }

@@ -1,7 +1,9 @@
 //! Closed panes that left the aggregate's memory, through the real rendered dataflow: a
 //! checkpoint taken while most slots live only in the arrangement restores into a dataflow that
 //! then reads exactly what the original reads, with retention evicting panes that left memory
-//! and stragglers reaching them on both sides.
+//! and stragglers reaching them on both sides. And checkpoints requested while the aggregate
+//! applies epochs in slices: taken only once every epoch before them is applied, refused when
+//! their epoch is already being applied.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,6 +100,12 @@ fn same(a: &Read, b: &Read, what: &str) {
 
 /// Feeds epoch `e` and steps until it is complete.
 fn feed(worker: &mut timely::worker::Worker, r: &mut Rendered, e: u64) {
+    send(r, e);
+    worker.step_while(|| r.probe.less_equal(&e));
+}
+
+/// Sends epoch `e`'s rows and report and closes the epoch, without stepping.
+fn send(r: &mut Rendered, e: u64) {
     r.rows.advance_to(e);
     r.reports.advance_to(e);
     let batch = rows(e);
@@ -108,7 +116,6 @@ fn feed(worker: &mut timely::worker::Worker, r: &mut Rendered, e: u64) {
     r.reports.send(Report { partition: 0, max_ts: max, idle: false });
     r.rows.advance_to(e + 1);
     r.reports.advance_to(e + 1);
-    worker.step_while(|| r.probe.less_equal(&e));
 }
 
 #[test]
@@ -146,5 +153,57 @@ fn a_checkpoint_of_panes_that_left_memory_restores_exactly() {
         assert!(a.len() > 40, "{} windows", a.len());
         same(&a, &b, "after 30 more epochs");
         assert_eq!(original.stats.get().live_slots, restored.stats.get().live_slots);
+    });
+}
+
+#[test]
+fn a_checkpoint_requested_while_epochs_wait_holds_every_one_before_it() {
+    // One event per activation: each epoch takes hundreds of activations, and the aggregate
+    // stops with complete epochs still waiting.
+    let tuning = Tuning { freeze_after: Duration::ZERO, evict_per_epoch: 5, freeze_min_panes: 0, slice_events: 1 };
+    timely::execute_directly(move |worker| {
+        let mut original = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), None, tuning));
+        for e in 1..=5 {
+            feed(worker, &mut original, e);
+        }
+        // Epochs 6 to 10 arrive together, with a checkpoint requested at 11.
+        original.checkpoint.borrow_mut().requested = Some(11);
+        for e in 6..=10 {
+            send(&mut original, e);
+        }
+        worker.step_while(|| original.probe.less_equal(&10));
+        let (at, bytes) = original.checkpoint.borrow_mut().result.take().expect("the snapshot was taken");
+        assert_eq!(at, 11);
+        let snapshot: StateSnapshot = bincode::deserialize(&bytes.unwrap()).unwrap();
+        let mut restored = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), Some(snapshot), tuning));
+        for e in 11..=20 {
+            feed(worker, &mut original, e);
+            feed(worker, &mut restored, e);
+        }
+        let (a, b) = (read(&mut original, 20), read(&mut restored, 20));
+        assert!(a.len() > 20, "{} windows", a.len());
+        same(&a, &b, "after the checkpoint");
+    });
+}
+
+#[test]
+fn a_checkpoint_requested_at_an_epoch_being_applied_is_refused() {
+    let tuning = Tuning { freeze_after: Duration::ZERO, evict_per_epoch: 5, freeze_min_panes: 0, slice_events: 1 };
+    timely::execute_directly(move |worker| {
+        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), None, tuning));
+        for e in 1..=5 {
+            feed(worker, &mut r, e);
+        }
+        send(&mut r, 6);
+        // A few activations: epoch 6 is part applied (one event each).
+        for _ in 0..20 {
+            worker.step();
+        }
+        assert!(r.probe.less_equal(&6), "epoch 6 is still being applied");
+        r.checkpoint.borrow_mut().requested = Some(6);
+        worker.step_while(|| r.probe.less_equal(&6));
+        let (at, result) = r.checkpoint.borrow_mut().result.take().expect("an answer");
+        assert_eq!(at, 6);
+        assert!(result.is_err(), "a snapshot at 6 would hold part or all of epoch 6");
     });
 }
