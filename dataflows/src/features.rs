@@ -86,97 +86,81 @@ pub struct Ev {
     pub values: Values,
 }
 
-/// The accumulators of one slot, one per feature of its group: inline up to two (a slot is
-/// cloned for every change and kept by the arrangement, so this saves an allocation per change
-/// and a pointer and heap block per retained group). 64 bytes: the variant is kept in a spare
-/// value of the first accumulator's tag. Encoded as a sequence, like a `Vec<Acc>`.
+/// One, two or more values: the first two inline, more boxed (no allocation for the usual one
+/// or two). The variant lives in a spare value of the first element's tag, so it takes two
+/// elements' room. Encoded as a sequence, like a `Vec<T>`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Accs {
-    /// One feature.
-    One(Acc),
-    /// Two features.
-    Two([Acc; 2]),
+pub enum Inline<T> {
+    /// One.
+    One(T),
+    /// Two.
+    Two([T; 2]),
     /// Three or more (or none).
-    Many(Box<[Acc]>),
+    Many(Box<[T]>),
 }
 
-impl Default for Accs {
-    fn default() -> Accs {
-        Accs::Many(Box::new([]))
+/// The accumulators of one slot, one per feature of its group (a slot is cloned for every
+/// change and kept by the arrangement: inline, this saves an allocation per change and a
+/// pointer and heap block per retained group). 64 bytes.
+pub type Accs = Inline<Acc>;
+
+/// The values of an event's inputs. 48 bytes.
+pub type Values = Inline<Datum>;
+
+impl<T> Default for Inline<T> {
+    fn default() -> Inline<T> {
+        Inline::Many(Box::new([]))
     }
 }
 
-impl std::ops::Deref for Accs {
-    type Target = [Acc];
-    fn deref(&self) -> &[Acc] {
+impl<T> std::ops::Deref for Inline<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         match self {
-            Accs::One(a) => std::slice::from_ref(a),
-            Accs::Two(both) => both,
-            Accs::Many(all) => all,
+            Inline::One(a) => std::slice::from_ref(a),
+            Inline::Two(both) => both,
+            Inline::Many(all) => all,
         }
     }
 }
 
-impl std::ops::DerefMut for Accs {
-    fn deref_mut(&mut self) -> &mut [Acc] {
+impl<T> std::ops::DerefMut for Inline<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         match self {
-            Accs::One(a) => std::slice::from_mut(a),
-            Accs::Two(both) => both,
-            Accs::Many(all) => all,
+            Inline::One(a) => std::slice::from_mut(a),
+            Inline::Two(both) => both,
+            Inline::Many(all) => all,
         }
     }
 }
 
-impl FromIterator<Acc> for Accs {
-    fn from_iter<I: IntoIterator<Item = Acc>>(iter: I) -> Accs {
+impl<T> FromIterator<T> for Inline<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Inline<T> {
         let mut it = iter.into_iter();
         match (it.next(), it.next()) {
-            (Some(a), None) => Accs::One(a),
+            (Some(a), None) => Inline::One(a),
             (Some(a), Some(b)) => match it.next() {
-                None => Accs::Two([a, b]),
+                None => Inline::Two([a, b]),
                 Some(c) => {
                     let mut all = vec![a, b, c];
                     all.extend(it);
-                    Accs::Many(all.into_boxed_slice())
+                    Inline::Many(all.into_boxed_slice())
                 }
             },
-            _ => Accs::default(),
+            _ => Inline::default(),
         }
     }
 }
 
-impl Serialize for Accs {
+impl<T: Serialize> Serialize for Inline<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.iter())
     }
 }
 
-impl<'de> Deserialize<'de> for Accs {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Accs, D::Error> {
-        Vec::<Acc>::deserialize(deserializer).map(|all| all.into_iter().collect())
-    }
-}
-
-/// The values of an event's inputs: one or two inline, more boxed (48 bytes: the variant lives
-/// in a spare value of the first datum's tag).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Values {
-    /// One input.
-    One(Datum),
-    /// Two inputs.
-    Two([Datum; 2]),
-    /// Three or more, or none.
-    Many(Box<[Datum]>),
-}
-
-impl std::ops::Deref for Values {
-    type Target = [Datum];
-    fn deref(&self) -> &[Datum] {
-        match self {
-            Values::One(d) => std::slice::from_ref(d),
-            Values::Two(both) => both,
-            Values::Many(all) => all,
-        }
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Inline<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Inline<T>, D::Error> {
+        Vec::<T>::deserialize(deserializer).map(|all| all.into_iter().collect())
     }
 }
 
@@ -1659,6 +1643,16 @@ mod tests {
             features,
         };
         Rc::new(Layout::new(plan))
+    }
+
+    #[test]
+    fn inline_values_take_two_elements_room() {
+        assert_eq!(std::mem::size_of::<Accs>(), 2 * std::mem::size_of::<Acc>());
+        assert_eq!(std::mem::size_of::<Values>(), 2 * std::mem::size_of::<Datum>());
+        let three: Accs = [Acc::Count(1), Acc::Count(2), Acc::Count(3)].into_iter().collect();
+        let bytes = bincode::serialize(&three).unwrap();
+        assert_eq!(bytes, bincode::serialize(&three.to_vec()).unwrap(), "encoded as a sequence");
+        assert_eq!(bincode::deserialize::<Accs>(&bytes).unwrap(), three);
     }
 
     fn state(lateness: u64) -> AggregateState {
