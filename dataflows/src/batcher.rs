@@ -74,15 +74,13 @@ impl Extract for SlotBatcher {
         if let Some(least) = self.pending.iter().flatten().map(|u| u.1).min() {
             self.frontier.insert(least);
         }
-        let sorted = match ready.len() {
-            0 => Vec::new(),
-            1 if ready[0].windows(2).all(|w| (&w[0].0, w[0].1) < (&w[1].0, w[1].1))
-                && ready[0].iter().all(|u| u.2 != 0) =>
-            {
-                ready.pop().unwrap_or_default()
-            }
-            _ => sort_and_consolidate(ready.into_iter().flatten().collect()),
-        };
+        // Containers already in order (each epoch's, from the aggregate) are merged; anything
+        // else is sorted first.
+        let (mut runs, unsorted): (Vec<_>, Vec<_>) = ready.into_iter().partition(|run| is_run(run));
+        if !unsorted.is_empty() {
+            runs.push(sort_and_consolidate(unsorted.into_iter().flatten().collect()));
+        }
+        let sorted = merge_runs(runs);
         let batch = if sorted.is_empty() { None } else { Builder::seal(&mut vec![sorted]) };
         (batch, self.frontier.borrow())
     }
@@ -109,6 +107,40 @@ pub fn sort_and_consolidate(updates: Vec<SlotUpdate>) -> Vec<SlotUpdate> {
     }
     sorted.retain(|u| u.2 != 0);
     sorted
+}
+
+/// Whether `updates` are strictly in the order of (key, slot, epoch) with no zero difference:
+/// sorted and consolidated.
+fn is_run(updates: &[SlotUpdate]) -> bool {
+    updates.windows(2).all(|w| (&w[0].0, w[0].1) < (&w[1].0, w[1].1)) && updates.iter().all(|u| u.2 != 0)
+}
+
+/// Sorted, consolidated runs merged into one (pairwise, so each update moves about log2(runs)
+/// times).
+fn merge_runs(runs: Vec<Vec<SlotUpdate>>) -> Vec<SlotUpdate> {
+    let mut runs: std::collections::VecDeque<Vec<SlotUpdate>> = runs.into();
+    while runs.len() > 1 {
+        let (Some(a), Some(b)) = (runs.pop_front(), runs.pop_front()) else { break };
+        runs.push_back(merge_two(a, b));
+    }
+    runs.pop_front().unwrap_or_default()
+}
+
+/// Two sorted, consolidated runs merged into one.
+fn merge_two(a: Vec<SlotUpdate>, b: Vec<SlotUpdate>) -> Vec<SlotUpdate> {
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if (&y.0, y.1) < (&x.0, x.1) => b.next(),
+            (Some(_), _) => a.next(),
+            (None, _) => b.next(),
+        };
+        let Some(update) = next else { break };
+        push_consolidated(&mut merged, update);
+    }
+    merged.retain(|u| u.2 != 0);
+    merged
 }
 
 /// `items` in the order of `cmp`, which must order first by `key`: sorts (key prefix, index)
@@ -150,15 +182,6 @@ fn prefix(key: &Key) -> u128 {
     (rank << 64) | u128::from(bits)
 }
 
-/// Whether `prefix` agrees with `Ord` on two keys (for tests).
-#[doc(hidden)]
-pub fn prefix_agrees(a: &Key, b: &Key) -> bool {
-    match prefix(a).cmp(&prefix(b)) {
-        Ordering::Equal => true,
-        order => order == a.cmp(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,10 +215,26 @@ mod tests {
         })
     }
 
+    /// Whether `prefix` agrees with `Ord` on two keys.
+    fn prefix_agrees(a: &Key, b: &Key) -> bool {
+        match prefix(a).cmp(&prefix(b)) {
+            Ordering::Equal => true,
+            order => order == a.cmp(b),
+        }
+    }
+
     proptest! {
         #[test]
         fn prefixes_order_keys_as_ord_does(a in key(), b in key()) {
             prop_assert!(prefix_agrees(&a, &b));
+        }
+
+        #[test]
+        fn merged_runs_are_the_sorted_whole(runs in prop::collection::vec(prop::collection::vec(update(), 0..60), 0..5)) {
+            let whole: Vec<SlotUpdate> = runs.iter().flatten().cloned().collect();
+            let sorted: Vec<Vec<SlotUpdate>> = runs.into_iter().map(sort_and_consolidate).collect();
+            prop_assert!(sorted.iter().all(|r| is_run(r)));
+            prop_assert_eq!(merge_runs(sorted), sort_and_consolidate(whole));
         }
 
         #[test]
