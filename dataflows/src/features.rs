@@ -699,7 +699,7 @@ pub fn render_with(
                     if budget > 0 && cur.chunk == cur.events.len() {
                         budget -= state.emit_touched(&mut cur.work, budget, &mut out);
                     }
-                    if cur.chunk < cur.events.len() || AggregateState::touched_left(&cur.work) {
+                    if cur.chunk < cur.events.len() || cur.work.touched_left() {
                         activator.activate();
                         break;
                     }
@@ -909,6 +909,13 @@ type Touched = Vec<(i64, Key, Option<Accs>)>;
 pub(crate) struct EpochWork {
     touched: Vec<Touched>,
     before: Vec<HashMap<Key, Vec<Slot>>>,
+}
+
+impl EpochWork {
+    /// Whether touched slots are still to be emitted.
+    fn touched_left(&self) -> bool {
+        self.touched.iter().any(|t| !t.is_empty())
+    }
 }
 
 /// The accumulators of `key` in `slots` for an update, recording in `touched` the value the
@@ -1155,11 +1162,6 @@ impl AggregateState {
             }
         }
         taken
-    }
-
-    /// Whether slots the current epoch touched are still to be emitted.
-    fn touched_left(work: &EpochWork) -> bool {
-        work.touched.iter().any(|t| !t.is_empty())
     }
 
     /// Ends the current epoch: pushes the changes of every slot it changed to `out`, then

@@ -205,11 +205,9 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
                 .name(format!("sundial:parse-{local}"))
                 .spawn(move || {
                     for job in rx {
-                        if to_worker.send(parse_ingest(job, &ctx)).is_err() {
+                        let job = parse_ingest(job, &ctx);
+                        if !deliver(&to_worker, &ctx, local, job) {
                             return;
-                        }
-                        if let Some(t) = ctx.threads.get(local).and_then(|t| t.get()) {
-                            t.unpark();
                         }
                     }
                 })
@@ -227,6 +225,15 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
         next: 0,
     };
     serve_stdin(stdin, router)
+}
+
+/// Hands `job` to worker thread `local` and wakes it; false if the thread has stopped.
+fn deliver(to_worker: &Sender<Job>, ctx: &Context, local: usize, job: Job) -> bool {
+    let sent = to_worker.send(job).is_ok();
+    if let Some(t) = ctx.threads.get(local).and_then(|t| t.get()) {
+        t.unpark();
+    }
+    sent
 }
 
 /// An ingest job with its body parsed, when its source's schema is known here (the worker thread
@@ -264,11 +271,7 @@ struct Router {
 
 impl Router {
     fn send(&self, local: usize, job: Job) -> bool {
-        let sent = self.senders.get(local).is_some_and(|s| s.send(job).is_ok());
-        if let Some(t) = self.ctx.threads.get(local).and_then(|t| t.get()) {
-            t.unpark();
-        }
-        sent
+        self.senders.get(local).is_some_and(|to_worker| deliver(to_worker, &self.ctx, local, job))
     }
 
     fn route(&mut self, id: u64, request: Request) -> Result<(), String> {
