@@ -156,16 +156,26 @@ fn a_checkpoint_of_panes_that_left_memory_restores_exactly() {
     });
 }
 
+/// Panes leave memory at once, evictions go 5 slots per epoch, and epochs are applied one event
+/// per activation of the aggregate.
+const ONE_EVENT_SLICES: Tuning =
+    Tuning { freeze_after: Duration::ZERO, evict_per_epoch: 5, freeze_min_panes: 0, slice_events: 1 };
+
+/// A dataflow with [`ONE_EVENT_SLICES`], fed epochs 1 to 5.
+fn five_epochs_in_slices_of_one(worker: &mut timely::worker::Worker) -> Rendered {
+    let mut r = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), None, ONE_EVENT_SLICES));
+    for e in 1..=5 {
+        feed(worker, &mut r, e);
+    }
+    r
+}
+
 #[test]
 fn a_checkpoint_requested_while_epochs_wait_holds_every_one_before_it() {
     // One event per activation: each epoch takes hundreds of activations, and the aggregate
     // stops with complete epochs still waiting.
-    let tuning = Tuning { freeze_after: Duration::ZERO, evict_per_epoch: 5, freeze_min_panes: 0, slice_events: 1 };
     timely::execute_directly(move |worker| {
-        let mut original = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), None, tuning));
-        for e in 1..=5 {
-            feed(worker, &mut original, e);
-        }
+        let mut original = five_epochs_in_slices_of_one(worker);
         // Epochs 6 to 10 arrive together, with a checkpoint requested at 11.
         original.checkpoint.borrow_mut().requested = Some(11);
         for e in 6..=10 {
@@ -175,7 +185,8 @@ fn a_checkpoint_requested_while_epochs_wait_holds_every_one_before_it() {
         let (at, bytes) = original.checkpoint.borrow_mut().result.take().expect("the snapshot was taken");
         assert_eq!(at, 11);
         let snapshot: StateSnapshot = bincode::deserialize(&bytes.unwrap()).unwrap();
-        let mut restored = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), Some(snapshot), tuning));
+        let mut restored =
+            worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), Some(snapshot), ONE_EVENT_SLICES));
         for e in 11..=20 {
             feed(worker, &mut original, e);
             feed(worker, &mut restored, e);
@@ -188,12 +199,8 @@ fn a_checkpoint_requested_while_epochs_wait_holds_every_one_before_it() {
 
 #[test]
 fn a_checkpoint_requested_at_an_epoch_being_applied_is_refused() {
-    let tuning = Tuning { freeze_after: Duration::ZERO, evict_per_epoch: 5, freeze_min_panes: 0, slice_events: 1 };
     timely::execute_directly(move |worker| {
-        let mut r = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), None, tuning));
-        for e in 1..=5 {
-            feed(worker, &mut r, e);
-        }
+        let mut r = five_epochs_in_slices_of_one(worker);
         send(&mut r, 6);
         // A few activations: epoch 6 is part applied (one event each).
         for _ in 0..20 {
