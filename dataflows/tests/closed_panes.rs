@@ -98,6 +98,26 @@ fn same(a: &Read, b: &Read, what: &str) {
     }
 }
 
+/// Feeds `epochs` to an original dataflow and to one restored from its checkpoint, then checks
+/// that both read the same (more than `windows` keyed features) at the last.
+fn feed_both_and_compare(
+    worker: &mut timely::worker::Worker,
+    original: &mut Rendered,
+    restored: &mut Rendered,
+    epochs: std::ops::RangeInclusive<u64>,
+    windows: usize,
+    what: &str,
+) {
+    let last = *epochs.end();
+    for e in epochs {
+        feed(worker, original, e);
+        feed(worker, restored, e);
+    }
+    let (a, b) = (read(original, last), read(restored, last));
+    assert!(a.len() > windows, "{} windows", a.len());
+    same(&a, &b, what);
+}
+
 /// Feeds epoch `e` and steps until it is complete.
 fn feed(worker: &mut timely::worker::Worker, r: &mut Rendered, e: u64) {
     send(r, e);
@@ -145,13 +165,7 @@ fn a_checkpoint_of_panes_that_left_memory_restores_exactly() {
         let mut restored = worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), Some(snapshot), tuning));
         feed(worker, &mut restored, 41);
         same(&read(&mut restored, 41), &read(&mut original, 41), "at the checkpoint's epoch");
-        for e in 42..=70 {
-            feed(worker, &mut original, e);
-            feed(worker, &mut restored, e);
-        }
-        let (a, b) = (read(&mut original, 70), read(&mut restored, 70));
-        assert!(a.len() > 40, "{} windows", a.len());
-        same(&a, &b, "after 30 more epochs");
+        feed_both_and_compare(worker, &mut original, &mut restored, 42..=70, 40, "after 30 more epochs");
         assert_eq!(original.stats.get().live_slots, restored.stats.get().live_slots);
     });
 }
@@ -187,13 +201,7 @@ fn a_checkpoint_requested_while_epochs_wait_holds_every_one_before_it() {
         let snapshot: StateSnapshot = bincode::deserialize(&bytes.unwrap()).unwrap();
         let mut restored =
             worker.dataflow::<Epoch, _, _>(|scope| render_with(scope, plan(), Some(snapshot), ONE_EVENT_SLICES));
-        for e in 11..=20 {
-            feed(worker, &mut original, e);
-            feed(worker, &mut restored, e);
-        }
-        let (a, b) = (read(&mut original, 20), read(&mut restored, 20));
-        assert!(a.len() > 20, "{} windows", a.len());
-        same(&a, &b, "after the checkpoint");
+        feed_both_and_compare(worker, &mut original, &mut restored, 11..=20, 20, "after the checkpoint");
     });
 }
 
