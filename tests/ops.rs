@@ -183,6 +183,17 @@ fn metrics_count_what_was_sent_rejected_and_late() {
     let worker_reads: f64 = own.iter().map(|s| sum(s, "sundial_worker_reads_total", &[])).sum();
     assert!(worker_reads >= 6.0, "reads served by workers: {worker_reads}");
 
+    // A key read at the newest complete epoch asks only the process that owns the key.
+    let reads = |scrapes: &[prometheus_parse::Scrape]| -> Vec<f64> {
+        scrapes.iter().map(|s| sum(s, "sundial_worker_reads_total", &[])).collect()
+    };
+    let before = reads(&own);
+    let (code, _) = get(&http, "/v1/dataflows/per_minute/keys/3").unwrap();
+    assert_eq!(code, 200);
+    let after = reads(&[&w0_http, &w1_http].iter().map(|a| scrape(a)).collect::<Vec<_>>());
+    let grew: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(grew == [1.0, 0.0] || grew == [0.0, 1.0], "reads per worker grew by {grew:?}");
+
     // The summary behind the status page and `sundial status`.
     let (_, stats) = get(&http, "/v1/stats").unwrap();
     assert_eq!(stats["ingest"]["accepted"], 400);

@@ -461,14 +461,40 @@ async fn fan_out(
     ready: &Ready,
     request: impl Fn(usize) -> Request,
 ) -> Result<Vec<Reply>, ApiError> {
+    fan_out_to(shared, ready, |_| Ask::Await, request).await
+}
+
+/// What a fan-out does with one process.
+#[derive(Clone, Copy, PartialEq)]
+enum Ask {
+    Skip,
+    /// Send the request; nothing waits for its reply.
+    Tell,
+    Await,
+}
+
+/// Sends one request (built by `request`) to each process `ask` does not skip, and returns the
+/// replies of those it awaits, in process order.
+async fn fan_out_to(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    ask: impl Fn(usize) -> Ask,
+    request: impl Fn(usize) -> Request,
+) -> Result<Vec<Reply>, ApiError> {
     let mut tasks = Vec::with_capacity(ready.conns.len());
     for (p, &conn) in ready.conns.iter().enumerate() {
+        let ask = ask(p);
+        if ask == Ask::Skip {
+            continue;
+        }
         let shared = Arc::clone(shared);
         let request = request(p);
         let generation = ready.generation;
-        tasks.push(tokio::spawn(async move {
-            shared.request_to(conn, generation, request, Duration::from_secs(130)).await
-        }));
+        let task =
+            tokio::spawn(async move { shared.request_to(conn, generation, request, Duration::from_secs(130)).await });
+        if ask == Ask::Await {
+            tasks.push(task);
+        }
     }
     let mut replies = Vec::with_capacity(tasks.len());
     for task in tasks {
@@ -529,7 +555,17 @@ async fn read_keys(
     for key in keys {
         by_process.entry(owner_process(key, ready)).or_default().push(key.clone());
     }
-    let replies = fan_out(shared, ready, |p| Request::Read {
+    // The answer waits only for the processes that own a key (for none, all answer: each
+    // reports the same watermark). The others are asked only while `as_of` may not be complete
+    // on every process: hearing of the read moves their epochs past it, so that it completes
+    // without waiting for their next tick.
+    let complete = shared.newest_complete(ready, dataflow).is_some_and(|c| c >= as_of);
+    let ask = |p: usize| match (by_process.is_empty() || by_process.contains_key(&p), complete) {
+        (true, _) => Ask::Await,
+        (false, true) => Ask::Skip,
+        (false, false) => Ask::Tell,
+    };
+    let replies = fan_out_to(shared, ready, ask, |p| Request::Read {
         after: ready.after,
         dataflow: dataflow.to_string(),
         as_of,

@@ -312,9 +312,10 @@ impl Router {
             }
             Request::Read { after, dataflow, as_of, keys, timeout_ms, page } => {
                 let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
-                // Every process hears of every read (the coordinator asks them all): each of its
-                // partitions moves past the read's epoch at once, so that a read at an ingest
-                // reply's epoch does not wait for the other partitions' next tick.
+                // Every process hears of every read whose epoch may not be complete yet (the
+                // coordinator tells those that own none of its keys too): each of its partitions
+                // moves past the read's epoch at once, so that a read at an ingest reply's epoch
+                // does not wait for the other partitions' next tick.
                 for local in 0..self.threads {
                     self.send(local, Job::Advance { past: as_of });
                 }
