@@ -465,11 +465,11 @@ async fn fan_out(
 }
 
 /// What a fan-out does with one process.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Ask {
     Skip,
-    /// Send the request; nothing waits for its reply.
-    Tell,
+    /// Send the request; nothing waits for its reply, which is given up after this long.
+    Tell(Duration),
     Await,
 }
 
@@ -484,16 +484,24 @@ async fn fan_out_to(
     let mut tasks = Vec::with_capacity(ready.conns.len());
     for (p, &conn) in ready.conns.iter().enumerate() {
         let ask = ask(p);
-        if ask == Ask::Skip {
+        if matches!(ask, Ask::Skip) {
             continue;
         }
         let shared = Arc::clone(shared);
         let request = request(p);
         let generation = ready.generation;
-        let task =
-            tokio::spawn(async move { shared.request_to(conn, generation, request, Duration::from_secs(130)).await });
-        if ask == Ask::Await {
-            tasks.push(task);
+        match ask {
+            Ask::Skip => {}
+            Ask::Tell(timeout) => {
+                tokio::spawn(async move {
+                    if let Err(e) = shared.request_to(conn, generation, request, timeout).await {
+                        tracing::debug!(process = p, "a request nobody waits for failed: {e}");
+                    }
+                });
+            }
+            Ask::Await => tasks.push(tokio::spawn(async move {
+                shared.request_to(conn, generation, request, Duration::from_secs(130)).await
+            })),
         }
     }
     let mut replies = Vec::with_capacity(tasks.len());
@@ -555,15 +563,16 @@ async fn read_keys(
     for key in keys {
         by_process.entry(owner_process(key, ready)).or_default().push(key.clone());
     }
-    // The answer waits only for the processes that own a key (for none, all answer: each
-    // reports the same watermark). The others are asked only while `as_of` may not be complete
-    // on every process: hearing of the read moves their epochs past it, so that it completes
-    // without waiting for their next tick.
+    // The answer waits only for the processes that own a key (with no keys, for all: each
+    // answers at once). The others are told of the read only while `as_of` may not be complete
+    // on every process: hearing of it moves their epochs past it, so that it completes without
+    // waiting for their next tick; their (empty) answers are not waited for.
     let complete = shared.newest_complete(ready, dataflow).is_some_and(|c| c >= as_of);
+    let tell = Duration::from_millis(timeout_ms.saturating_add(1_000));
     let ask = |p: usize| match (by_process.is_empty() || by_process.contains_key(&p), complete) {
         (true, _) => Ask::Await,
         (false, true) => Ask::Skip,
-        (false, false) => Ask::Tell,
+        (false, false) => Ask::Tell(tell),
     };
     let replies = fan_out_to(shared, ready, ask, |p| Request::Read {
         after: ready.after,
