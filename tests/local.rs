@@ -59,7 +59,16 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
     let mut pids = pids_with_arg(data.to_str().unwrap());
     assert!(pids.len() >= 3, "coordinator and two workers: {pids:?}");
     for i in 0..2 {
-        pids.push(field(&status, i, "computation_pid"));
+        let child = field(&status, i, "computation_pid");
+        // The allocator settings a worker gives its computation unless the environment does.
+        let environ = std::fs::read(format!("/proc/{child}/environ")).unwrap();
+        let vars: Vec<String> = environ.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        for (name, value) in [("MIMALLOC_ALLOW_THP", "0"), ("MIMALLOC_PURGE_DELAY", "1000")] {
+            if std::env::var_os(name).is_none() {
+                assert!(vars.contains(&format!("{name}={value}")), "{name} of computation {child}: {vars:?}");
+            }
+        }
+        pids.push(child);
     }
     assert!(pids.iter().all(|&p| alive(p)));
 
