@@ -15,13 +15,46 @@ use std::time::Duration;
 use util::*;
 
 /// `sundial local` with two workers of two threads, its data in `data`, its API on `http`.
-fn start_local(data: &std::path::Path, http: &str, stdout: Stdio) -> std::process::Child {
-    Command::new(bin())
-        .args(["local", "--workers", "2", "--threads", "2", "--data-dir", data.to_str().unwrap(), "--http", http])
-        .stdout(stdout)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+fn start_local(data: &std::path::Path, http: &str, stdout: Stdio) -> Local {
+    Local(
+        Command::new(bin())
+            .args(["local", "--workers", "2", "--threads", "2", "--data-dir", data.to_str().unwrap(), "--http", http])
+            .stdout(stdout)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A running `sundial local`, stopped as a user would (SIGTERM: it stops what it started) if a
+/// failing assertion leaves it running, so that a failed run leaves no cluster behind.
+struct Local(std::process::Child);
+
+impl std::ops::Deref for Local {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Local {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 #[test]
