@@ -483,23 +483,23 @@ async fn fan_out_to(
 ) -> Result<Vec<Reply>, ApiError> {
     let mut tasks = Vec::with_capacity(ready.conns.len());
     for (p, &conn) in ready.conns.iter().enumerate() {
-        let ask = ask(p);
-        if matches!(ask, Ask::Skip) {
-            continue;
-        }
+        let told = match ask(p) {
+            Ask::Skip => continue,
+            Ask::Tell(timeout) => Some(timeout),
+            Ask::Await => None,
+        };
         let shared = Arc::clone(shared);
         let request = request(p);
         let generation = ready.generation;
-        match ask {
-            Ask::Skip => {}
-            Ask::Tell(timeout) => {
+        match told {
+            Some(timeout) => {
                 tokio::spawn(async move {
                     if let Err(e) = shared.request_to(conn, generation, request, timeout).await {
                         tracing::debug!(process = p, "a request nobody waits for failed: {e}");
                     }
                 });
             }
-            Ask::Await => tasks.push(tokio::spawn(async move {
+            None => tasks.push(tokio::spawn(async move {
                 shared.request_to(conn, generation, request, Duration::from_secs(130)).await
             })),
         }
