@@ -24,14 +24,13 @@ use sundial_protocol::{
     WorkerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
-/// mimalloc's option for how long freed memory stays with the process before it goes back to
-/// the OS, in milliseconds.
-const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
-/// Its value for the computation child, unless the environment sets it.
-const CHILD_PURGE_DELAY_MS: &str = "1000";
-/// mimalloc's option for backing its memory with transparent huge pages (2 MiB, zeroed whole
-/// when first touched); the computation child runs without them unless the environment says.
-const ALLOW_THP: &str = "MIMALLOC_ALLOW_THP";
+/// mimalloc options the computation child gets unless the environment sets them (see
+/// `spawn_child`, README "Tuning", BENCHMARKS.md):
+/// * `MIMALLOC_PURGE_DELAY` (ms): freed memory stays with the process a second, not 10 ms, so
+///   that the next epoch's buffers do not fault in fresh zeroed pages;
+/// * `MIMALLOC_ALLOW_THP`: no transparent huge pages, which the kernel zeroes 2 MiB at a time
+///   whenever the arrangement's merges first touch a region of mimalloc's arenas.
+const CHILD_ALLOCATOR: [(&str, &str); 2] = [("MIMALLOC_PURGE_DELAY", "1000"), ("MIMALLOC_ALLOW_THP", "0")];
 
 /// How a worker process is configured.
 #[derive(Clone, Debug)]
@@ -598,19 +597,12 @@ impl Supervisor {
 
     fn spawn_child(&self, formation: &Formation) -> io::Result<ChildRun> {
         let mut command = Command::new(&self.cfg.child_program);
-        // The dataflows allocate and free buffers of megabytes every epoch; mimalloc returns
-        // freed pages to the OS after 10 ms by default, so the next epoch's buffers fault in
-        // fresh zeroed pages (page zeroing was 17% of the worker threads' time in an ingest
-        // profile). Freed memory now goes back after a second (`MIMALLOC_PURGE_DELAY` set by
-        // the operator wins): +7-15% end-to-end ingest, BENCHMARKS.md.
-        if std::env::var_os(PURGE_DELAY).is_none() {
-            command.env(PURGE_DELAY, CHILD_PURGE_DELAY_MS);
-        }
-        // With transparent huge pages, the kernel zeroed 2 MiB at every first touch of an arena
-        // region the merges of the arrangement grow into: 20-24% of all samples of an ingest
-        // profile, against 1.5-3.5% with 4 KiB pages (+7-37% end-to-end, BENCHMARKS.md).
-        if std::env::var_os(ALLOW_THP).is_none() {
-            command.env(ALLOW_THP, "0");
+        // Page zeroing was the largest single cost of an end-to-end ingest; an operator's
+        // setting wins.
+        for (name, value) in CHILD_ALLOCATOR {
+            if std::env::var_os(name).is_none() {
+                command.env(name, value);
+            }
         }
         let mut process = command
             .args(&self.cfg.child_args)
