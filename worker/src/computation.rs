@@ -315,9 +315,15 @@ impl Router {
                 // Every process hears of every read whose epoch may not be complete yet (the
                 // coordinator tells those that own none of its keys too): each of its partitions
                 // moves past the read's epoch at once, so that a read at an ingest reply's epoch
-                // does not wait for the other partitions' next tick.
-                for local in 0..self.threads {
-                    self.send(local, Job::Advance { past: as_of });
+                // does not wait for the other partitions' next tick. An epoch one local thread
+                // reports complete is complete everywhere: then nobody needs waking.
+                let complete = self.ctx.frontiers.lock().ok().is_some_and(|frontiers| {
+                    frontiers.get(&dataflow).is_some_and(|threads| threads.iter().flatten().any(|&c| c >= as_of))
+                });
+                if !complete {
+                    for local in 0..self.threads {
+                        self.send(local, Job::Advance { past: as_of });
+                    }
                 }
                 match keys {
                     None => {
