@@ -90,23 +90,15 @@ impl Extract for SlotBatcher {
 /// the differences of equal ones summed and those that sum to zero left out: the container the
 /// batcher turns into a batch without sorting again.
 pub fn epoch_in_order(changes: Vec<((Key, Slot), isize)>, epoch: Epoch) -> Vec<SlotUpdate> {
-    let mut sorted = Vec::with_capacity(changes.len());
-    for (data, diff) in in_order(changes, |c| &c.0 .0, |x, y| x.0.cmp(&y.0)) {
-        push_consolidated(&mut sorted, (data, epoch, diff));
-    }
-    sorted.retain(|u| u.2 != 0);
-    sorted
+    let n = changes.len();
+    consolidated(in_order(changes, |c| &c.0 .0, |x, y| x.0.cmp(&y.0)).map(|(data, diff)| (data, epoch, diff)), n)
 }
 
 /// The updates in the order of their (key, slot, epoch), with the differences of equal ones
 /// summed and those that sum to zero left out.
 pub fn sort_and_consolidate(updates: Vec<SlotUpdate>) -> Vec<SlotUpdate> {
-    let mut sorted = Vec::with_capacity(updates.len());
-    for update in in_order(updates, |u| &u.0 .0, |x, y| (&x.0, x.1).cmp(&(&y.0, y.1))) {
-        push_consolidated(&mut sorted, update);
-    }
-    sorted.retain(|u| u.2 != 0);
-    sorted
+    let n = updates.len();
+    consolidated(in_order(updates, |u| &u.0 .0, |x, y| (&x.0, x.1).cmp(&(&y.0, y.1))), n)
 }
 
 /// Whether `updates` are strictly in the order of (key, slot, epoch) with no zero difference:
@@ -128,19 +120,14 @@ fn merge_runs(runs: Vec<Vec<SlotUpdate>>) -> Vec<SlotUpdate> {
 
 /// Two sorted, consolidated runs merged into one.
 fn merge_two(a: Vec<SlotUpdate>, b: Vec<SlotUpdate>) -> Vec<SlotUpdate> {
-    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let n = a.len() + b.len();
     let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) if (&y.0, y.1) < (&x.0, x.1) => b.next(),
-            (Some(_), _) => a.next(),
-            (None, _) => b.next(),
-        };
-        let Some(update) = next else { break };
-        push_consolidated(&mut merged, update);
-    }
-    merged.retain(|u| u.2 != 0);
-    merged
+    let merged = std::iter::from_fn(|| match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if (&y.0, y.1) < (&x.0, x.1) => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    });
+    consolidated(merged, n)
 }
 
 /// `items` in the order of `cmp`, which must order first by `key`: sorts (key prefix, index)
@@ -152,11 +139,18 @@ fn in_order<T>(items: Vec<T>, key: impl Fn(&T) -> &Key, cmp: impl Fn(&T, &T) -> 
     order.into_iter().filter_map(move |(_, index)| slots.get_mut(index).and_then(Option::take))
 }
 
-fn push_consolidated(sorted: &mut Vec<SlotUpdate>, update: SlotUpdate) {
-    match sorted.last_mut() {
-        Some(last) if last.1 == update.1 && last.0 == update.0 => last.2 += update.2,
-        _ => sorted.push(update),
+/// Updates in (key, slot, epoch) order with the differences of equal neighbours summed and
+/// those that sum to zero left out.
+fn consolidated(sorted: impl Iterator<Item = SlotUpdate>, capacity: usize) -> Vec<SlotUpdate> {
+    let mut out: Vec<SlotUpdate> = Vec::with_capacity(capacity);
+    for update in sorted {
+        match out.last_mut() {
+            Some(last) if last.1 == update.1 && last.0 == update.0 => last.2 += update.2,
+            _ => out.push(update),
+        }
     }
+    out.retain(|u| u.2 != 0);
+    out
 }
 
 /// A number that orders keys as their `Ord` does wherever two numbers differ (equal numbers say

@@ -160,7 +160,26 @@ impl<T: Serialize> Serialize for Inline<T> {
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Inline<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Inline<T>, D::Error> {
-        Vec::<T>::deserialize(deserializer).map(|all| all.into_iter().collect())
+        /// Reads a sequence into place: no vector for the usual one or two (events crossing
+        /// processes are decoded here, one by one).
+        struct Seq<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Seq<T> {
+            type Value = Inline<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Inline<T>, A::Error> {
+                let Some(a) = seq.next_element()? else { return Ok(Inline::default()) };
+                let Some(b) = seq.next_element()? else { return Ok(Inline::One(a)) };
+                let Some(c) = seq.next_element()? else { return Ok(Inline::Two([a, b])) };
+                let mut all = vec![a, b, c];
+                while let Some(x) = seq.next_element()? {
+                    all.push(x);
+                }
+                Ok(Inline::Many(all.into_boxed_slice()))
+            }
+        }
+        deserializer.deserialize_seq(Seq(std::marker::PhantomData))
     }
 }
 
@@ -672,15 +691,20 @@ pub fn render_with(
                 let mut budget = if behind.get() { usize::MAX } else { slice_events };
                 loop {
                     if current.is_none() {
+                        // A requested checkpoint is taken between epochs, once every epoch before
+                        // it is applied (none waits, none can still come) and none after it begun.
+                        if let Some(c) = cell.requested {
+                            let all_before_applied = caps.first_key_value().is_none_or(|(&e, _)| e >= c);
+                            if all_before_applied && !events_frontier.less_than(&c) && !reports_frontier.less_than(&c) {
+                                cell.requested = None;
+                                cell.result = Some((c, state.timed_snapshot(&mut store)));
+                            }
+                        }
                         let Some((&epoch, _)) = caps.first_key_value() else { break };
                         if events_frontier.less_equal(&epoch) || reports_frontier.less_equal(&epoch) {
                             break;
                         }
                         let Some((_, cap)) = caps.pop_first() else { break };
-                        if let Some(c) = cell.requested.filter(|c| epoch >= *c) {
-                            cell.requested = None;
-                            cell.result = Some((c, state.timed_snapshot(&mut store)));
-                        }
                         let events = pending_events.remove(&epoch).unwrap_or_default();
                         current = Some(Current { epoch, cap, events, chunk: 0, at: 0, work: state.begin_epoch() });
                     }
@@ -730,15 +754,6 @@ pub fn render_with(
                     if budget == 0 {
                         activator.activate();
                         break;
-                    }
-                }
-                // Every epoch before the requested one is applied and nothing after it (none in
-                // progress, none complete but waiting for the next activation).
-                if let (Some(c), None) = (cell.requested, &current) {
-                    let all_before_applied = caps.first_key_value().is_none_or(|(&e, _)| e >= c);
-                    if all_before_applied && !events_frontier.less_than(&c) && !reports_frontier.less_than(&c) {
-                        cell.requested = None;
-                        cell.result = Some((c, state.timed_snapshot(&mut store)));
                     }
                 }
             }
@@ -906,7 +921,7 @@ type Touched = Vec<(i64, Key, Option<Accs>)>;
 
 /// What the epoch being applied has changed so far, per group: the slots it touched (pane and
 /// global groups) and each changed key's sessions before it (session groups).
-pub(crate) struct EpochWork {
+struct EpochWork {
     touched: Vec<Touched>,
     before: Vec<HashMap<Key, Vec<Slot>>>,
 }
@@ -1086,13 +1101,18 @@ impl AggregateState {
                     let gap = gap_ms as i64;
                     let before = &mut work.before[g];
                     for ev in events {
-                        let sessions = by_key.entry(ev.key.clone()).or_default();
-                        before.entry(ev.key.clone()).or_insert_with(|| {
-                            sessions
+                        // The key is cloned only the first time the epoch or the state meets it.
+                        if !by_key.contains_key(&ev.key) {
+                            by_key.insert(ev.key.clone(), Vec::new());
+                        }
+                        let Some(sessions) = by_key.get_mut(&ev.key) else { continue };
+                        if !before.contains_key(&ev.key) {
+                            let slots = sessions
                                 .iter()
                                 .map(|s| Slot { group: gid, start: s.start, end: s.end, accs: s.accs.clone() })
-                                .collect()
-                        });
+                                .collect();
+                            before.insert(ev.key.clone(), slots);
+                        }
                         // The event's own session [t, t + gap) absorbs every session it intersects.
                         let mut merged = Session { start: ev.time, end: ev.time + gap, accs: layout.empty_accs(group) };
                         for (acc, input) in merged.accs.iter_mut().zip(&group.inputs) {
@@ -1139,9 +1159,8 @@ impl AggregateState {
     fn emit_touched(&mut self, work: &mut EpochWork, budget: usize, out: &mut Vec<((Key, Slot), isize)>) -> usize {
         let layout = Rc::clone(&self.layout);
         let mut taken = 0;
-        for (g, group) in layout.groups.iter().enumerate() {
+        for (g, (group, touched)) in layout.groups.iter().zip(work.touched.iter_mut()).enumerate() {
             let gid = g as u32;
-            let Some(touched) = work.touched.get_mut(g) else { continue };
             while taken < budget {
                 let Some((start, key, old)) = touched.pop() else { break };
                 taken += 1;
@@ -1655,6 +1674,11 @@ mod tests {
         let bytes = bincode::serialize(&three).unwrap();
         assert_eq!(bytes, bincode::serialize(&three.to_vec()).unwrap(), "encoded as a sequence");
         assert_eq!(bincode::deserialize::<Accs>(&bytes).unwrap(), three);
+        for n in 0..4u64 {
+            let values: Values = (0..n).map(Datum::UInt).collect();
+            let bytes = bincode::serialize(&values).unwrap();
+            assert_eq!(bincode::deserialize::<Values>(&bytes).unwrap(), values, "{n} values");
+        }
     }
 
     fn state(lateness: u64) -> AggregateState {
@@ -1799,7 +1823,7 @@ mod tests {
             freeze_after: std::time::Duration::ZERO,
             evict_per_epoch: usize::MAX,
             freeze_min_panes: 0,
-            slice_events: usize::MAX,
+            ..Tuning::default()
         };
         // And one that retracts evicted slots three per epoch: behind, but never wrong.
         let mut slow = AggregateState::new(Rc::clone(&layout));
@@ -1807,7 +1831,7 @@ mod tests {
             freeze_after: std::time::Duration::ZERO,
             evict_per_epoch: 3,
             freeze_min_panes: 0,
-            slice_events: usize::MAX,
+            ..Tuning::default()
         };
         let (mut store, mut slow_store) = (MapStore::default(), MapStore::default());
         let mut expected: BTreeMap<(Key, Slot), isize> = BTreeMap::new();
