@@ -47,12 +47,10 @@ impl Drop for Local {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
             let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
+            if wait_child(&mut self.0, Duration::from_secs(20)).is_none() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
             }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
         }
     }
 }
