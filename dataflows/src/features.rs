@@ -37,7 +37,6 @@ use std::rc::Rc;
 
 use differential_dataflow::operators::arrange::arrangement::arrange_core;
 use differential_dataflow::operators::arrange::TraceAgent;
-use differential_dataflow::trace::implementations::ValSpine;
 use hashbrown::hash_map::EntryRef;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -312,8 +311,13 @@ impl Layout {
     }
 }
 
-/// The arrangement a dataflow maintains: key → slots, at epochs.
-pub type SlotSpine = ValSpine<Key, Slot, Epoch, isize>;
+/// The arrangement a dataflow maintains: key → slots, at epochs (differential's batches, merged
+/// off the worker thread: [`crate::spine`]).
+pub type SlotSpine = crate::spine::BgSpine<SlotBatch>;
+/// One batch of it.
+pub type SlotBatch = differential_dataflow::trace::implementations::ord_neu::OrdValBatch<
+    differential_dataflow::trace::implementations::Vector<((Key, Slot), Epoch, isize)>,
+>;
 /// A handle on it.
 pub type SlotTrace = TraceAgent<SlotSpine>;
 

@@ -17,3 +17,4 @@ pub mod eval;
 pub mod features;
 pub mod read;
 pub mod row;
+pub mod spine;

@@ -1,0 +1,613 @@
+//! The trace of the features arrangement: differential's batches, merged off the worker thread.
+//!
+//! Differential's `Spine` merges its batches on the worker thread, in fueled pieces whose fuel
+//! counts the updates a merge *writes*. The features arrangement retracts each slot's previous
+//! accumulators when it changes, so its merges mostly cancel history: they read far more than they
+//! write and a piece runs long on little fuel (4 ms on average, up to 30 ms, about one per ingest
+//! batch under 100k events/s). A read queued on the worker thread waits for the piece; those
+//! pieces were most of the single-key read tail.
+//!
+//! [`BgSpine`] keeps the same batches (`OrdValBatch`, behind an `Arc`: [`Shared`]) in a list,
+//! oldest first, and merges two neighbours when the newer has grown to at least half the older
+//! (so the list stays logarithmic in the updates held). A merge of more than a few thousand
+//! updates runs on a thread of its own; until its result comes in, readers see its two inputs,
+//! which hold the same updates. The result is swapped in the next time the trace is touched
+//! (each insertion, each compaction request, each read). Nothing waits for a merge unless the
+//! merge threads fall so far behind that the list grows past [`MAX_PIECES`]: then the trace waits
+//! for the oldest merge, bounding the batches a read has to seek through.
+//!
+//! As in differential's spine, only batches the physical compaction frontier has passed are
+//! merged (readers may still ask for a cut at any later frontier), and a merge advances times to
+//! the logical compaction frontier at its start.
+
+use std::collections::VecDeque;
+use std::ops::Deref;
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::Arc;
+
+use differential_dataflow::lattice::Lattice;
+use differential_dataflow::trace::cursor::{Cursor, Navigable};
+use differential_dataflow::trace::implementations::spine_fueled::{Merger, SpineBatch};
+use differential_dataflow::trace::{Description, ExertionLogic, Span, Trace, TraceReader};
+use timely::order::PartialOrder;
+use timely::progress::{frontier::AntichainRef, Antichain, Timestamp};
+
+/// Merges of fewer updates than this run on the worker thread: starting a thread would cost
+/// about as much.
+pub const INLINE_MERGE_UPDATES: usize = 4096;
+
+/// With more pieces than this (far more than the list's logarithmic size), the trace waits for
+/// merges in flight rather than let reads seek through ever more batches.
+pub const MAX_PIECES: usize = 48;
+
+/// A batch shared between the worker thread and the merges running off it.
+pub struct Shared<B>(Arc<B>);
+
+impl<B> Clone for Shared<B> {
+    fn clone(&self) -> Self {
+        Shared(Arc::clone(&self.0))
+    }
+}
+
+impl<B> Deref for Shared<B> {
+    type Target = B;
+    fn deref(&self) -> &B {
+        &self.0
+    }
+}
+
+impl<B> From<B> for Shared<B> {
+    fn from(batch: B) -> Self {
+        Shared(Arc::new(batch))
+    }
+}
+
+type SpanOf<B> = Span<<B as SpineBatch>::Time, Shared<B>>;
+
+/// The updates a span holds.
+fn updates<B: SpineBatch>(span: &SpanOf<B>) -> usize {
+    span.inner.as_ref().map_or(0, |b| b.len())
+}
+
+/// One element of the list: a span, or two neighbouring spans being merged into one.
+enum Piece<B: SpineBatch> {
+    Ready(SpanOf<B>),
+    Merging(Box<InFlight<B>>),
+}
+
+/// A merge running on a thread of its own.
+struct InFlight<B: SpineBatch> {
+    older: SpanOf<B>,
+    newer: SpanOf<B>,
+    /// Their batches (both have one: spans without updates are fused at once).
+    sources: (Shared<B>, Shared<B>),
+    /// The merged span's description.
+    desc: Description<B::Time>,
+    /// The merged batch (`None`: everything cancelled).
+    result: Receiver<Option<B>>,
+}
+
+impl<B: SpineBatch> Piece<B> {
+    fn spans(&self, mut f: impl FnMut(&SpanOf<B>)) {
+        match self {
+            Piece::Ready(span) => f(span),
+            Piece::Merging(m) => {
+                f(&m.older);
+                f(&m.newer);
+            }
+        }
+    }
+}
+
+/// Merges two batches at once.
+fn merge_now<B: SpineBatch>(b1: &B, b2: &B, frontier: AntichainRef<B::Time>) -> Option<B> {
+    let mut merger = B::Merger::new(b1, b2, frontier);
+    let mut fuel = isize::MAX;
+    merger.work(b1, b2, &mut fuel);
+    merger.done()
+}
+
+/// A trace that merges its batches off the worker thread (see the module's documentation).
+pub struct BgSpine<B: SpineBatch> {
+    logical: Antichain<B::Time>,
+    physical: Antichain<B::Time>,
+    /// The upper bound of everything inserted.
+    upper: Antichain<B::Time>,
+    /// Spans the physical frontier has passed, oldest first, contiguous.
+    pieces: Vec<Piece<B>>,
+    /// Spans not yet passed by the physical frontier (not to be merged), after `pieces`.
+    pending: VecDeque<SpanOf<B>>,
+    /// Merges of fewer updates run inline.
+    inline_updates: usize,
+    /// Past this many pieces, wait for merges in flight.
+    max_pieces: usize,
+    /// Merges started on a thread of their own, and inline, since the trace was made.
+    started: (u64, u64),
+}
+
+impl<B> BgSpine<B>
+where
+    B: SpineBatch + Send + Sync + 'static,
+    B::Time: Send + Sync,
+{
+    /// An empty trace with the given limits (see [`INLINE_MERGE_UPDATES`], [`MAX_PIECES`]).
+    pub fn with_limits(inline_updates: usize, max_pieces: usize) -> Self {
+        let minimum = || Antichain::from_elem(<B::Time as Timestamp>::minimum());
+        BgSpine {
+            logical: minimum(),
+            physical: minimum(),
+            upper: minimum(),
+            pieces: Vec::new(),
+            pending: VecDeque::new(),
+            inline_updates,
+            max_pieces: max_pieces.max(2),
+            started: (0, 0),
+        }
+    }
+
+    /// The merges started so far: (on a thread of their own, inline).
+    pub fn merges_started(&self) -> (u64, u64) {
+        self.started
+    }
+
+    /// The merges running now.
+    pub fn merges_in_flight(&self) -> usize {
+        self.pieces.iter().filter(|p| matches!(p, Piece::Merging(_))).count()
+    }
+
+    /// The spans and merges the physical frontier has passed.
+    pub fn pieces(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Waits for every merge in flight and takes its result (tests and shutdown).
+    pub fn finish_merges(&mut self) {
+        while let Some(i) = self.pieces.iter().position(|p| matches!(p, Piece::Merging(_))) {
+            self.wait_for(i);
+        }
+    }
+
+    /// Takes the results of merges that are done, moves spans the physical frontier has passed
+    /// into the list, and starts the merges the list's sizes call for.
+    fn maintain(&mut self) {
+        for i in 0..self.pieces.len() {
+            let done = match &self.pieces[i] {
+                Piece::Merging(m) => match m.result.try_recv() {
+                    Ok(merged) => Some(merged),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => Some(Self::merge_lost(m)),
+                },
+                Piece::Ready(_) => None,
+            };
+            if let Some(merged) = done {
+                self.install(i, merged);
+            }
+        }
+        while self.pending.front().is_some_and(|s| PartialOrder::less_equal(s.upper(), &self.physical)) {
+            if let Some(span) = self.pending.pop_front() {
+                self.pieces.push(Piece::Ready(span));
+            }
+        }
+        self.start_merges();
+        while self.pieces.len() > self.max_pieces {
+            let Some(oldest) = self.pieces.iter().position(|p| matches!(p, Piece::Merging(_))) else { break };
+            self.wait_for(oldest);
+            self.start_merges();
+        }
+    }
+
+    /// A merge whose thread ended without an answer (it panicked): merged here instead.
+    fn merge_lost(m: &InFlight<B>) -> Option<B> {
+        tracing::error!("a merge thread ended without its result; merging on the worker thread");
+        merge_now::<B>(&m.sources.0, &m.sources.1, m.desc.since().borrow())
+    }
+
+    /// Blocks until the merge at `i` is done and takes its result.
+    fn wait_for(&mut self, i: usize) {
+        let merged = match &self.pieces[i] {
+            Piece::Merging(m) => match m.result.recv() {
+                Ok(merged) => merged,
+                Err(_) => Self::merge_lost(m),
+            },
+            Piece::Ready(_) => return,
+        };
+        self.install(i, merged);
+    }
+
+    /// Replaces the merge at `i` by its result.
+    fn install(&mut self, i: usize, merged: Option<B>) {
+        if let Piece::Merging(m) = &self.pieces[i] {
+            self.pieces[i] = Piece::Ready(Span::new(m.desc.clone(), merged.map(Shared::from)));
+        }
+    }
+
+    /// Fuses spans without updates into a neighbour, and merges neighbours whose sizes call for
+    /// it: the newer at least half the older.
+    fn start_merges(&mut self) {
+        let mut i = 0;
+        while i + 1 < self.pieces.len() {
+            let (Piece::Ready(older), Piece::Ready(newer)) = (&self.pieces[i], &self.pieces[i + 1]) else {
+                i += 1;
+                continue;
+            };
+            let (a, b) = (updates(older), updates(newer));
+            if a > 0 && b > 0 && b.saturating_mul(2) < a {
+                i += 1;
+                continue;
+            }
+            match (self.pieces.remove(i), self.pieces.remove(i)) {
+                (Piece::Ready(older), Piece::Ready(newer)) => {
+                    let merged = self.begin_merge(older, newer);
+                    self.pieces.insert(i, merged);
+                }
+                (older, newer) => {
+                    // Not reached (both were checked to be ready); put them back as they were.
+                    self.pieces.insert(i, newer);
+                    self.pieces.insert(i, older);
+                    i += 1;
+                    continue;
+                }
+            }
+            // The piece at `i` may now merge with the one before it (when it is done).
+            i = i.saturating_sub(1);
+        }
+    }
+
+    /// Merges two neighbouring spans: at once when one is empty or both are small, otherwise on
+    /// a thread of its own.
+    fn begin_merge(&mut self, older: SpanOf<B>, newer: SpanOf<B>) -> Piece<B> {
+        let since = older.desc.since().join(newer.desc.since()).join(&self.logical);
+        let desc = Description::new(older.lower().clone(), newer.upper().clone(), since);
+        let (a, b) = match (&older.inner, &newer.inner) {
+            (Some(a), Some(b)) => (a.clone(), b.clone()),
+            // Nothing to merge: the span with updates keeps them as they are.
+            _ => return Piece::Ready(Span::new(desc, older.inner.or(newer.inner))),
+        };
+        if a.len() + b.len() < self.inline_updates {
+            self.started.1 += 1;
+            let merged = merge_now::<B>(&a, &b, desc.since().borrow());
+            return Piece::Ready(Span::new(desc, merged.map(Shared::from)));
+        }
+        let sources = (a.clone(), b.clone());
+        let (tx, rx) = mpsc::channel();
+        let frontier = desc.since().clone();
+        let merge = move || {
+            // The receiver is gone when the trace was dropped meanwhile: nothing to tell.
+            let _ = tx.send(merge_now::<B>(&a, &b, frontier.borrow()));
+        };
+        match std::thread::Builder::new().name("sundial:merge".into()).spawn(merge) {
+            Ok(_) => {
+                self.started.0 += 1;
+                Piece::Merging(Box::new(InFlight { older, newer, sources, desc, result: rx }))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a merge thread; merging on the worker thread");
+                self.started.1 += 1;
+                let merged = merge_now::<B>(&sources.0, &sources.1, desc.since().borrow());
+                Piece::Ready(Span::new(desc, merged.map(Shared::from)))
+            }
+        }
+    }
+}
+
+impl<B> TraceReader for BgSpine<B>
+where
+    B: SpineBatch + Send + Sync + 'static,
+    B::Time: Send + Sync,
+{
+    type Time = B::Time;
+    type Batch = Shared<B>;
+
+    fn spans_through(&mut self, upper: AntichainRef<B::Time>) -> Option<Vec<SpanOf<B>>> {
+        self.maintain();
+        if upper.less_equal(&<B::Time as Timestamp>::minimum()) {
+            return Some(Vec::new());
+        }
+        // A cut before the physical frontier may fall inside a merged batch.
+        if !PartialOrder::less_equal(&self.physical.borrow(), &upper) {
+            return None;
+        }
+        let mut spans = Vec::new();
+        for piece in &self.pieces {
+            piece.spans(|span| {
+                if span.inner.is_some() {
+                    spans.push(span.clone());
+                }
+            });
+        }
+        for span in &self.pending {
+            let through = PartialOrder::less_equal(&span.upper().borrow(), &upper);
+            let from = PartialOrder::less_equal(&span.lower().borrow(), &upper);
+            if span.inner.is_some() && from && !through && upper != span.lower().borrow() {
+                // `upper` cuts through a batch: not a bound this trace ever reported.
+                return None;
+            }
+            if through && span.inner.is_some() {
+                spans.push(span.clone());
+            }
+        }
+        Some(spans)
+    }
+
+    fn set_logical_compaction(&mut self, frontier: AntichainRef<B::Time>) {
+        self.logical = frontier.to_owned();
+    }
+
+    fn get_logical_compaction(&mut self) -> AntichainRef<'_, B::Time> {
+        self.logical.borrow()
+    }
+
+    fn set_physical_compaction(&mut self, frontier: AntichainRef<'_, B::Time>) {
+        self.physical = frontier.to_owned();
+        self.maintain();
+    }
+
+    fn get_physical_compaction(&mut self) -> AntichainRef<'_, B::Time> {
+        self.physical.borrow()
+    }
+
+    fn map_spans<F: FnMut(&SpanOf<B>)>(&self, mut f: F) {
+        for piece in &self.pieces {
+            piece.spans(&mut f);
+        }
+        self.pending.iter().for_each(f);
+    }
+}
+
+impl<B> Trace for BgSpine<B>
+where
+    B: SpineBatch + Send + Sync + 'static,
+    B::Time: Send + Sync,
+{
+    fn new(
+        _info: timely::dataflow::operators::generic::OperatorInfo,
+        _logging: Option<differential_dataflow::logging::Logger>,
+        _activator: Option<timely::scheduling::activate::Activator>,
+    ) -> Self {
+        Self::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES)
+    }
+
+    /// Takes in finished merges (merges need no fuel here: they run on their own).
+    fn exert(&mut self) {
+        self.maintain();
+    }
+
+    /// Ignored: merges run as soon as the sizes call for them, not on fuel.
+    fn set_exert_logic(&mut self, _logic: ExertionLogic) {}
+
+    fn insert(&mut self, span: SpanOf<B>) {
+        // The arrange operator hands over contiguous, non-empty intervals; anything else is a
+        // bug that would make reads wrong.
+        assert!(span.lower() != span.upper(), "an empty interval inserted into a trace");
+        assert_eq!(span.lower(), &self.upper, "a span inserted out of order into a trace");
+        self.upper.clone_from(span.upper());
+        self.pending.push_back(span);
+        self.maintain();
+    }
+
+    fn close(&mut self) {
+        if !self.upper.is_empty() {
+            self.insert(Span::empty(self.upper.clone(), Antichain::new()));
+        }
+    }
+}
+
+impl<B: Navigable> Navigable for Shared<B> {
+    type Cursor = SharedCursor<B::Cursor>;
+    fn cursor(&self) -> Self::Cursor {
+        SharedCursor(self.0.cursor())
+    }
+}
+
+/// A batch's cursor, over the shared batch.
+pub struct SharedCursor<C>(C);
+
+impl<C: Cursor> Cursor for SharedCursor<C> {
+    type Storage = Shared<C::Storage>;
+
+    type Key<'a> = C::Key<'a>;
+    type ValOwn = C::ValOwn;
+    type Val<'a> = C::Val<'a>;
+    type Time = C::Time;
+    type TimeGat<'a> = C::TimeGat<'a>;
+    type Diff = C::Diff;
+    type DiffGat<'a> = C::DiffGat<'a>;
+    type KeyContainer = C::KeyContainer;
+    type ValContainer = C::ValContainer;
+    type TimeContainer = C::TimeContainer;
+    type DiffContainer = C::DiffContainer;
+
+    fn key_valid(&self, storage: &Self::Storage) -> bool {
+        self.0.key_valid(storage)
+    }
+    fn val_valid(&self, storage: &Self::Storage) -> bool {
+        self.0.val_valid(storage)
+    }
+    fn key<'a>(&self, storage: &'a Self::Storage) -> Self::Key<'a> {
+        self.0.key(storage)
+    }
+    fn val<'a>(&self, storage: &'a Self::Storage) -> Self::Val<'a> {
+        self.0.val(storage)
+    }
+    fn get_key<'a>(&self, storage: &'a Self::Storage) -> Option<Self::Key<'a>> {
+        self.0.get_key(storage)
+    }
+    fn get_val<'a>(&self, storage: &'a Self::Storage) -> Option<Self::Val<'a>> {
+        self.0.get_val(storage)
+    }
+    fn map_times<L: FnMut(Self::TimeGat<'_>, Self::DiffGat<'_>)>(&mut self, storage: &Self::Storage, logic: L) {
+        self.0.map_times(storage, logic)
+    }
+    fn step_key(&mut self, storage: &Self::Storage) {
+        self.0.step_key(storage)
+    }
+    fn seek_key(&mut self, storage: &Self::Storage, key: Self::Key<'_>) {
+        self.0.seek_key(storage, key)
+    }
+    fn step_val(&mut self, storage: &Self::Storage) {
+        self.0.step_val(storage)
+    }
+    fn seek_val(&mut self, storage: &Self::Storage, val: Self::Val<'_>) {
+        self.0.seek_val(storage, val)
+    }
+    fn rewind_keys(&mut self, storage: &Self::Storage) {
+        self.0.rewind_keys(storage)
+    }
+    fn rewind_vals(&mut self, storage: &Self::Storage) {
+        self.0.rewind_vals(storage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use differential_dataflow::trace::cursor::cursor_list;
+    use differential_dataflow::trace::implementations::ord_neu::{OrdValBatch, VecOrdValBuilder};
+    use differential_dataflow::trace::implementations::Vector;
+    use differential_dataflow::trace::Builder;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    type Upd = ((u64, u64), u64, isize);
+    type Batch = OrdValBatch<Vector<Upd>>;
+    type Spine = BgSpine<Batch>;
+
+    /// A span over `[lower, upper)` with `updates` (consolidated here).
+    fn span(lower: u64, upper: u64, mut updates: Vec<Upd>) -> SpanOf<Batch> {
+        differential_dataflow::consolidation::consolidate_updates(&mut updates);
+        let mut builder = VecOrdValBuilder::<u64, u64, u64, isize>::default();
+        builder.push(&mut updates);
+        let desc = Description::new(Antichain::from_elem(lower), Antichain::from_elem(upper), Antichain::from_elem(0));
+        Span::new(desc, builder.done().map(Shared::from))
+    }
+
+    /// Every (key, value) with a non-zero count at `as_of`, read through a cursor over all
+    /// batches.
+    fn read(spine: &mut Spine, as_of: u64) -> BTreeMap<(u64, u64), isize> {
+        let batches = spine.batches_through(Antichain::new().borrow()).unwrap_or_default();
+        let (mut cursor, storage) = cursor_list(batches);
+        let mut out = BTreeMap::new();
+        while let Some(k) = cursor.get_key(&storage) {
+            while let Some(v) = cursor.get_val(&storage) {
+                let mut count = 0;
+                cursor.map_times(&storage, |t, r| {
+                    if *t <= as_of {
+                        count += *r;
+                    }
+                });
+                if count != 0 {
+                    out.insert((*k, *v), count);
+                }
+                cursor.step_val(&storage);
+            }
+            cursor.step_key(&storage);
+        }
+        out
+    }
+
+    fn total_updates(spine: &Spine) -> usize {
+        let mut n = 0;
+        spine.map_spans(|s| n += updates(s));
+        n
+    }
+
+    #[test]
+    fn a_large_merge_runs_off_the_worker_thread_and_is_swapped_in() {
+        let mut spine = Spine::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES);
+        let first: Vec<Upd> = (0..5000).map(|k| ((k, 1), 0, 1)).collect();
+        // The second epoch retracts every first value and inserts another.
+        let second: Vec<Upd> = (0..5000).flat_map(|k| [((k, 1), 1, -1), ((k, 2), 1, 1)]).collect();
+        spine.insert(span(0, 1, first));
+        spine.insert(span(1, 2, second));
+        assert_eq!(spine.merges_started(), (0, 0), "nothing merges before the physical frontier passes");
+        spine.set_logical_compaction(Antichain::from_elem(2).borrow());
+        spine.set_physical_compaction(Antichain::from_elem(2).borrow());
+        // Started on a thread; its result is only taken when the trace is next touched.
+        assert_eq!(spine.merges_started(), (1, 0));
+        assert_eq!(spine.merges_in_flight(), 1);
+        // Meanwhile readers see both inputs.
+        assert_eq!(total_updates(&spine), 15_000);
+        let expected: BTreeMap<_, _> = (0..5000).map(|k| ((k, 2), 1)).collect();
+        spine.finish_merges();
+        assert_eq!(spine.merges_in_flight(), 0);
+        assert_eq!(spine.pieces(), 1);
+        // Compacted to epoch 2: the first values cancelled away.
+        assert_eq!(total_updates(&spine), 5000);
+        assert_eq!(read(&mut spine, 2), expected);
+    }
+
+    #[test]
+    fn small_merges_run_inline_and_empty_spans_fuse() {
+        let mut spine = Spine::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES);
+        for e in 0..100u64 {
+            let updates = if e % 10 == 0 { vec![((e, 0), e, 1)] } else { Vec::new() };
+            spine.insert(span(e, e + 1, updates));
+            spine.set_physical_compaction(Antichain::from_elem(e + 1).borrow());
+        }
+        assert_eq!(spine.merges_started().0, 0, "no thread for merges of a few updates");
+        assert!(spine.merges_started().1 > 0);
+        assert!(spine.pieces() <= 4, "{} pieces", spine.pieces());
+        let expected: BTreeMap<_, _> = (0..10).map(|i| ((i * 10, 0), 1)).collect();
+        assert_eq!(read(&mut spine, 100), expected);
+        // The whole interval is still described, in order.
+        let mut upper = Antichain::from_elem(0);
+        spine.read_upper(&mut upper);
+        assert_eq!(upper, Antichain::from_elem(100));
+    }
+
+    #[test]
+    fn spans_not_yet_passed_by_the_physical_frontier_stay_apart() {
+        let mut spine = Spine::with_limits(0, MAX_PIECES);
+        spine.insert(span(0, 1, vec![((1, 1), 0, 1)]));
+        spine.insert(span(1, 2, vec![((1, 1), 1, 1)]));
+        spine.set_physical_compaction(Antichain::from_elem(1).borrow());
+        spine.insert(span(2, 3, vec![((1, 1), 2, 1)]));
+        assert_eq!(spine.merges_started(), (0, 0));
+        // A cut at 2 takes the first two spans.
+        let spans = spine.spans_through(Antichain::from_elem(2).borrow()).unwrap_or_default();
+        assert_eq!(spans.len(), 2);
+        // A cut before the physical frontier cannot be given.
+        spine.set_physical_compaction(Antichain::from_elem(3).borrow());
+        assert!(spine.spans_through(Antichain::from_elem(2).borrow()).is_none());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Reads at any epoch the logical frontier still allows equal a model's, while merges
+        /// run on threads (any merge of 16+ updates) and frontiers lag behind the inserts.
+        #[test]
+        fn reads_equal_the_model_while_merges_run(
+            epochs in prop::collection::vec(prop::collection::vec((0u64..40, 0u64..4, prop::bool::ANY), 0..300), 1..40),
+            physical_lag in 0u64..4,
+            logical_lag in 0u64..6,
+            max_pieces in 2usize..12,
+        ) {
+            let mut spine = Spine::with_limits(16, max_pieces);
+            let mut model: Vec<Upd> = Vec::new();
+            for (e, changes) in epochs.iter().enumerate() {
+                let e = e as u64;
+                let updates: Vec<Upd> = changes.iter().map(|&(k, v, up)| ((k, v), e, if up { 1 } else { -1 })).collect();
+                model.extend(updates.iter().cloned());
+                spine.insert(span(e, e + 1, updates));
+                spine.set_physical_compaction(Antichain::from_elem((e + 1).saturating_sub(physical_lag)).borrow());
+                let since = (e + 1).saturating_sub(logical_lag);
+                spine.set_logical_compaction(Antichain::from_elem(since).borrow());
+                // Past the limit only when nothing is in flight (halving sizes, all merged).
+                prop_assert!(spine.pieces() <= max_pieces.max(2) || spine.merges_in_flight() == 0);
+                for as_of in since..=e {
+                    let mut expected = BTreeMap::new();
+                    for ((k, v), t, r) in &model {
+                        if *t <= as_of {
+                            *expected.entry((*k, *v)).or_insert(0) += r;
+                        }
+                    }
+                    expected.retain(|_, c| *c != 0);
+                    prop_assert_eq!(read(&mut spine, as_of), expected);
+                }
+            }
+        }
+    }
+}
