@@ -22,8 +22,10 @@
 
 use std::collections::VecDeque;
 use std::ops::Deref;
-use std::sync::mpsc::{self, Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use differential_dataflow::lattice::Lattice;
 use differential_dataflow::trace::cursor::{Cursor, Navigable};
@@ -230,8 +232,12 @@ where
                 i += 1;
                 continue;
             };
+            // Neighbours merge when the newer is of the older's size class (rounded up to a power
+            // of two) or larger, as in a binary counter: each update is copied about log2 times
+            // over its life, and the list holds at most one piece per class (plus merges in
+            // flight). Spans without updates are fused at once.
             let (a, b) = (updates(older), updates(newer));
-            if a > 0 && b > 0 && b.saturating_mul(2) < a {
+            if a > 0 && b > 0 && b.next_power_of_two() < a.next_power_of_two() {
                 i += 1;
                 continue;
             }
@@ -275,7 +281,7 @@ where
             // The receiver is gone when the trace was dropped meanwhile: nothing to tell.
             let _ = tx.send(merge_now::<B>(&a, &b, frontier.borrow()));
         };
-        match std::thread::Builder::new().name("sundial:merge".into()).spawn(merge) {
+        match run_off_thread(Box::new(merge)) {
             Ok(_) => {
                 self.started.0 += 1;
                 Piece::Merging(Box::new(InFlight { older, newer, sources, desc, result: rx }))
@@ -288,6 +294,61 @@ where
             }
         }
     }
+}
+
+/// A merge to run off the worker thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Merge threads waiting for their next merge, by id. A thread's allocator keeps the memory it
+/// freed for a while: a thread used again does not fault in (and zero) fresh pages for every
+/// merge, as a new thread does.
+static IDLE: Mutex<Vec<(u64, Sender<Job>)>> = Mutex::new(Vec::new());
+static NEXT_THREAD: AtomicU64 = AtomicU64::new(0);
+
+/// How long a merge thread waits for another merge before it ends.
+const IDLE_FOR: Duration = Duration::from_secs(10);
+
+fn idle() -> std::sync::MutexGuard<'static, Vec<(u64, Sender<Job>)>> {
+    IDLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `job` on an idle merge thread, or on a new one when none is idle.
+fn run_off_thread(mut job: Job) -> std::io::Result<()> {
+    loop {
+        let Some((_, thread)) = idle().pop() else { break };
+        match thread.send(job) {
+            Ok(()) => return Ok(()),
+            // That thread ended meanwhile: try the next.
+            Err(mpsc::SendError(back)) => job = back,
+        }
+    }
+    let id = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new().name("sundial:merge".into()).spawn(move || loop {
+        job();
+        idle().push((id, tx.clone()));
+        job = match rx.recv_timeout(IDLE_FOR) {
+            Ok(next) => next,
+            Err(_) => {
+                let mut waiting = idle();
+                match waiting.iter().position(|(i, _)| *i == id) {
+                    Some(at) => {
+                        waiting.swap_remove(at);
+                        return;
+                    }
+                    // Taken from the list just now: its job is on the way.
+                    None => {
+                        drop(waiting);
+                        match rx.recv() {
+                            Ok(next) => next,
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+        };
+    })?;
+    Ok(())
 }
 
 impl<B> TraceReader for BgSpine<B>
