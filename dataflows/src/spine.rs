@@ -219,12 +219,18 @@ where
     /// Replaces the merge at `i` by its result.
     fn install(&mut self, i: usize, merged: Option<B>) {
         if let Piece::Merging(m) = &self.pieces[i] {
-            self.pieces[i] = Piece::Ready(Span::new(m.desc.clone(), merged.map(Shared::from)));
+            let ready = Piece::Ready(Span::new(m.desc.clone(), merged.map(Shared::from)));
+            if let Piece::Merging(inputs) = std::mem::replace(&mut self.pieces[i], ready) {
+                // The inputs are usually freed with this last reference to them: on a merge
+                // thread, so that the worker thread does not spend its time dropping every
+                // update of both (if no thread can be had, they are dropped here).
+                let _ = run_off_thread(Box::new(move || drop(inputs)));
+            }
         }
     }
 
     /// Fuses spans without updates into a neighbour, and merges neighbours whose sizes call for
-    /// it: the newer at least half the older.
+    /// it (see below).
     fn start_merges(&mut self) {
         let mut i = 0;
         while i + 1 < self.pieces.len() {
