@@ -4,17 +4,18 @@
 //! counts the updates a merge *writes*. The features arrangement retracts each slot's previous
 //! accumulators when it changes, so its merges mostly cancel history: they read far more than they
 //! write and a piece runs long on little fuel (4 ms on average, up to 30 ms, about one per ingest
-//! batch under 100k events/s). A read queued on the worker thread waits for the piece; those
-//! pieces were most of the single-key read tail.
+//! batch under 100k events/s). Reads and epoch advances queued on the worker thread waited for
+//! them, and merges were the largest single cost of an end-to-end ingest.
 //!
 //! [`BgSpine`] keeps the same batches (`OrdValBatch`, behind an `Arc`: [`Shared`]) in a list,
-//! oldest first, and merges two neighbours when the newer has grown to at least half the older
-//! (so the list stays logarithmic in the updates held). A merge of more than a few thousand
-//! updates runs on a thread of its own; until its result comes in, readers see its two inputs,
-//! which hold the same updates. The result is swapped in the next time the trace is touched
-//! (each insertion, each compaction request, each read). Nothing waits for a merge unless the
-//! merge threads fall so far behind that the list grows past [`MAX_PIECES`]: then the trace waits
-//! for the oldest merge, bounding the batches a read has to seek through.
+//! oldest first, and merges [`FAN_IN`] neighbours of one size class at once ([`MergeMany`]), so
+//! that each update is copied about `log_4` rather than `log_2` times. A merge of more than a
+//! few thousand updates runs on a merge thread (threads are kept a while for the next merge);
+//! until its result comes in, readers see its inputs, which hold the same updates. The result is
+//! swapped in the next time the trace is touched (each insertion, each compaction request, each
+//! read), and the inputs are dropped on a merge thread too. Nothing waits for a merge unless the
+//! merge threads fall so far behind that the list grows past [`MAX_PIECES`]: then the trace
+//! waits for the oldest merge, bounding the batches a read has to seek through.
 //!
 //! As in differential's spine, only batches the physical compaction frontier has passed are
 //! merged (readers may still ask for a cut at any later frontier), and a merge advances times to
@@ -29,7 +30,11 @@ use std::time::Duration;
 
 use differential_dataflow::lattice::Lattice;
 use differential_dataflow::trace::cursor::{Cursor, Navigable};
+use differential_dataflow::trace::implementations::ord_neu::layers::UpdsBuilder;
+use differential_dataflow::trace::implementations::ord_neu::val_batch::OrdValStorage;
+use differential_dataflow::trace::implementations::ord_neu::{OrdValBatch, Upds, Vals};
 use differential_dataflow::trace::implementations::spine_fueled::{Merger, SpineBatch};
+use differential_dataflow::trace::implementations::{BatchContainer, Layout};
 use differential_dataflow::trace::{Description, ExertionLogic, Span, Trace, TraceReader};
 use timely::order::PartialOrder;
 use timely::progress::{frontier::AntichainRef, Antichain, Timestamp};
@@ -40,7 +45,12 @@ pub const INLINE_MERGE_UPDATES: usize = 4096;
 
 /// With more pieces than this (far more than the list's logarithmic size), the trace waits for
 /// merges in flight rather than let reads seek through ever more batches.
-pub const MAX_PIECES: usize = 48;
+pub const MAX_PIECES: usize = 64;
+
+/// How many neighbouring batches of one size class merge into one: each update is copied about
+/// `log_4` times over its life instead of `log_2` with pairwise merges (merges were the largest
+/// cost of an end-to-end ingest), for at most three batches per size class to read through.
+pub const FAN_IN: usize = 4;
 
 /// A batch shared between the worker thread and the merges running off it.
 pub struct Shared<B>(Arc<B>);
@@ -79,34 +89,46 @@ enum Piece<B: SpineBatch> {
 
 /// A merge running on a thread of its own.
 struct InFlight<B: SpineBatch> {
-    older: SpanOf<B>,
-    newer: SpanOf<B>,
-    /// Their batches (both have one: spans without updates are fused at once).
-    sources: (Shared<B>, Shared<B>),
+    /// The neighbouring spans merged, oldest first; each has a batch (spans without updates are
+    /// fused at once).
+    inputs: Vec<SpanOf<B>>,
     /// The merged span's description.
     desc: Description<B::Time>,
     /// The merged batch (`None`: everything cancelled).
     result: Receiver<Option<B>>,
 }
 
+impl<B: SpineBatch> InFlight<B> {
+    fn batches(&self) -> Vec<Shared<B>> {
+        self.inputs.iter().filter_map(|s| s.inner.clone()).collect()
+    }
+}
+
 impl<B: SpineBatch> Piece<B> {
     fn spans(&self, mut f: impl FnMut(&SpanOf<B>)) {
         match self {
             Piece::Ready(span) => f(span),
-            Piece::Merging(m) => {
-                f(&m.older);
-                f(&m.newer);
-            }
+            Piece::Merging(m) => m.inputs.iter().for_each(f),
         }
     }
 }
 
-/// Merges two batches at once.
-fn merge_now<B: SpineBatch>(b1: &B, b2: &B, frontier: AntichainRef<B::Time>) -> Option<B> {
-    let mut merger = B::Merger::new(b1, b2, frontier);
-    let mut fuel = isize::MAX;
-    merger.work(b1, b2, &mut fuel);
-    merger.done()
+/// Merges neighbouring batches at once (oldest first), advancing times to `frontier`: two with
+/// differential's merger, more with [`MergeMany`].
+fn merge_all<B: MergeMany>(batches: &[Shared<B>], frontier: AntichainRef<B::Time>) -> Option<B> {
+    match batches {
+        [] => None,
+        [b1, b2] => {
+            let mut merger = B::Merger::new(b1, b2, frontier);
+            let mut fuel = isize::MAX;
+            merger.work(b1, b2, &mut fuel);
+            merger.done()
+        }
+        many => {
+            let refs: Vec<&B> = many.iter().map(|b| &**b).collect();
+            B::merge_many(&refs, frontier)
+        }
+    }
 }
 
 /// A trace that merges its batches off the worker thread (see the module's documentation).
@@ -123,17 +145,20 @@ pub struct BgSpine<B: SpineBatch> {
     inline_updates: usize,
     /// Past this many pieces, wait for merges in flight.
     max_pieces: usize,
+    /// How many neighbours of one size class merge into one.
+    fan_in: usize,
     /// Merges started on a thread of their own, and inline, since the trace was made.
     started: (u64, u64),
 }
 
 impl<B> BgSpine<B>
 where
-    B: SpineBatch + Send + Sync + 'static,
+    B: MergeMany + Send + Sync + 'static,
     B::Time: Send + Sync,
 {
-    /// An empty trace with the given limits (see [`INLINE_MERGE_UPDATES`], [`MAX_PIECES`]).
-    pub fn with_limits(inline_updates: usize, max_pieces: usize) -> Self {
+    /// An empty trace with the given limits (see [`INLINE_MERGE_UPDATES`], [`MAX_PIECES`],
+    /// [`FAN_IN`]).
+    pub fn with_limits(inline_updates: usize, max_pieces: usize, fan_in: usize) -> Self {
         let minimum = || Antichain::from_elem(<B::Time as Timestamp>::minimum());
         BgSpine {
             logical: minimum(),
@@ -143,6 +168,7 @@ where
             pending: VecDeque::new(),
             inline_updates,
             max_pieces: max_pieces.max(2),
+            fan_in: fan_in.max(2),
             started: (0, 0),
         }
     }
@@ -201,7 +227,7 @@ where
     /// A merge whose thread ended without an answer (it panicked): merged here instead.
     fn merge_lost(m: &InFlight<B>) -> Option<B> {
         tracing::error!("a merge thread ended without its result; merging on the worker thread");
-        merge_now::<B>(&m.sources.0, &m.sources.1, m.desc.since().borrow())
+        merge_all::<B>(&m.batches(), m.desc.since().borrow())
     }
 
     /// Blocks until the merge at `i` is done and takes its result.
@@ -230,75 +256,193 @@ where
     }
 
     /// Fuses spans without updates into a neighbour, and merges neighbours whose sizes call for
-    /// it (see below).
+    /// it. Each piece has a size class: its updates rounded up to a power of `fan_in`. Oldest
+    /// first, classes do not grow; `fan_in` neighbours of one class merge into one (of the next
+    /// class, unless updates cancelled), so that each update is copied about `log_fan_in` times
+    /// over its life and the list holds fewer than `fan_in` pieces per class (plus merges in
+    /// flight). A piece larger than its older neighbour's class merges with it.
     fn start_merges(&mut self) {
         let mut i = 0;
-        while i + 1 < self.pieces.len() {
-            let (Piece::Ready(older), Piece::Ready(newer)) = (&self.pieces[i], &self.pieces[i + 1]) else {
+        while i < self.pieces.len() {
+            let Some(take) = self.merge_at(i) else {
                 i += 1;
                 continue;
             };
-            // Neighbours merge when the newer is of the older's size class (rounded up to a power
-            // of two) or larger, as in a binary counter: each update is copied about log2 times
-            // over its life, and the list holds at most one piece per class (plus merges in
-            // flight). Spans without updates are fused at once.
-            let (a, b) = (updates(older), updates(newer));
-            if a > 0 && b > 0 && b.next_power_of_two() < a.next_power_of_two() {
-                i += 1;
-                continue;
-            }
-            match (self.pieces.remove(i), self.pieces.remove(i)) {
-                (Piece::Ready(older), Piece::Ready(newer)) => {
-                    let merged = self.begin_merge(older, newer);
-                    self.pieces.insert(i, merged);
-                }
-                (older, newer) => {
-                    // Not reached (both were checked to be ready); put them back as they were.
-                    self.pieces.insert(i, newer);
-                    self.pieces.insert(i, older);
-                    i += 1;
-                    continue;
-                }
-            }
+            let inputs: Vec<SpanOf<B>> = self
+                .pieces
+                .drain(i..i + take)
+                .filter_map(|p| match p {
+                    Piece::Ready(span) => Some(span),
+                    // Not reached: `merge_at` only picks ready pieces.
+                    Piece::Merging(_) => None,
+                })
+                .collect();
+            let merged = self.begin_merge(inputs);
+            self.pieces.insert(i, merged);
             // The piece at `i` may now merge with the one before it (when it is done).
             i = i.saturating_sub(1);
         }
     }
 
-    /// Merges two neighbouring spans: at once when one is empty or both are small, otherwise on
-    /// a thread of its own.
-    fn begin_merge(&mut self, older: SpanOf<B>, newer: SpanOf<B>) -> Piece<B> {
-        let since = older.desc.since().join(newer.desc.since()).join(&self.logical);
-        let desc = Description::new(older.lower().clone(), newer.upper().clone(), since);
-        let (a, b) = match (&older.inner, &newer.inner) {
-            (Some(a), Some(b)) => (a.clone(), b.clone()),
-            // Nothing to merge: the span with updates keeps them as they are.
-            _ => return Piece::Ready(Span::new(desc, older.inner.or(newer.inner))),
+    /// How many pieces from `i` on to merge now, if any.
+    fn merge_at(&self, i: usize) -> Option<usize> {
+        let ready = |j: usize| match self.pieces.get(j) {
+            Some(Piece::Ready(span)) => Some(updates(span)),
+            _ => None,
         };
-        if a.len() + b.len() < self.inline_updates {
+        let first = ready(i)?;
+        let next = ready(i + 1)?;
+        if first == 0 || next == 0 {
+            return Some(2);
+        }
+        let class = |n: usize| self.class(n);
+        if class(next) > class(first) {
+            return Some(2);
+        }
+        let run = (i..i + self.fan_in).take_while(|&j| ready(j).is_some_and(|n| n > 0 && class(n) == class(first)));
+        (run.count() == self.fan_in).then_some(self.fan_in)
+    }
+
+    /// The size class of a piece of `n` updates: `n` rounded up to a power of `fan_in`.
+    fn class(&self, n: usize) -> u32 {
+        let bits = n.next_power_of_two().trailing_zeros();
+        let per_class = self.fan_in.next_power_of_two().trailing_zeros().max(1);
+        bits.div_ceil(per_class)
+    }
+
+    /// Merges neighbouring spans (oldest first): at once when at most one has updates or all
+    /// are small, otherwise on a merge thread.
+    fn begin_merge(&mut self, inputs: Vec<SpanOf<B>>) -> Piece<B> {
+        let (Some(first), Some(last)) = (inputs.first(), inputs.last()) else {
+            // Not reached: merges take two spans or more.
+            return Piece::Ready(Span::empty(self.upper.clone(), self.upper.clone()));
+        };
+        let mut since = self.logical.clone();
+        for span in &inputs {
+            since = since.join(span.desc.since());
+        }
+        let desc = Description::new(first.lower().clone(), last.upper().clone(), since);
+        let batches: Vec<Shared<B>> = inputs.iter().filter_map(|s| s.inner.clone()).collect();
+        if batches.len() <= 1 {
+            // Nothing to merge: the span with updates keeps them as they are.
+            return Piece::Ready(Span::new(desc, batches.into_iter().next()));
+        }
+        if batches.iter().map(|b| b.len()).sum::<usize>() < self.inline_updates {
             self.started.1 += 1;
-            let merged = merge_now::<B>(&a, &b, desc.since().borrow());
+            let merged = merge_all::<B>(&batches, desc.since().borrow());
             return Piece::Ready(Span::new(desc, merged.map(Shared::from)));
         }
-        let sources = (a.clone(), b.clone());
         let (tx, rx) = mpsc::channel();
         let frontier = desc.since().clone();
+        let sources = batches.clone();
         let merge = move || {
             // The receiver is gone when the trace was dropped meanwhile: nothing to tell.
-            let _ = tx.send(merge_now::<B>(&a, &b, frontier.borrow()));
+            let _ = tx.send(merge_all::<B>(&sources, frontier.borrow()));
         };
         match run_off_thread(Box::new(merge)) {
             Ok(_) => {
                 self.started.0 += 1;
-                Piece::Merging(Box::new(InFlight { older, newer, sources, desc, result: rx }))
+                Piece::Merging(Box::new(InFlight { inputs, desc, result: rx }))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start a merge thread; merging on the worker thread");
                 self.started.1 += 1;
-                let merged = merge_now::<B>(&sources.0, &sources.1, desc.since().borrow());
+                let merged = merge_all::<B>(&batches, desc.since().borrow());
                 Piece::Ready(Span::new(desc, merged.map(Shared::from)))
             }
         }
+    }
+}
+
+/// Batches that can be merged several at once.
+pub trait MergeMany: SpineBatch {
+    /// Merges `batches`, neighbours oldest first, advancing times to `frontier` and dropping
+    /// what cancels (`None`: everything did).
+    fn merge_many(batches: &[&Self], frontier: AntichainRef<Self::Time>) -> Option<Self>;
+}
+
+impl<L: Layout> MergeMany for OrdValBatch<L> {
+    fn merge_many(batches: &[&Self], frontier: AntichainRef<Self::Time>) -> Option<Self> {
+        let sources: Vec<&OrdValStorage<L>> = batches.iter().map(|b| &b.storage).collect();
+        let keys = sources.iter().map(|s| s.keys.len()).sum::<usize>();
+        let vals = sources.iter().map(|s| s.vals.vals.len()).sum::<usize>();
+        let upds = sources.iter().map(|s| s.upds.times.len()).sum::<usize>();
+        let mut result = OrdValStorage::<L> {
+            keys: L::KeyContainer::with_capacity(keys),
+            vals: Vals::with_capacity(keys + 1, vals),
+            upds: Upds::with_capacity(vals + 1, upds),
+        };
+        let mut staging = UpdsBuilder::<L::TimeContainer, L::DiffContainer>::default();
+        // Each source's next key, and (for the sources at the current key) next value.
+        let mut key_at = vec![0usize; sources.len()];
+        let mut at_key: Vec<usize> = Vec::with_capacity(sources.len());
+        let mut val_at: Vec<(usize, usize)> = Vec::with_capacity(sources.len());
+        let mut at_val: Vec<usize> = Vec::with_capacity(sources.len());
+        loop {
+            // The smallest next key, and the sources that have it.
+            at_key.clear();
+            let mut key = None;
+            for (s, source) in sources.iter().enumerate() {
+                let Some(k) = source.keys.get(key_at[s]) else { continue };
+                match key.map(|min| k.cmp(&min)) {
+                    Some(std::cmp::Ordering::Greater) => {}
+                    Some(std::cmp::Ordering::Equal) => at_key.push(s),
+                    _ => {
+                        key = Some(k);
+                        at_key.clear();
+                        at_key.push(s);
+                    }
+                }
+            }
+            let Some(key) = key else { break };
+            // Its values, merged the same way.
+            val_at.clear();
+            val_at.extend(at_key.iter().map(|&s| sources[s].vals.bounds(key_at[s])));
+            let values_before = result.vals.vals.len();
+            loop {
+                at_val.clear();
+                let mut val = None;
+                for (i, &(lower, upper)) in val_at.iter().enumerate() {
+                    if lower == upper {
+                        continue;
+                    }
+                    let v = sources[at_key[i]].vals.get_abs(lower);
+                    match val.map(|min| v.cmp(&min)) {
+                        Some(std::cmp::Ordering::Greater) => {}
+                        Some(std::cmp::Ordering::Equal) => at_val.push(i),
+                        _ => {
+                            val = Some(v);
+                            at_val.clear();
+                            at_val.push(i);
+                        }
+                    }
+                }
+                let Some(val) = val else { break };
+                for &i in &at_val {
+                    let source = sources[at_key[i]];
+                    let (lower, upper) = source.upds.bounds(val_at[i].0);
+                    for u in lower..upper {
+                        let (time, diff) = source.upds.get_abs(u);
+                        let mut time = L::TimeContainer::into_owned(time);
+                        time.advance_by(frontier);
+                        staging.push(time, L::DiffContainer::into_owned(diff));
+                    }
+                    val_at[i].0 += 1;
+                }
+                if staging.seal(&mut result.upds) {
+                    result.vals.vals.push_ref(val);
+                }
+            }
+            if result.vals.vals.len() > values_before {
+                result.keys.push_ref(key);
+                result.vals.offs.push_ref(result.vals.vals.len());
+            }
+            for &s in &at_key {
+                key_at[s] += 1;
+            }
+        }
+        let updates = staging.total();
+        (updates > 0).then_some(OrdValBatch { storage: result, updates })
     }
 }
 
@@ -359,7 +503,7 @@ fn run_off_thread(mut job: Job) -> std::io::Result<()> {
 
 impl<B> TraceReader for BgSpine<B>
 where
-    B: SpineBatch + Send + Sync + 'static,
+    B: MergeMany + Send + Sync + 'static,
     B::Time: Send + Sync,
 {
     type Time = B::Time;
@@ -423,7 +567,7 @@ where
 
 impl<B> Trace for BgSpine<B>
 where
-    B: SpineBatch + Send + Sync + 'static,
+    B: MergeMany + Send + Sync + 'static,
     B::Time: Send + Sync,
 {
     fn new(
@@ -431,7 +575,7 @@ where
         _logging: Option<differential_dataflow::logging::Logger>,
         _activator: Option<timely::scheduling::activate::Activator>,
     ) -> Self {
-        Self::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES)
+        Self::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES, FAN_IN)
     }
 
     /// Takes in finished merges (merges need no fuel here: they run on their own).
@@ -582,7 +726,7 @@ mod tests {
 
     #[test]
     fn a_large_merge_runs_off_the_worker_thread_and_is_swapped_in() {
-        let mut spine = Spine::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES);
+        let mut spine = Spine::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES, 2);
         let first: Vec<Upd> = (0..5000).map(|k| ((k, 1), 0, 1)).collect();
         // The second epoch retracts every first value and inserts another.
         let second: Vec<Upd> = (0..5000).flat_map(|k| [((k, 1), 1, -1), ((k, 2), 1, 1)]).collect();
@@ -607,7 +751,7 @@ mod tests {
 
     #[test]
     fn small_merges_run_inline_and_empty_spans_fuse() {
-        let mut spine = Spine::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES);
+        let mut spine = Spine::with_limits(INLINE_MERGE_UPDATES, MAX_PIECES, 2);
         for e in 0..100u64 {
             let updates = if e % 10 == 0 { vec![((e, 0), e, 1)] } else { Vec::new() };
             spine.insert(span(e, e + 1, updates));
@@ -625,8 +769,31 @@ mod tests {
     }
 
     #[test]
+    fn four_neighbours_of_one_class_merge_into_one() {
+        let mut spine = Spine::with_limits(usize::MAX, MAX_PIECES, 4);
+        // Four epochs of 10 updates each (one size class); the second retracts five keys of
+        // the first, which cancel once compacted.
+        let epochs: [Vec<Upd>; 4] = [
+            (0..10).map(|k| ((k, 0), 0, 1)).collect(),
+            (0..5).map(|k| ((k, 0), 1, -1)).chain((10..15).map(|k| ((k, 0), 1, 1))).collect(),
+            (15..25).map(|k| ((k, 0), 2, 1)).collect(),
+            (25..35).map(|k| ((k, 0), 3, 1)).collect(),
+        ];
+        for (e, updates) in epochs.into_iter().enumerate() {
+            spine.insert(span(e as u64, e as u64 + 1, updates));
+        }
+        spine.set_logical_compaction(Antichain::from_elem(4).borrow());
+        spine.set_physical_compaction(Antichain::from_elem(4).borrow());
+        assert_eq!(spine.pieces(), 1, "four of one class are merged in one go");
+        assert_eq!(spine.merges_started(), (0, 1));
+        assert_eq!(total_updates(&spine), 30, "the retracted keys cancelled");
+        let expected: BTreeMap<_, _> = (5..35).map(|k| ((k, 0), 1)).collect();
+        assert_eq!(read(&mut spine, 4), expected);
+    }
+
+    #[test]
     fn spans_not_yet_passed_by_the_physical_frontier_stay_apart() {
-        let mut spine = Spine::with_limits(0, MAX_PIECES);
+        let mut spine = Spine::with_limits(0, MAX_PIECES, 2);
         spine.insert(span(0, 1, vec![((1, 1), 0, 1)]));
         spine.insert(span(1, 2, vec![((1, 1), 1, 1)]));
         spine.set_physical_compaction(Antichain::from_elem(1).borrow());
@@ -651,8 +818,9 @@ mod tests {
             physical_lag in 0u64..4,
             logical_lag in 0u64..6,
             max_pieces in 2usize..12,
+            fan_in in 2usize..6,
         ) {
-            let mut spine = Spine::with_limits(16, max_pieces);
+            let mut spine = Spine::with_limits(16, max_pieces, fan_in);
             let mut model: Vec<Upd> = Vec::new();
             for (e, changes) in epochs.iter().enumerate() {
                 let e = e as u64;
