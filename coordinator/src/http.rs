@@ -481,36 +481,32 @@ async fn fan_out_to(
     ask: impl Fn(usize) -> Ask,
     request: impl Fn(usize) -> Request,
 ) -> Result<Vec<Reply>, ApiError> {
-    let mut tasks = Vec::with_capacity(ready.conns.len());
+    let mut awaited = Vec::with_capacity(ready.conns.len());
     for (p, &conn) in ready.conns.iter().enumerate() {
         let told = match ask(p) {
             Ask::Skip => continue,
             Ask::Tell(timeout) => Some(timeout),
             Ask::Await => None,
         };
-        let shared = Arc::clone(shared);
         let request = request(p);
         let generation = ready.generation;
         match told {
             Some(timeout) => {
+                let shared = Arc::clone(shared);
                 tokio::spawn(async move {
                     if let Err(e) = shared.request_to(conn, generation, request, timeout).await {
                         tracing::debug!(process = p, "a request nobody waits for failed: {e}");
                     }
                 });
             }
-            None => tasks.push(tokio::spawn(async move {
-                shared.request_to(conn, generation, request, Duration::from_secs(130)).await
-            })),
+            // Awaited here, together, rather than in tasks of their own: each task would add a
+            // wake-up (and often a switch between the runtime's threads) to every read.
+            None => awaited.push(shared.request_to(conn, generation, request, Duration::from_secs(130))),
         }
     }
-    let mut replies = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        match task.await {
-            Ok(Ok(reply)) => replies.push(reply),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-        }
+    let mut replies = Vec::with_capacity(awaited.len());
+    for reply in futures_util::future::join_all(awaited).await {
+        replies.push(reply?);
     }
     Ok(replies)
 }
