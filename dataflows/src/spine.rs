@@ -380,44 +380,19 @@ impl<L: Layout> MergeMany for OrdValBatch<L> {
         let mut at_val: Vec<usize> = Vec::with_capacity(sources.len());
         loop {
             // The smallest next key, and the sources that have it.
-            at_key.clear();
-            let mut key = None;
-            for (s, source) in sources.iter().enumerate() {
-                let Some(k) = source.keys.get(key_at[s]) else { continue };
-                match key.map(|min| k.cmp(&min)) {
-                    Some(std::cmp::Ordering::Greater) => {}
-                    Some(std::cmp::Ordering::Equal) => at_key.push(s),
-                    _ => {
-                        key = Some(k);
-                        at_key.clear();
-                        at_key.push(s);
-                    }
-                }
-            }
-            let Some(key) = key else { break };
+            let next_keys = sources.iter().enumerate().filter_map(|(s, source)| Some((s, source.keys.get(key_at[s])?)));
+            let Some(key) = smallest(next_keys, &mut at_key) else { break };
             // Its values, merged the same way.
             val_at.clear();
             val_at.extend(at_key.iter().map(|&s| sources[s].vals.bounds(key_at[s])));
             let values_before = result.vals.vals.len();
             loop {
-                at_val.clear();
-                let mut val = None;
-                for (i, &(lower, upper)) in val_at.iter().enumerate() {
-                    if lower == upper {
-                        continue;
-                    }
-                    let v = sources[at_key[i]].vals.get_abs(lower);
-                    match val.map(|min| v.cmp(&min)) {
-                        Some(std::cmp::Ordering::Greater) => {}
-                        Some(std::cmp::Ordering::Equal) => at_val.push(i),
-                        _ => {
-                            val = Some(v);
-                            at_val.clear();
-                            at_val.push(i);
-                        }
-                    }
-                }
-                let Some(val) = val else { break };
+                let next_vals = val_at
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (lower, upper))| lower < upper)
+                    .map(|(i, &(lower, _))| (i, sources[at_key[i]].vals.get_abs(lower)));
+                let Some(val) = smallest(next_vals, &mut at_val) else { break };
                 for &i in &at_val {
                     let source = sources[at_key[i]];
                     let (lower, upper) = source.upds.bounds(val_at[i].0);
@@ -444,6 +419,24 @@ impl<L: Layout> MergeMany for OrdValBatch<L> {
         let updates = staging.total();
         (updates > 0).then_some(OrdValBatch { storage: result, updates })
     }
+}
+
+/// The smallest of `items` (each with its position), and in `at` the positions that hold it.
+fn smallest<T: Ord + Copy>(items: impl Iterator<Item = (usize, T)>, at: &mut Vec<usize>) -> Option<T> {
+    at.clear();
+    let mut min: Option<T> = None;
+    for (i, item) in items {
+        match min.map(|m| item.cmp(&m)) {
+            Some(std::cmp::Ordering::Greater) => {}
+            Some(std::cmp::Ordering::Equal) => at.push(i),
+            _ => {
+                min = Some(item);
+                at.clear();
+                at.push(i);
+            }
+        }
+    }
+    min
 }
 
 /// A merge to run off the worker thread.
