@@ -23,9 +23,8 @@
 
 use std::collections::VecDeque;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use differential_dataflow::lattice::Lattice;
@@ -250,7 +249,9 @@ where
                 // The inputs are usually freed with this last reference to them: on a merge
                 // thread, so that the worker thread does not spend its time dropping every
                 // update of both (if no thread can be had, they are dropped here).
-                let _ = run_off_thread(Box::new(move || drop(inputs)));
+                if let Err((_, job)) = run_off_thread(Box::new(move || drop(inputs))) {
+                    job();
+                }
             }
         }
     }
@@ -344,7 +345,7 @@ where
                 self.started.0 += 1;
                 Piece::Merging(Box::new(InFlight { inputs, desc, result: rx }))
             }
-            Err(e) => {
+            Err((e, _)) => {
                 tracing::warn!(error = %e, "cannot start a merge thread; merging on the worker thread");
                 self.started.1 += 1;
                 let merged = merge_all::<B>(&batches, desc.since().borrow());
@@ -442,56 +443,97 @@ fn smallest<T: Ord + Copy>(items: impl Iterator<Item = (usize, T)>, at: &mut Vec
 /// A merge to run off the worker thread.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Merge threads waiting for their next merge, by id. A thread's allocator keeps the memory it
-/// freed for a while: a thread used again does not fault in (and zero) fresh pages for every
-/// merge, as a new thread does.
-static IDLE: Mutex<Vec<(u64, Sender<Job>)>> = Mutex::new(Vec::new());
-static NEXT_THREAD: AtomicU64 = AtomicU64::new(0);
+/// The merge threads of this process: a queue of merges, and threads that take them. A thread
+/// waits a while for the next merge before it ends: its allocator keeps the memory it freed, so
+/// it does not fault in (and zero) fresh pages for every merge, as a new thread does.
+struct Pool {
+    queue: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { queue: VecDeque::new(), threads: 0, idle: 0 });
+static WORK: Condvar = Condvar::new();
 
 /// How long a merge thread waits for another merge before it ends.
 const IDLE_FOR: Duration = Duration::from_secs(10);
 
-fn idle() -> std::sync::MutexGuard<'static, Vec<(u64, Sender<Job>)>> {
-    IDLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn pool() -> MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs `job` on an idle merge thread, or on a new one when none is idle.
-fn run_off_thread(mut job: Job) -> std::io::Result<()> {
-    loop {
-        let Some((_, thread)) = idle().pop() else { break };
-        match thread.send(job) {
-            Ok(()) => return Ok(()),
-            // That thread ended meanwhile: try the next.
-            Err(mpsc::SendError(back)) => job = back,
+/// At most this many merge threads per process (merges beyond wait in the queue): twice the
+/// cores, so that small merges need not wait for a large one, and no more.
+fn max_threads() -> usize {
+    2 * std::thread::available_parallelism().map_or(2, |n| n.get()).max(1)
+}
+
+/// Queues `job` for a merge thread, starting one when none is idle and the pool has room.
+/// Gives the job back when no thread runs and none can be started.
+fn run_off_thread(job: Job) -> Result<(), (std::io::Error, Job)> {
+    let mut pool = pool();
+    pool.queue.push_back(job);
+    if pool.idle > 0 {
+        WORK.notify_one();
+        return Ok(());
+    }
+    if pool.threads >= max_threads() {
+        return Ok(());
+    }
+    match spawn_merge_thread(&mut pool) {
+        Ok(()) => Ok(()),
+        Err(e) if pool.threads == 0 => match pool.queue.pop_back() {
+            Some(job) => Err((e, job)),
+            None => Ok(()),
+        },
+        // The threads there are will take it.
+        Err(_) => Ok(()),
+    }
+}
+
+fn spawn_merge_thread(pool: &mut Pool) -> std::io::Result<()> {
+    std::thread::Builder::new().name("sundial:merge".into()).spawn(merge_thread)?;
+    pool.threads += 1;
+    Ok(())
+}
+
+/// Counts a merge thread out when it ends, also by a panic; then starts another if merges are
+/// left waiting with no thread to take them.
+struct Leaving;
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        let mut pool = pool();
+        pool.threads -= 1;
+        if pool.threads == 0 && !pool.queue.is_empty() {
+            if let Err(e) = spawn_merge_thread(&mut pool) {
+                tracing::error!(error = %e, "cannot start a merge thread; queued merges wait for the next one");
+            }
         }
     }
-    let id = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel::<Job>();
-    std::thread::Builder::new().name("sundial:merge".into()).spawn(move || loop {
-        job();
-        idle().push((id, tx.clone()));
-        job = match rx.recv_timeout(IDLE_FOR) {
-            Ok(next) => next,
-            Err(_) => {
-                let mut waiting = idle();
-                match waiting.iter().position(|(i, _)| *i == id) {
-                    Some(at) => {
-                        waiting.swap_remove(at);
-                        return;
-                    }
-                    // Taken from the list just now: its job is on the way.
-                    None => {
-                        drop(waiting);
-                        match rx.recv() {
-                            Ok(next) => next,
-                            Err(_) => return,
-                        }
-                    }
+}
+
+fn merge_thread() {
+    let _leaving = Leaving;
+    loop {
+        let job = {
+            let mut pool = pool();
+            loop {
+                if let Some(job) = pool.queue.pop_front() {
+                    break job;
+                }
+                pool.idle += 1;
+                let (guard, waited) =
+                    WORK.wait_timeout(pool, IDLE_FOR).unwrap_or_else(|poisoned| poisoned.into_inner());
+                pool = guard;
+                pool.idle -= 1;
+                if waited.timed_out() && pool.queue.is_empty() {
+                    return;
                 }
             }
         };
-    })?;
-    Ok(())
+        job();
+    }
 }
 
 impl<B> TraceReader for BgSpine<B>
@@ -798,6 +840,28 @@ mod tests {
         // A cut before the physical frontier cannot be given.
         spine.set_physical_compaction(Antichain::from_elem(3).borrow());
         assert!(spine.spans_through(Antichain::from_elem(2).borrow()).is_none());
+    }
+
+    #[test]
+    fn the_merge_threads_run_every_queued_job_and_stay_within_their_number() {
+        let (tx, rx) = mpsc::channel();
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for i in 0..64 {
+            let (tx, running) = (tx.clone(), Arc::clone(&running));
+            let job = Box::new(move || {
+                let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                std::thread::sleep(Duration::from_millis(2));
+                running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = tx.send((i, now));
+            });
+            assert!(run_off_thread(job).is_ok());
+        }
+        let mut seen: Vec<(usize, usize)> =
+            (0..64).filter_map(|_| rx.recv_timeout(Duration::from_secs(30)).ok()).collect();
+        seen.sort();
+        assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), (0..64).collect::<Vec<_>>());
+        // Other tests' merges share the pool, so this bounds the jobs of this test only.
+        assert!(seen.iter().all(|(_, now)| *now <= max_threads()), "{seen:?}");
     }
 
     proptest! {
