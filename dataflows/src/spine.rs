@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Deref;
-use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,12 +38,13 @@ use differential_dataflow::trace::{Description, ExertionLogic, Span, Trace, Trac
 use timely::order::PartialOrder;
 use timely::progress::{frontier::AntichainRef, Antichain, Timestamp};
 
-/// Merges of fewer updates than this run on the worker thread: starting a thread would cost
-/// about as much.
+/// Merges of fewer updates than this run on the worker thread: handing them to a merge thread
+/// would cost about as much.
 pub const INLINE_MERGE_UPDATES: usize = 4096;
 
-/// With more pieces than this (far more than the list's logarithmic size), the trace waits for
-/// merges in flight rather than let reads seek through ever more batches.
+/// With more batches than this to read through (far more than the list's logarithmic size; the
+/// inputs of a merge in flight count one each), the worker thread waits for merges in flight
+/// rather than let reads seek through ever more batches.
 pub const MAX_PIECES: usize = 64;
 
 /// How many neighbouring batches of one size class merge into one: each update is copied about
@@ -80,13 +81,13 @@ fn updates<B: SpineBatch>(span: &SpanOf<B>) -> usize {
     span.inner.as_ref().map_or(0, |b| b.len())
 }
 
-/// One element of the list: a span, or two neighbouring spans being merged into one.
+/// One element of the list: a span, or neighbouring spans being merged into one.
 enum Piece<B: SpineBatch> {
     Ready(SpanOf<B>),
     Merging(Box<InFlight<B>>),
 }
 
-/// A merge running on a thread of its own.
+/// A merge queued for, or running on, a merge thread.
 struct InFlight<B: SpineBatch> {
     /// The neighbouring spans merged, oldest first; each has a batch (spans without updates are
     /// fused at once).
@@ -195,8 +196,9 @@ where
     }
 
     /// Takes the results of merges that are done, moves spans the physical frontier has passed
-    /// into the list, and starts the merges the list's sizes call for.
-    fn maintain(&mut self) {
+    /// into the list, and starts the merges the list's sizes call for; with `may_wait`, waits
+    /// for merges in flight while the list is longer than `max_pieces` batches.
+    fn maintain(&mut self, may_wait: bool) {
         for i in 0..self.pieces.len() {
             let done = match &self.pieces[i] {
                 Piece::Merging(m) => match m.result.try_recv() {
@@ -216,14 +218,35 @@ where
             }
         }
         self.start_merges();
-        while self.pieces.len() > self.max_pieces {
-            let Some(oldest) = self.pieces.iter().position(|p| matches!(p, Piece::Merging(_))) else { break };
-            self.wait_for(oldest);
+        // Reads never wait here: only the worker thread's insertions and compaction requests.
+        while may_wait && self.batches() > self.max_pieces {
+            // The smallest merge in flight is likely the first done.
+            let smallest = (0..self.pieces.len())
+                .filter_map(|i| match &self.pieces[i] {
+                    Piece::Merging(m) => Some((m.batches().iter().map(|b| b.len()).sum::<usize>(), i)),
+                    Piece::Ready(_) => None,
+                })
+                .min();
+            let Some((_, i)) = smallest else { break };
+            self.wait_for(i);
             self.start_merges();
         }
     }
 
-    /// A merge whose thread ended without an answer (it panicked): merged here instead.
+    /// The batches a read goes through: one per piece, each input of a merge in flight.
+    fn batches(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Ready(_) => 1,
+                Piece::Merging(m) => m.inputs.len(),
+            })
+            .sum()
+    }
+
+    /// A merge whose thread ended without an answer (it panicked): merged here instead. (A merge
+    /// that panics for its inputs will panic here too, ending the computation, which the
+    /// supervisor then restarts from its checkpoint and log.)
     fn merge_lost(m: &InFlight<B>) -> Option<B> {
         tracing::error!("a merge thread ended without its result; merging on the worker thread");
         merge_all::<B>(&m.batches(), m.desc.since().borrow())
@@ -232,9 +255,13 @@ where
     /// Blocks until the merge at `i` is done and takes its result.
     fn wait_for(&mut self, i: usize) {
         let merged = match &self.pieces[i] {
-            Piece::Merging(m) => match m.result.recv() {
-                Ok(merged) => merged,
-                Err(_) => Self::merge_lost(m),
+            Piece::Merging(m) => loop {
+                match m.result.recv_timeout(Duration::from_millis(100)) {
+                    Ok(merged) => break merged,
+                    // Still queued or running: make sure a thread (or this one) will run it.
+                    Err(RecvTimeoutError::Timeout) => drive_queue(),
+                    Err(RecvTimeoutError::Disconnected) => break Self::merge_lost(m),
+                }
             },
             Piece::Ready(_) => return,
         };
@@ -272,10 +299,9 @@ where
             let inputs: Vec<SpanOf<B>> = self
                 .pieces
                 .drain(i..i + take)
-                .filter_map(|p| match p {
-                    Piece::Ready(span) => Some(span),
-                    // Not reached: `merge_at` only picks ready pieces.
-                    Piece::Merging(_) => None,
+                .map(|p| match p {
+                    Piece::Ready(span) => span,
+                    Piece::Merging(_) => unreachable!("merge_at picks ready pieces only"),
                 })
                 .collect();
             let merged = self.begin_merge(inputs);
@@ -304,7 +330,8 @@ where
         (run.count() == self.fan_in).then_some(self.fan_in)
     }
 
-    /// The size class of a piece of `n` updates: `n` rounded up to a power of `fan_in`.
+    /// The size class of a piece of `n` updates: `n` rounded up to a power of `fan_in` (itself
+    /// rounded up to a power of two).
     fn class(&self, n: usize) -> u32 {
         let bits = n.next_power_of_two().trailing_zeros();
         let per_class = self.fan_in.next_power_of_two().trailing_zeros().max(1);
@@ -315,8 +342,7 @@ where
     /// are small, otherwise on a merge thread.
     fn begin_merge(&mut self, inputs: Vec<SpanOf<B>>) -> Piece<B> {
         let (Some(first), Some(last)) = (inputs.first(), inputs.last()) else {
-            // Not reached: merges take two spans or more.
-            return Piece::Ready(Span::empty(self.upper.clone(), self.upper.clone()));
+            unreachable!("merges take two spans or more")
         };
         let mut since = self.logical.clone();
         for span in &inputs {
@@ -473,7 +499,9 @@ fn max_threads() -> usize {
 fn run_off_thread(job: Job) -> Result<(), (std::io::Error, Job)> {
     let mut pool = pool();
     pool.queue.push_back(job);
-    if pool.idle > 0 {
+    // A woken thread counts as idle until it takes its job: idle threads cover the queue only
+    // while they are at least as many as the jobs in it.
+    if pool.idle >= pool.queue.len() {
         WORK.notify_one();
         return Ok(());
     }
@@ -491,6 +519,23 @@ fn run_off_thread(job: Job) -> Result<(), (std::io::Error, Job)> {
     }
 }
 
+/// Makes sure queued jobs get run: starts a thread when jobs wait with none idle; when no
+/// thread runs and none can be started, runs them here. (For a worker thread waiting on a
+/// merge, which must not wait for ever.)
+fn drive_queue() {
+    let mut pool = pool();
+    if pool.idle >= pool.queue.len() || pool.threads >= max_threads() {
+        return;
+    }
+    if spawn_merge_thread(&mut pool).is_ok() || pool.threads > 0 {
+        return;
+    }
+    let stranded: Vec<Job> = pool.queue.drain(..).collect();
+    drop(pool);
+    tracing::warn!(jobs = stranded.len(), "no merge thread can be started; merging on the worker thread");
+    stranded.into_iter().for_each(|job| job());
+}
+
 fn spawn_merge_thread(pool: &mut Pool) -> std::io::Result<()> {
     std::thread::Builder::new().name("sundial:merge".into()).spawn(merge_thread)?;
     pool.threads += 1;
@@ -498,14 +543,14 @@ fn spawn_merge_thread(pool: &mut Pool) -> std::io::Result<()> {
 }
 
 /// Counts a merge thread out when it ends, also by a panic; then starts another if merges are
-/// left waiting with no thread to take them.
+/// left waiting with no idle thread to take them.
 struct Leaving;
 
 impl Drop for Leaving {
     fn drop(&mut self) {
         let mut pool = pool();
         pool.threads -= 1;
-        if pool.threads == 0 && !pool.queue.is_empty() {
+        if pool.idle < pool.queue.len() && pool.threads < max_threads() {
             if let Err(e) = spawn_merge_thread(&mut pool) {
                 tracing::error!(error = %e, "cannot start a merge thread; queued merges wait for the next one");
             }
@@ -545,7 +590,7 @@ where
     type Batch = Shared<B>;
 
     fn spans_through(&mut self, upper: AntichainRef<B::Time>) -> Option<Vec<SpanOf<B>>> {
-        self.maintain();
+        self.maintain(false);
         if upper.less_equal(&<B::Time as Timestamp>::minimum()) {
             return Some(Vec::new());
         }
@@ -585,7 +630,7 @@ where
 
     fn set_physical_compaction(&mut self, frontier: AntichainRef<'_, B::Time>) {
         self.physical = frontier.to_owned();
-        self.maintain();
+        self.maintain(true);
     }
 
     fn get_physical_compaction(&mut self) -> AntichainRef<'_, B::Time> {
@@ -615,7 +660,7 @@ where
 
     /// Takes in finished merges (merges need no fuel here: they run on their own).
     fn exert(&mut self) {
-        self.maintain();
+        self.maintain(true);
     }
 
     /// Ignored: merges run as soon as the sizes call for them, not on fuel.
@@ -628,7 +673,7 @@ where
         assert_eq!(span.lower(), &self.upper, "a span inserted out of order into a trace");
         self.upper.clone_from(span.upper());
         self.pending.push_back(span);
-        self.maintain();
+        self.maintain(true);
     }
 
     fn close(&mut self) {
@@ -864,6 +909,28 @@ mod tests {
         assert!(seen.iter().all(|(_, now)| *now <= max_threads()), "{seen:?}");
     }
 
+    #[test]
+    fn queued_jobs_run_side_by_side_while_the_pool_has_room() {
+        // Each job waits for the other to have started: they finish only if both run at once.
+        let (a_tx, a_rx) = mpsc::channel::<()>();
+        let (b_tx, b_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<bool>();
+        let done_b = done_tx.clone();
+        let first = Box::new(move || {
+            let _ = a_tx.send(());
+            let _ = done_tx.send(b_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        });
+        let second = Box::new(move || {
+            let _ = b_tx.send(());
+            let _ = done_b.send(a_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        });
+        assert!(run_off_thread(first).is_ok());
+        assert!(run_off_thread(second).is_ok());
+        for _ in 0..2 {
+            assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)).ok(), Some(true));
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -888,7 +955,7 @@ mod tests {
                 let since = (e + 1).saturating_sub(logical_lag);
                 spine.set_logical_compaction(Antichain::from_elem(since).borrow());
                 // Past the limit only when nothing is in flight (halving sizes, all merged).
-                prop_assert!(spine.pieces() <= max_pieces.max(2) || spine.merges_in_flight() == 0);
+                prop_assert!(spine.batches() <= max_pieces.max(2) || spine.merges_in_flight() == 0);
                 for as_of in since..=e {
                     let mut expected = BTreeMap::new();
                     for ((k, v), t, r) in &model {
