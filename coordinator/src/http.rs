@@ -504,11 +504,9 @@ async fn fan_out_to(
             None => awaited.push(shared.request_to(conn, generation, request, Duration::from_secs(130))),
         }
     }
-    let mut replies = Vec::with_capacity(awaited.len());
-    for reply in futures_util::future::join_all(awaited).await {
-        replies.push(reply?);
-    }
-    Ok(replies)
+    // The first error answers at once (the other requests are dropped, and with them their
+    // waiters).
+    Ok(futures_util::future::try_join_all(awaited).await?)
 }
 
 /// The epoch to read at: the one asked for, or the newest complete on every process.

@@ -109,6 +109,18 @@ pub struct Ready {
     pub recovered_at: u64,
 }
 
+/// A request's place in `pending`, given up when its caller stops waiting.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().pending.remove(&self.id);
+    }
+}
+
 impl Shared {
     /// Shared state around a membership and a catalog.
     pub fn new(
@@ -264,15 +276,15 @@ impl Shared {
             }
             (id, rx)
         };
+        // Whether the answer comes, the wait times out or the caller stops waiting (a client that
+        // went away drops its handler), the request's waiter leaves `pending` with it.
+        let _waiting = Waiting { shared: self, id };
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Reply::Error { message })) => Err(RequestError::Failed(message)),
             Ok(Ok(Reply::Refused { status, message })) => Err(RequestError::Refused(status, message)),
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(RequestError::Abandoned),
-            Err(_) => {
-                self.lock().pending.remove(&id);
-                Err(RequestError::Timeout(timeout))
-            }
+            Err(_) => Err(RequestError::Timeout(timeout)),
         }
     }
 
