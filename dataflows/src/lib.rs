@@ -18,12 +18,3 @@ pub mod features;
 pub mod read;
 pub mod row;
 pub mod spine;
-
-/// Lets any thread that waits for a core run first. Background work that runs for milliseconds
-/// at a time (parsing an ingest body, merging batches) calls it about every 100 µs of work: when
-/// every core is busy, a thread on a read's path that wakes up then waits that long at most,
-/// instead of the rest of the background thread's scheduler slice. (Single-key p99 under ingest
-/// 15-20% lower in four of four pairs, ingest unchanged: BENCHMARKS.md, session 6.)
-pub fn let_waiting_threads_run() {
-    std::thread::yield_now();
-}

@@ -233,10 +233,6 @@ pub fn parse_body(
                 continue;
             }
             let number = first_line + i as u64;
-            // Every 256 lines (about 100 µs): see `let_waiting_threads_run`.
-            if i % 256 == 255 {
-                crate::let_waiting_threads_run();
-            }
             match parse_json_line(line, source) {
                 Ok(row) => rows.push((number, row)),
                 Err(reason) => errors.push(LineError { line: number, reason }),
@@ -259,10 +255,7 @@ pub fn parse_body(
         }
     };
     let mut record = csv::StringRecord::new();
-    for read in 1u64.. {
-        if read.is_multiple_of(256) {
-            crate::let_waiting_threads_run();
-        }
+    loop {
         let line = first_line - 1 + reader.position().line();
         match reader.read_record(&mut record) {
             Ok(false) => break,

@@ -120,16 +120,8 @@ fn merge_all<B: MergeMany>(batches: &[Shared<B>], frontier: AntichainRef<B::Time
         [] => None,
         [b1, b2] => {
             let mut merger = B::Merger::new(b1, b2, frontier);
-            // In steps of about 100 µs (updates written; cancelled ones are free, so a step may
-            // be longer), letting waiting threads run between them.
-            loop {
-                let mut fuel = 16_384;
-                merger.work(b1, b2, &mut fuel);
-                if fuel > 0 {
-                    break;
-                }
-                crate::let_waiting_threads_run();
-            }
+            let mut fuel = isize::MAX;
+            merger.work(b1, b2, &mut fuel);
             merger.done()
         }
         many => {
@@ -413,7 +405,6 @@ impl<L: Layout> MergeMany for OrdValBatch<L> {
         let mut at_key: Vec<usize> = Vec::with_capacity(sources.len());
         let mut val_at: Vec<(usize, usize)> = Vec::with_capacity(sources.len());
         let mut at_val: Vec<usize> = Vec::with_capacity(sources.len());
-        let mut keys_read = 0u64;
         loop {
             // The smallest next key, and the sources that have it.
             let next_keys = sources.iter().enumerate().filter_map(|(s, source)| Some((s, source.keys.get(key_at[s])?)));
@@ -450,10 +441,6 @@ impl<L: Layout> MergeMany for OrdValBatch<L> {
             }
             for &s in &at_key {
                 key_at[s] += 1;
-            }
-            keys_read += 1;
-            if keys_read.is_multiple_of(4096) {
-                crate::let_waiting_threads_run();
             }
         }
         let updates = staging.total();
