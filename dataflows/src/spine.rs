@@ -14,8 +14,8 @@
 //! until its result comes in, readers see its inputs, which hold the same updates. The result is
 //! swapped in the next time the trace is touched (each insertion, each compaction request, each
 //! read), and the inputs are dropped on a merge thread too. Nothing waits for a merge unless the
-//! merge threads fall so far behind that the list grows past [`MAX_PIECES`]: then the trace
-//! waits for the oldest merge, bounding the batches a read has to seek through.
+//! merge threads fall so far behind that a read would go through more than [`MAX_PIECES`]
+//! batches: then the worker thread (never a read) waits for the smallest merge in flight.
 //!
 //! As in differential's spine, only batches the physical compaction frontier has passed are
 //! merged (readers may still ask for a cut at any later frontier), and a merge advances times to
@@ -101,6 +101,10 @@ struct InFlight<B: SpineBatch> {
 impl<B: SpineBatch> InFlight<B> {
     fn batches(&self) -> Vec<Shared<B>> {
         self.inputs.iter().filter_map(|s| s.inner.clone()).collect()
+    }
+
+    fn updates(&self) -> usize {
+        self.inputs.iter().map(updates).sum()
     }
 }
 
@@ -188,7 +192,7 @@ where
         self.pieces.len()
     }
 
-    /// Waits for every merge in flight and takes its result (tests and shutdown).
+    /// Waits for every merge in flight and takes its result.
     pub fn finish_merges(&mut self) {
         while let Some(i) = self.pieces.iter().position(|p| matches!(p, Piece::Merging(_))) {
             self.wait_for(i);
@@ -223,7 +227,7 @@ where
             // The smallest merge in flight is likely the first done.
             let smallest = (0..self.pieces.len())
                 .filter_map(|i| match &self.pieces[i] {
-                    Piece::Merging(m) => Some((m.batches().iter().map(|b| b.len()).sum::<usize>(), i)),
+                    Piece::Merging(m) => Some((m.updates(), i)),
                     Piece::Ready(_) => None,
                 })
                 .min();
@@ -270,16 +274,14 @@ where
 
     /// Replaces the merge at `i` by its result.
     fn install(&mut self, i: usize, merged: Option<B>) {
-        if let Piece::Merging(m) = &self.pieces[i] {
-            let ready = Piece::Ready(Span::new(m.desc.clone(), merged.map(Shared::from)));
-            if let Piece::Merging(inputs) = std::mem::replace(&mut self.pieces[i], ready) {
-                // The inputs are usually freed with this last reference to them: on a merge
-                // thread, so that the worker thread does not spend its time dropping every
-                // update of both (if no thread can be had, they are dropped here).
-                if let Err((_, job)) = run_off_thread(Box::new(move || drop(inputs))) {
-                    job();
-                }
-            }
+        let Piece::Merging(m) = &self.pieces[i] else { return };
+        let ready = Piece::Ready(Span::new(m.desc.clone(), merged.map(Shared::from)));
+        let inputs = std::mem::replace(&mut self.pieces[i], ready);
+        // The inputs are usually freed with this last reference to them: on a merge thread, so
+        // that the worker thread does not spend its time dropping every update of them (if no
+        // thread can be had, they are dropped here).
+        if let Err((_, job)) = run_off_thread(Box::new(move || drop(inputs))) {
+            job();
         }
     }
 
@@ -354,30 +356,25 @@ where
             // Nothing to merge: the span with updates keeps them as they are.
             return Piece::Ready(Span::new(desc, batches.into_iter().next()));
         }
-        if batches.iter().map(|b| b.len()).sum::<usize>() < self.inline_updates {
-            self.started.1 += 1;
-            let merged = merge_all::<B>(&batches, desc.since().borrow());
-            return Piece::Ready(Span::new(desc, merged.map(Shared::from)));
-        }
-        let (tx, rx) = mpsc::channel();
-        let frontier = desc.since().clone();
-        let sources = batches.clone();
-        let merge = move || {
-            // The receiver is gone when the trace was dropped meanwhile: nothing to tell.
-            let _ = tx.send(merge_all::<B>(&sources, frontier.borrow()));
-        };
-        match run_off_thread(Box::new(merge)) {
-            Ok(_) => {
-                self.started.0 += 1;
-                Piece::Merging(Box::new(InFlight { inputs, desc, result: rx }))
-            }
-            Err((e, _)) => {
-                tracing::warn!(error = %e, "cannot start a merge thread; merging on the worker thread");
-                self.started.1 += 1;
-                let merged = merge_all::<B>(&batches, desc.since().borrow());
-                Piece::Ready(Span::new(desc, merged.map(Shared::from)))
+        if batches.iter().map(|b| b.len()).sum::<usize>() >= self.inline_updates {
+            let (tx, rx) = mpsc::channel();
+            let frontier = desc.since().clone();
+            let sources = batches.clone();
+            let merge = move || {
+                // The receiver is gone when the trace was dropped meanwhile: nothing to tell.
+                let _ = tx.send(merge_all::<B>(&sources, frontier.borrow()));
+            };
+            match run_off_thread(Box::new(merge)) {
+                Ok(()) => {
+                    self.started.0 += 1;
+                    return Piece::Merging(Box::new(InFlight { inputs, desc, result: rx }));
+                }
+                Err((e, _)) => tracing::warn!(error = %e, "cannot start a merge thread; merging on the worker thread"),
             }
         }
+        self.started.1 += 1;
+        let merged = merge_all::<B>(&batches, desc.since().borrow());
+        Piece::Ready(Span::new(desc, merged.map(Shared::from)))
     }
 }
 
@@ -499,8 +496,19 @@ fn max_threads() -> usize {
 fn run_off_thread(job: Job) -> Result<(), (std::io::Error, Job)> {
     let mut pool = pool();
     pool.queue.push_back(job);
-    // A woken thread counts as idle until it takes its job: idle threads cover the queue only
-    // while they are at least as many as the jobs in it.
+    match staff(&mut pool) {
+        Ok(()) => Ok(()),
+        Err(e) => match pool.queue.pop_back() {
+            Some(job) => Err((e, job)),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Sees that the queued jobs will be taken: wakes an idle thread while idle threads cover the
+/// queue (a woken thread counts as idle until it takes its job), otherwise starts a thread if
+/// the pool has room. Fails only when no thread runs and none can be started.
+fn staff(pool: &mut Pool) -> std::io::Result<()> {
     if pool.idle >= pool.queue.len() {
         WORK.notify_one();
         return Ok(());
@@ -508,14 +516,10 @@ fn run_off_thread(job: Job) -> Result<(), (std::io::Error, Job)> {
     if pool.threads >= max_threads() {
         return Ok(());
     }
-    match spawn_merge_thread(&mut pool) {
-        Ok(()) => Ok(()),
-        Err(e) if pool.threads == 0 => match pool.queue.pop_back() {
-            Some(job) => Err((e, job)),
-            None => Ok(()),
-        },
-        // The threads there are will take it.
-        Err(_) => Ok(()),
+    match spawn_merge_thread(pool) {
+        Err(e) if pool.threads == 0 => Err(e),
+        // The threads there are will take the jobs.
+        _ => Ok(()),
     }
 }
 
@@ -524,10 +528,7 @@ fn run_off_thread(job: Job) -> Result<(), (std::io::Error, Job)> {
 /// merge, which must not wait for ever.)
 fn drive_queue() {
     let mut pool = pool();
-    if pool.idle >= pool.queue.len() || pool.threads >= max_threads() {
-        return;
-    }
-    if spawn_merge_thread(&mut pool).is_ok() || pool.threads > 0 {
+    if pool.queue.is_empty() || staff(&mut pool).is_ok() {
         return;
     }
     let stranded: Vec<Job> = pool.queue.drain(..).collect();
@@ -550,8 +551,8 @@ impl Drop for Leaving {
     fn drop(&mut self) {
         let mut pool = pool();
         pool.threads -= 1;
-        if pool.idle < pool.queue.len() && pool.threads < max_threads() {
-            if let Err(e) = spawn_merge_thread(&mut pool) {
+        if !pool.queue.is_empty() {
+            if let Err(e) = staff(&mut pool) {
                 tracing::error!(error = %e, "cannot start a merge thread; queued merges wait for the next one");
             }
         }
