@@ -483,16 +483,11 @@ async fn fan_out_to(
 ) -> Result<Vec<Reply>, ApiError> {
     let mut awaited = Vec::with_capacity(ready.conns.len());
     for (p, &conn) in ready.conns.iter().enumerate() {
-        let told = match ask(p) {
-            Ask::Skip => continue,
-            Ask::Tell(timeout) => Some(timeout),
-            Ask::Await => None,
-        };
-        let request = request(p);
         let generation = ready.generation;
-        match told {
-            Some(timeout) => {
-                let shared = Arc::clone(shared);
+        match ask(p) {
+            Ask::Skip => {}
+            Ask::Tell(timeout) => {
+                let (shared, request) = (Arc::clone(shared), request(p));
                 tokio::spawn(async move {
                     if let Err(e) = shared.request_to(conn, generation, request, timeout).await {
                         tracing::debug!(process = p, "a request nobody waits for failed: {e}");
@@ -501,7 +496,7 @@ async fn fan_out_to(
             }
             // Awaited here, together, rather than in tasks of their own: each task would add a
             // wake-up (and often a switch between the runtime's threads) to every read.
-            None => awaited.push(shared.request_to(conn, generation, request, Duration::from_secs(130))),
+            Ask::Await => awaited.push(shared.request_to(conn, generation, request(p), Duration::from_secs(130))),
         }
     }
     // The first error answers at once (the other requests are dropped, and with them their

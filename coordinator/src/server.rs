@@ -109,15 +109,20 @@ pub struct Ready {
     pub recovered_at: u64,
 }
 
-/// A request's place in `pending`, given up when its caller stops waiting.
+/// A request's place in `pending`, given up when its caller stops waiting before the answer
+/// came (a timeout, or a dropped caller). Once the answer came, the connection's reader has
+/// removed it already.
 struct Waiting<'a> {
     shared: &'a Shared,
     id: u64,
+    answered: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.shared.lock().pending.remove(&self.id);
+        if !self.answered {
+            self.shared.lock().pending.remove(&self.id);
+        }
     }
 }
 
@@ -278,8 +283,10 @@ impl Shared {
         };
         // Whether the answer comes, the wait times out or the caller stops waiting (a client that
         // went away drops its handler), the request's waiter leaves `pending` with it.
-        let _waiting = Waiting { shared: self, id };
-        match tokio::time::timeout(timeout, rx).await {
+        let mut waiting = Waiting { shared: self, id, answered: false };
+        let answer = tokio::time::timeout(timeout, rx).await;
+        waiting.answered = answer.is_ok();
+        match answer {
             Ok(Ok(Reply::Error { message })) => Err(RequestError::Failed(message)),
             Ok(Ok(Reply::Refused { status, message })) => Err(RequestError::Refused(status, message)),
             Ok(Ok(reply)) => Ok(reply),
@@ -687,7 +694,6 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     WorkerMsg::Checkpointed { generation, epoch } => shared.checkpointed(index, generation, epoch),
                     msg => shared.with_membership(|m| ((), m.on_message(conn, &msg, Instant::now()))),
                 },
-                Some(Err(FrameError::Malformed(e))) => break format!("malformed message: {e}"),
                 Some(Err(FrameError::Closed)) | None => break "connection closed".to_string(),
                 Some(Err(e)) => break e.to_string(),
             },
