@@ -549,6 +549,9 @@ impl Supervisor {
             CoordMsg::Request { id, generation, request } => {
                 let inflight = match &request {
                     Request::Ingest { source, .. } => Some(Inflight::Ingest(source.clone())),
+                    // A read with no keys of this process only tells it of the read's epoch (the
+                    // owners serve it): not a read served here.
+                    Request::Read { keys: Some(k), .. } if k.is_empty() => None,
                     Request::Read { keys: Some(_), .. } => Some(Inflight::Read("keys", Instant::now())),
                     Request::Read { keys: None, .. } => Some(Inflight::Read("export", Instant::now())),
                     _ => None,
