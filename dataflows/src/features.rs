@@ -38,7 +38,6 @@ use std::rc::Rc;
 use differential_dataflow::operators::arrange::arrangement::arrange_core;
 use differential_dataflow::operators::arrange::TraceAgent;
 use hashbrown::hash_map::EntryRef;
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange as ExchangePact, Pipeline};
@@ -168,14 +167,16 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Inline<T> {
                 f.write_str("a sequence")
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Inline<T>, A::Error> {
-                let Some(a) = seq.next_element()? else { return Ok(Inline::default()) };
-                let Some(b) = seq.next_element()? else { return Ok(Inline::One(a)) };
-                let Some(c) = seq.next_element()? else { return Ok(Inline::Two([a, b])) };
-                let mut all = vec![a, b, c];
-                while let Some(x) = seq.next_element()? {
-                    all.push(x);
-                }
-                Ok(Inline::Many(all.into_boxed_slice()))
+                // Collected as any iterator is (`FromIterator`), stopping at the first error.
+                let mut error = None;
+                let all = std::iter::from_fn(|| {
+                    seq.next_element().unwrap_or_else(|e| {
+                        error = Some(e);
+                        None
+                    })
+                })
+                .collect();
+                error.map_or(Ok(all), Err)
             }
         }
         deserializer.deserialize_seq(Seq(std::marker::PhantomData))
@@ -474,7 +475,7 @@ struct PaneRef<'a>(Option<&'a SlotMap>, Option<&'a KeyedAccs>);
 /// Key → accumulators.
 struct SlotsRef<'a>(&'a SlotMap);
 /// Key → sessions.
-struct SessionsRef<'a>(&'a FxHashMap<Key, Vec<Session>>);
+struct SessionsRef<'a>(&'a SessionMap);
 /// One key's sessions as (start, end, accumulators).
 struct SessionListRef<'a>(&'a [Session]);
 
@@ -967,6 +968,9 @@ fn touch<'a>(
 /// Live slots by key (one lookup per event, and a key clone only for a new slot).
 type SlotMap = hashbrown::HashMap<Key, Live, rustc_hash::FxBuildHasher>;
 
+/// Each key's sessions (as [`SlotMap`]: one lookup per event).
+type SessionMap = hashbrown::HashMap<Key, Vec<Session>, rustc_hash::FxBuildHasher>;
+
 /// Removes `key` from the sessions ending at `end`.
 fn unindex(by_end: &mut BTreeMap<i64, Vec<Key>>, end: i64, key: &Key) {
     if let Some(keys) = by_end.get_mut(&end) {
@@ -981,7 +985,7 @@ fn unindex(by_end: &mut BTreeMap<i64, Vec<Key>>, end: i64, key: &Key) {
 
 enum GroupState {
     Panes(Panes),
-    Sessions { by_key: FxHashMap<Key, Vec<Session>>, by_end: BTreeMap<i64, Vec<Key>> },
+    Sessions { by_key: SessionMap, by_end: BTreeMap<i64, Vec<Key>> },
     Global(SlotMap),
 }
 
@@ -1002,7 +1006,9 @@ impl AggregateState {
             .iter()
             .map(|g| match g.kind {
                 GroupKind::Pane(_) => GroupState::Panes(Panes::default()),
-                GroupKind::Session(_) => GroupState::Sessions { by_key: FxHashMap::default(), by_end: BTreeMap::new() },
+                GroupKind::Session(_) => {
+                    GroupState::Sessions { by_key: SessionMap::default(), by_end: BTreeMap::new() }
+                }
                 GroupKind::Global => GroupState::Global(SlotMap::default()),
             })
             .collect();
@@ -1105,11 +1111,8 @@ impl AggregateState {
                     let gap = gap_ms as i64;
                     let before = &mut work.before[g];
                     for ev in events {
-                        // The key is cloned only the first time the epoch or the state meets it.
-                        if !by_key.contains_key(&ev.key) {
-                            by_key.insert(ev.key.clone(), Vec::new());
-                        }
-                        let Some(sessions) = by_key.get_mut(&ev.key) else { continue };
+                        // One lookup; the key is cloned only the first time the state meets it.
+                        let sessions = by_key.entry_ref(&ev.key).or_default();
                         if !before.contains_key(&ev.key) {
                             let slots = sessions
                                 .iter()
