@@ -55,6 +55,26 @@ impl Drop for Local {
     }
 }
 
+const SCHED_OTHER: u32 = 0;
+const SCHED_IDLE: u32 = 5;
+
+/// Each thread of process `pid`: its name, id and scheduling policy (`/proc`).
+fn thread_policies(pid: u64) -> Vec<(String, u64, u32)> {
+    let mut threads = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = entry.unwrap().path();
+        let tid: u64 = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap().trim().to_string();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the name (which may hold spaces) start with the state (field 3); the
+        // policy is field 41.
+        let after_name = stat.rsplit_once(") ").unwrap().1;
+        let policy = after_name.split_whitespace().nth(41 - 3).unwrap().parse().unwrap();
+        threads.push((name, tid, policy));
+    }
+    threads
+}
+
 #[test]
 fn local_starts_a_cluster_and_stops_without_orphans() {
     let env = Env::new();
@@ -97,6 +117,29 @@ fn local_starts_a_cluster_and_stops_without_orphans() {
         for (name, value) in [("MIMALLOC_ALLOW_THP", "0"), ("MIMALLOC_PURGE_DELAY", "1000")] {
             if std::env::var_os(name).is_none() {
                 assert!(vars.contains(&format!("{name}={value}")), "{name} of computation {child}: {vars:?}");
+            }
+        }
+        // Ingest runs below the threads that answer reads (`sundial_dataflows::priority`).
+        if std::env::var_os("SUNDIAL_BACKGROUND_PRIORITY").is_none() {
+            let threads = thread_policies(child);
+            let idle = |name: &str| {
+                ["timely:work-", "timely:send-", "timely:recv-", "sundial:parse-", "sundial:merge"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+            };
+            // Two worker threads and their parsers; a send and a receive thread for the peer.
+            let named = |prefix: &str| threads.iter().filter(|(name, _, _)| name.starts_with(prefix)).count();
+            let counts = ["timely:work-", "sundial:parse-", "timely:send-", "timely:recv-"].map(named);
+            assert_eq!(counts, [2, 2, 1, 1], "{threads:?}");
+            for (name, tid, policy) in &threads {
+                let expected = if idle(name) {
+                    SCHED_IDLE
+                } else if *tid == child {
+                    SCHED_OTHER
+                } else {
+                    *policy
+                };
+                assert_eq!(*policy, expected, "policy of thread {name} ({tid}) of computation {child}: {threads:?}");
             }
         }
         pids.push(child);

@@ -342,7 +342,7 @@ fn sundial(
         }
         worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
         let mut c: Checksum = (0, 0, 0, 0);
-        let layout = std::rc::Rc::clone(&r.layout);
+        let layout = std::sync::Arc::clone(&r.layout);
         let (watermark, now) = {
             let marks = r.watermarks.borrow();
             (marks.at(epoch - 1), marks.now_at(epoch - 1))

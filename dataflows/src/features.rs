@@ -34,6 +34,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::arrangement::arrange_core;
 use differential_dataflow::operators::arrange::TraceAgent;
@@ -324,7 +325,7 @@ pub type SlotTrace = TraceAgent<SlotSpine>;
 
 /// The watermark, and the source's largest event time ("now" of sliding windows), of each
 /// completed epoch (on this worker; every worker computes the same).
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Watermarks {
     /// Epoch → watermark in force after it, for epochs where it changed.
     pub history: BTreeMap<Epoch, i64>,
@@ -390,7 +391,7 @@ pub struct Rendered {
     /// Counters.
     pub stats: Rc<Cell<Stats>>,
     /// The layout.
-    pub layout: Rc<Layout>,
+    pub layout: Arc<Layout>,
     /// Checkpoint requests and their snapshots.
     pub checkpoint: Rc<RefCell<CheckpointCell>>,
     /// Set by whoever feeds the dataflow while it is behind its input: the aggregate then
@@ -614,7 +615,7 @@ pub fn render_with(
     restore: Option<StateSnapshot>,
     tuning: Tuning,
 ) -> Rendered {
-    let layout = Rc::new(Layout::new(plan));
+    let layout = Arc::new(Layout::new(plan));
     let name = layout.plan.name.clone();
     let (rows, row_stream) = scope.new_input::<Vec<Row>>();
     let (reports, report_stream) = scope.new_input::<Vec<Report>>();
@@ -622,12 +623,12 @@ pub fn render_with(
     let stats = Rc::new(Cell::new(Stats::default()));
     let checkpoint = Rc::new(RefCell::new(CheckpointCell::default()));
 
-    let prep = Rc::clone(&layout);
+    let prep = Arc::clone(&layout);
     let events = row_stream.flat_map(move |row| prep.prepare(&row));
     // The aggregate reads closed panes back from the arrangement it feeds (made below).
     let feeding: Rc<RefCell<Option<SlotTrace>>> = Rc::new(RefCell::new(None));
     let mut store = TraceStore { trace: Rc::clone(&feeding), upper: timely::progress::Antichain::new() };
-    let mut state = AggregateState::new(Rc::clone(&layout));
+    let mut state = AggregateState::new(Arc::clone(&layout));
     state.tuning = tuning;
     let mut restored = Vec::new();
     if let Some(snapshot) = restore {
@@ -991,7 +992,7 @@ enum GroupState {
 
 /// The aggregate's state on one worker: live slots of every group, and the partitions' reports.
 struct AggregateState {
-    layout: Rc<Layout>,
+    layout: Arc<Layout>,
     groups: Vec<GroupState>,
     partitions: HashMap<u32, (Option<i64>, bool)>,
     watermark: Option<i64>,
@@ -1000,7 +1001,7 @@ struct AggregateState {
 }
 
 impl AggregateState {
-    fn new(layout: Rc<Layout>) -> Self {
+    fn new(layout: Arc<Layout>) -> Self {
         let groups = layout
             .groups
             .iter()
@@ -1050,7 +1051,7 @@ impl AggregateState {
     /// Applies some of the current epoch's events to the slots, recording in `work` what each
     /// changed slot held before the epoch.
     fn absorb(&mut self, epoch: Epoch, events: &[Ev], work: &mut EpochWork, store: &mut dyn SlotStore) {
-        let layout = Rc::clone(&self.layout);
+        let layout = Arc::clone(&self.layout);
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
@@ -1164,7 +1165,7 @@ impl AggregateState {
     /// Pushes to `out` the changes of up to `budget` of the pane and global slots the current
     /// epoch touched (and clears their marks); returns how many it took.
     fn emit_touched(&mut self, work: &mut EpochWork, budget: usize, out: &mut Vec<((Key, Slot), isize)>) -> usize {
-        let layout = Rc::clone(&self.layout);
+        let layout = Arc::clone(&self.layout);
         let mut taken = 0;
         for (g, (group, touched)) in layout.groups.iter().zip(work.touched.iter_mut()).enumerate() {
             let gid = g as u32;
@@ -1200,7 +1201,7 @@ impl AggregateState {
         store: &mut dyn SlotStore,
     ) {
         self.emit_touched(&mut work, usize::MAX, out);
-        let layout = Rc::clone(&self.layout);
+        let layout = Arc::clone(&self.layout);
         for ((g, group), before) in layout.groups.iter().enumerate().zip(work.before) {
             let gid = g as u32;
             if let (GroupState::Sessions { by_key, .. }, GroupKind::Session(_)) = (&mut self.groups[g], group.kind) {
@@ -1440,7 +1441,7 @@ impl AggregateState {
             return;
         };
         let limit = w.saturating_sub(retention as i64);
-        let layout = Rc::clone(&self.layout);
+        let layout = Arc::clone(&self.layout);
         for (g, group) in layout.groups.iter().enumerate() {
             let gid = g as u32;
             match (&mut self.groups[g], group.kind) {
@@ -1660,7 +1661,7 @@ mod tests {
     }
 
     /// The layout of dataflow `id` over `source(lateness)`, keyed by `k`.
-    fn layout(id: u64, lateness: u64, retention_ms: Option<u64>, features: Vec<FeaturePlan>) -> Rc<Layout> {
+    fn layout(id: u64, lateness: u64, retention_ms: Option<u64>, features: Vec<FeaturePlan>) -> Arc<Layout> {
         let plan = DataflowPlan {
             name: "d".into(),
             id,
@@ -1670,7 +1671,7 @@ mod tests {
             retention_ms,
             features,
         };
-        Rc::new(Layout::new(plan))
+        Arc::new(Layout::new(plan))
     }
 
     #[test]
@@ -1725,7 +1726,7 @@ mod tests {
                 feature("global", Agg::Sum, Window::Global),
             ],
         );
-        let mut live = AggregateState::new(Rc::clone(&layout));
+        let mut live = AggregateState::new(Arc::clone(&layout));
         let mut out = Vec::new();
         let events: Vec<Ev> = (0..500u64)
             .map(|i| {
@@ -1741,7 +1742,7 @@ mod tests {
         let snapshot: StateSnapshot = bincode::deserialize(&bytes).unwrap();
         assert_eq!(snapshot.dataflow, 9);
         assert_eq!(snapshot.partition_max(0), Some(4_000));
-        let mut restored = AggregateState::new(Rc::clone(&layout));
+        let mut restored = AggregateState::new(Arc::clone(&layout));
         restored.restore(snapshot);
         assert_eq!(restored.watermark, live.watermark);
         let (mut a, mut b) = (Vec::new(), Vec::new());
@@ -1825,7 +1826,7 @@ mod tests {
                 feature("last", Agg::Last, Window::Hopping { size_ms: 2_000, hop_ms: 500 }),
             ],
         );
-        let (mut all, mut some) = (AggregateState::new(Rc::clone(&layout)), AggregateState::new(Rc::clone(&layout)));
+        let (mut all, mut some) = (AggregateState::new(Arc::clone(&layout)), AggregateState::new(Arc::clone(&layout)));
         some.tuning = Tuning {
             freeze_after: std::time::Duration::ZERO,
             evict_per_epoch: usize::MAX,
@@ -1833,7 +1834,7 @@ mod tests {
             ..Tuning::default()
         };
         // And one that retracts evicted slots three per epoch: behind, but never wrong.
-        let mut slow = AggregateState::new(Rc::clone(&layout));
+        let mut slow = AggregateState::new(Arc::clone(&layout));
         slow.tuning = Tuning {
             freeze_after: std::time::Duration::ZERO,
             evict_per_epoch: 3,

@@ -15,6 +15,7 @@ pub mod control;
 pub mod diagnostic;
 pub mod eval;
 pub mod features;
+pub mod priority;
 pub mod read;
 pub mod row;
 pub mod spine;

@@ -1,6 +1,10 @@
 //! Reading a feature arrangement at one epoch: a cursor over the local trace, accumulating each
 //! slot's updates at times not after `as_of`. Nothing is copied out of the arrangement but the
 //! slots that are live at `as_of`.
+//!
+//! A [`Snapshot`] holds the trace's batches as they are at one moment (shared, immutable), so
+//! that a key can be read from it on another thread than the worker thread that maintains the
+//! trace.
 
 use differential_dataflow::trace::cursor::{cursor_list, Cursor};
 use differential_dataflow::trace::TraceReader;
@@ -8,7 +12,8 @@ use timely::progress::Antichain;
 
 use sundial_protocol::value::Key;
 
-use crate::features::{Epoch, Slot, SlotTrace};
+use crate::features::{Epoch, Slot, SlotBatch, SlotTrace};
+use crate::spine::Shared;
 
 /// Why a read cannot be served from this trace.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -23,12 +28,94 @@ pub enum ReadError {
     },
 }
 
-fn check(trace: &mut SlotTrace, as_of: Epoch) -> Result<(), ReadError> {
-    let since = trace.get_logical_compaction().iter().next().copied().unwrap_or(0);
-    if as_of < since {
-        return Err(ReadError::Compacted { as_of, since });
+fn since(trace: &mut SlotTrace) -> Epoch {
+    trace.get_logical_compaction().iter().next().copied().unwrap_or(0)
+}
+
+/// A trace's batches at one moment, and its compaction frontier then. The batches are shared
+/// with the trace (no update is copied) and never change: a merge makes a new batch, so a
+/// snapshot reads the same at every epoch it covers for as long as it is kept (and keeps the
+/// batches it holds alive).
+#[derive(Clone)]
+pub struct Snapshot {
+    batches: Vec<Shared<SlotBatch>>,
+    since: Epoch,
+}
+
+impl Snapshot {
+    /// The trace as it is now.
+    pub fn of(trace: &mut SlotTrace) -> Snapshot {
+        // Through the empty frontier (everything) there is never a cut inside a batch.
+        let batches = trace.batches_through(Antichain::new().borrow()).unwrap_or_default();
+        Snapshot { batches, since: since(trace) }
     }
-    Ok(())
+
+    /// The oldest epoch it can be read at.
+    pub fn since(&self) -> Epoch {
+        self.since
+    }
+
+    fn check(&self, as_of: Epoch) -> Result<(), ReadError> {
+        if as_of < self.since {
+            return Err(ReadError::Compacted { as_of, since: self.since });
+        }
+        Ok(())
+    }
+
+    /// The live slots of `key` at `as_of` (empty when the key has none). Epochs the trace had
+    /// not completed when the snapshot was taken read as incomplete: the caller checks that
+    /// `as_of` was complete.
+    pub fn read_key(&self, key: &Key, as_of: Epoch) -> Result<Vec<Slot>, ReadError> {
+        self.check(as_of)?;
+        let (mut cursor, storage) = cursor_list(self.batches.clone());
+        cursor.seek_key(&storage, key);
+        match cursor.get_key(&storage) {
+            Some(k) if k == key => Ok(live_slots(&mut cursor, &storage, as_of)),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Calls `f` with the keys after `start_after` (all keys when `None`) that have live slots
+    /// at `as_of`, in key order: at most `limit` keys, and no further key once `max_slots`
+    /// slots have been read (the first key is always read whole). Returns whether more such
+    /// keys remain.
+    pub fn read_from(
+        &self,
+        as_of: Epoch,
+        start_after: Option<&Key>,
+        limit: usize,
+        max_slots: usize,
+        mut f: impl FnMut(&Key, Vec<Slot>),
+    ) -> Result<bool, ReadError> {
+        self.check(as_of)?;
+        let (mut cursor, storage) = cursor_list(self.batches.clone());
+        if let Some(start) = start_after {
+            cursor.seek_key(&storage, start);
+            if cursor.get_key(&storage) == Some(start) {
+                cursor.step_key(&storage);
+            }
+        }
+        let (mut taken, mut slots_taken) = (0, 0);
+        while let Some(key) = cursor.get_key(&storage) {
+            let key = key.clone();
+            let slots = live_slots(&mut cursor, &storage, as_of);
+            if !slots.is_empty() {
+                if taken == limit || (taken > 0 && slots_taken >= max_slots) {
+                    return Ok(true);
+                }
+                slots_taken += slots.len();
+                f(&key, slots);
+                taken += 1;
+            }
+            cursor.step_key(&storage);
+        }
+        Ok(false)
+    }
+
+    /// Calls `f` with every key that has live slots at `as_of`, in key order.
+    pub fn read_all(&self, as_of: Epoch, f: impl FnMut(&Key, Vec<Slot>)) -> Result<(), ReadError> {
+        self.read_from(as_of, None, usize::MAX, usize::MAX, f).map(|_| ())
+    }
 }
 
 fn live_slots<C: Cursor<Time = Epoch, Diff = isize>>(cursor: &mut C, storage: &C::Storage, as_of: Epoch) -> Vec<Slot>
@@ -53,58 +140,22 @@ where
 
 /// The live slots of `key` at `as_of` (empty when the key has none).
 pub fn read_key(trace: &mut SlotTrace, key: &Key, as_of: Epoch) -> Result<Vec<Slot>, ReadError> {
-    check(trace, as_of)?;
-    let Some(batches) = trace.batches_through(Antichain::new().borrow()) else {
-        return Ok(Vec::new());
-    };
-    let (mut cursor, storage) = cursor_list(batches);
-    cursor.seek_key(&storage, key);
-    match cursor.get_key(&storage) {
-        Some(k) if k == key => Ok(live_slots(&mut cursor, &storage, as_of)),
-        _ => Ok(Vec::new()),
-    }
+    Snapshot::of(trace).read_key(key, as_of)
 }
 
 /// Calls `f` with every key that has live slots at `as_of`, in key order.
 pub fn read_all(trace: &mut SlotTrace, as_of: Epoch, f: impl FnMut(&Key, Vec<Slot>)) -> Result<(), ReadError> {
-    read_from(trace, as_of, None, usize::MAX, usize::MAX, f).map(|_| ())
+    Snapshot::of(trace).read_all(as_of, f)
 }
 
-/// Calls `f` with the keys after `start_after` (all keys when `None`) that have live slots at
-/// `as_of`, in key order: at most `limit` keys, and no further key once `max_slots` slots have
-/// been read (the first key is always read whole). Returns whether more such keys remain.
+/// [`Snapshot::read_from`] on the trace as it is now.
 pub fn read_from(
     trace: &mut SlotTrace,
     as_of: Epoch,
     start_after: Option<&Key>,
     limit: usize,
     max_slots: usize,
-    mut f: impl FnMut(&Key, Vec<Slot>),
+    f: impl FnMut(&Key, Vec<Slot>),
 ) -> Result<bool, ReadError> {
-    check(trace, as_of)?;
-    let Some(batches) = trace.batches_through(Antichain::new().borrow()) else {
-        return Ok(false);
-    };
-    let (mut cursor, storage) = cursor_list(batches);
-    if let Some(start) = start_after {
-        cursor.seek_key(&storage, start);
-        if cursor.get_key(&storage) == Some(start) {
-            cursor.step_key(&storage);
-        }
-    }
-    let (mut taken, mut slots_taken) = (0, 0);
-    while let Some(key) = cursor.get_key(&storage) {
-        let key = key.clone();
-        let slots = live_slots(&mut cursor, &storage, as_of);
-        if !slots.is_empty() {
-            if taken == limit || (taken > 0 && slots_taken >= max_slots) {
-                return Ok(true);
-            }
-            slots_taken += slots.len();
-            f(&key, slots);
-            taken += 1;
-        }
-        cursor.step_key(&storage);
-    }
-    Ok(false)
+    Snapshot::of(trace).read_from(as_of, start_after, limit, max_slots, f)
 }

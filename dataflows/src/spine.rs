@@ -505,6 +505,14 @@ fn run_off_thread(job: Job) -> Result<(), (std::io::Error, Job)> {
     }
 }
 
+/// Drops `value` on a merge thread (freeing a large batch takes milliseconds, which a thread
+/// that answers reads should not spend); here when no merge thread can be started.
+pub fn drop_off_thread<T: Send + 'static>(value: T) {
+    if let Err((_, job)) = run_off_thread(Box::new(move || drop(value))) {
+        job();
+    }
+}
+
 /// Sees that the queued jobs will be taken: wakes an idle thread while idle threads cover the
 /// queue (a woken thread counts as idle until it takes its job), otherwise starts a thread if
 /// the pool has room. Fails only when no thread runs and none can be started.
@@ -561,6 +569,7 @@ impl Drop for Leaving {
 
 fn merge_thread() {
     let _leaving = Leaving;
+    crate::priority::run_in_background();
     loop {
         let job = {
             let mut pool = pool();

@@ -71,7 +71,7 @@ type Read = Vec<(String, String, Vec<(Option<i64>, Option<i64>, Value, bool)>)>;
 fn read(r: &mut Rendered, at: Epoch) -> Read {
     let (wm, now) = (r.watermarks.borrow().at(at), r.watermarks.borrow().now_at(at));
     let mut out = Read::new();
-    let layout = std::rc::Rc::clone(&r.layout);
+    let layout = std::sync::Arc::clone(&r.layout);
     read_all(&mut r.trace, at, |key, slots| {
         for (name, windows) in assemble(&layout, &slots, wm, now) {
             let windows: Vec<_> = windows.into_iter().map(|w| (w.start, w.end, w.value, w.closed)).collect();

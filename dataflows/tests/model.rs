@@ -4,9 +4,10 @@
 //! hopping, session, sliding, cumulate and global windows; a filter, finite or infinite
 //! retention) and random event streams — out of order, in random batches, spread over the ingest
 //! partitions of 1 or 3 worker threads, with events behind the watermark — run through the real
-//! rendered dataflow in one process. The result, read from the arrangement at a random epoch
-//! during the stream and at the last one, must equal what a plain recomputation over the events
-//! accepted by then gives: windows and values per key and feature, `closed` flags and retention
+//! rendered dataflow in one process. The result, read from snapshots of the arrangement taken at
+//! a random epoch during the stream and at the last one (read on another thread once the trace
+//! itself has compacted past both, as the server reads them), must equal what a plain
+//! recomputation over the events accepted by then gives: windows and values per key and feature, `closed` flags and retention
 //! included. The model computes the watermark itself (Flink's rule) and decides which events are
 //! late; "now" of sliding windows and decayed sums is the largest accepted event time. Closed
 //! panes leave the aggregate's memory at once here (in a server, 100 ms after they
@@ -21,11 +22,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use serde_json::Value;
 
+use differential_dataflow::trace::TraceReader;
 use sundial_dataflows::features::{assemble, render_with, Epoch, Report, Tuning};
-use sundial_dataflows::read::read_all;
+use timely::progress::Antichain;
+
+use sundial_dataflows::read::{read_key, ReadError, Snapshot};
 use sundial_dataflows::row::Row;
 use sundial_protocol::plan::{Agg, AggParams, DataflowPlan, FeaturePlan, SourcePlan, Window};
-use sundial_protocol::value::{Datum, F64};
+use sundial_protocol::value::{Datum, Key, F64};
 
 const LATENESS: i64 = 50;
 
@@ -331,7 +335,9 @@ fn model(case: &Case) -> (Results, Option<i64>) {
     (out, wm)
 }
 
-/// Runs the case through the dataflow; reads after `read_after` epochs and at the end.
+/// Runs the case through the dataflow; reads after `read_after` epochs and at the end, from
+/// snapshots of the arrangement taken then and read on another thread after the trace has
+/// compacted past both.
 fn run(case: &Case) -> [(Results, Option<i64>); 2] {
     let (wms, accepted) = model_ingest(case);
     let shared = std::sync::Arc::new((case.clone(), accepted, wms));
@@ -353,6 +359,7 @@ fn run(case: &Case) -> [(Results, Option<i64>); 2] {
         });
         let mut max_ts: Option<i64> = None;
         let mut epoch: Epoch = 1;
+        let mut at_read = None;
         for (e, batch) in case.epochs.iter().enumerate() {
             r.rows.advance_to(epoch);
             r.reports.advance_to(epoch);
@@ -369,26 +376,51 @@ fn run(case: &Case) -> [(Results, Option<i64>); 2] {
             r.reports.advance_to(epoch);
             // Lockstep: the next batch is checked against this epoch's watermark.
             worker.step_while(|| r.probe.less_equal(&(epoch - 1)));
+            // Epoch e + 1 is complete after the e-th batch: the reads are taken from snapshots
+            // as the server takes them.
+            if epoch - 1 == case.read_after as Epoch {
+                at_read = Some(Snapshot::of(&mut r.trace));
+            }
         }
-        // Epoch e + 1 is complete after the e-th batch; the trace keeps every epoch readable.
-        [case.read_after as Epoch, epoch - 1].map(|at| {
-            let (wm, now) = (r.watermarks.borrow().at(at), r.watermarks.borrow().now_at(at));
-            let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
-            read_all(&mut r.trace, at, |key, slots| {
-                let Datum::UInt(user) = key.parts()[0] else { panic!("u64 keys") };
-                for (name, windows) in assemble(&r.layout, &slots, wm, now) {
-                    if !windows.is_empty() {
-                        results.push((
-                            user,
-                            name,
-                            windows.into_iter().map(|w| (w.start, w.end, w.value, w.closed)).collect(),
-                        ));
-                    }
-                }
+        let at_end = Snapshot::of(&mut r.trace);
+        // The trace then moves on: every epoch compacts into one, and merges run. The snapshots
+        // still read their epochs, on another thread.
+        r.trace.set_logical_compaction(Antichain::from_elem(epoch).borrow());
+        r.trace.set_physical_compaction(Antichain::from_elem(epoch).borrow());
+        for _ in 0..10 {
+            worker.step();
+        }
+        let any = Key::One(Datum::UInt(0));
+        assert_eq!(
+            read_key(&mut r.trace, &any, epoch - 1),
+            Err(ReadError::Compacted { as_of: epoch - 1, since: epoch }),
+            "the trace itself is compacted"
+        );
+        let snapshots =
+            [(case.read_after as Epoch, at_read.expect("the read epoch is one of the case's")), (epoch - 1, at_end)];
+        let (marks, layout) = (r.watermarks.borrow().clone(), std::sync::Arc::clone(&r.layout));
+        let reader = std::thread::spawn(move || {
+            snapshots.map(|(at, snapshot)| {
+                let (wm, now) = (marks.at(at), marks.now_at(at));
+                let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
+                snapshot
+                    .read_all(at, |key, slots| {
+                        let Datum::UInt(user) = key.parts()[0] else { panic!("u64 keys") };
+                        for (name, windows) in assemble(&layout, &slots, wm, now) {
+                            if !windows.is_empty() {
+                                results.push((
+                                    user,
+                                    name,
+                                    windows.into_iter().map(|w| (w.start, w.end, w.value, w.closed)).collect(),
+                                ));
+                            }
+                        }
+                    })
+                    .unwrap();
+                (results, wm)
             })
-            .unwrap();
-            (results, wm)
-        })
+        });
+        reader.join().unwrap()
     })
     .unwrap();
     let mut out = [(BTreeMap::new(), None), (BTreeMap::new(), None)];

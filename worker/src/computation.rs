@@ -28,7 +28,7 @@ use sundial_protocol::child::{FromChild, ToChild};
 use sundial_protocol::value::Key;
 use sundial_protocol::{read_msg, write_msg, Command, Formation, FrameError, Reply, Request};
 
-use crate::engine::{self, Context, Gather, Job, PartJob};
+use crate::engine::{self, Context, Gather, Job, PartJob, ReadView};
 use crate::mesh;
 
 /// Exit code of a computation whose timely workers stopped (a peer died).
@@ -133,8 +133,23 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
         restore,
         checkpoints: Mutex::new(std::collections::HashMap::new()),
         schemas: std::sync::RwLock::new(std::collections::HashMap::new()),
+        views: Mutex::new(std::collections::HashMap::new()),
     });
-    let guards = match start_timely(&formation, sockets, Arc::clone(&ctx)) {
+    // timely's worker and communication threads are started from a background thread, whose
+    // scheduling they inherit (`sundial_dataflows::priority`): they run ingest, while this thread
+    // goes on to answer reads. (A thread that lowered its own priority could not raise it again
+    // without privileges.)
+    let started = thread::scope(|scope| {
+        let starter = thread::Builder::new().name("sundial:start".into()).spawn_scoped(scope, || {
+            sundial_dataflows::priority::run_in_background();
+            start_timely(&formation, sockets, Arc::clone(&ctx))
+        });
+        match starter {
+            Ok(handle) => handle.join().unwrap_or_else(|_| Err("the thread starting timely panicked".into())),
+            Err(e) => Err(format!("spawning the thread that starts timely: {e}")),
+        }
+    });
+    let guards = match started {
         Ok(g) => g,
         Err(e) => fail(&format!("generation {generation}: starting timely: {e}")),
     };
@@ -204,6 +219,7 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
             thread::Builder::new()
                 .name(format!("sundial:parse-{local}"))
                 .spawn(move || {
+                    sundial_dataflows::priority::run_in_background();
                     for job in rx {
                         let job = parse_ingest(job, &ctx);
                         if !deliver(&to_worker, &ctx, local, job) {
@@ -364,6 +380,12 @@ impl Router {
                             });
                             return Ok(());
                         }
+                        // Answered here when every part's worker thread has a view that covers
+                        // it (the usual case), otherwise by the worker threads.
+                        let parts = match self.read_here(id, &dataflow, after, as_of, parts) {
+                            Ok(()) => return Ok(()),
+                            Err(parts) => parts,
+                        };
                         let gather = Gather::new(id, parts.len());
                         for (local, keys) in parts {
                             let part = PartJob::Read {
@@ -380,6 +402,61 @@ impl Router {
             }
         }
         Ok(())
+    }
+}
+
+impl Router {
+    /// Answers a key read from the worker threads' [`ReadView`]s when each of `parts` (keys by
+    /// local thread) has one that covers `as_of` after the first `after` commands; gives the
+    /// parts back otherwise.
+    fn read_here(
+        &self,
+        id: u64,
+        dataflow: &str,
+        after: u64,
+        as_of: u64,
+        parts: Vec<(usize, Vec<Key>)>,
+    ) -> Result<(), Vec<(usize, Vec<Key>)>> {
+        let views: Option<Vec<Arc<ReadView>>> = self.ctx.views.lock().ok().and_then(|all| {
+            let threads = all.get(dataflow)?;
+            parts.iter().map(|(local, _)| threads.get(*local)?.clone()).collect()
+        });
+        let Some(views) = views else { return Err(parts) };
+        if !views.iter().all(|view| view.covers(after, as_of)) {
+            release(views);
+            return Err(parts);
+        }
+        let mut results = Vec::new();
+        let mut watermark = None;
+        let mut failed = None;
+        for (view, (_, keys)) in views.iter().zip(parts) {
+            match view.read(keys, as_of, &mut results) {
+                // Every thread computes the same watermarks.
+                Ok(w) => watermark = watermark.or(w),
+                Err(message) => {
+                    failed = Some(message);
+                    break;
+                }
+            }
+        }
+        release(views);
+        let reply = match failed {
+            Some(message) => Reply::Error { message },
+            None => Reply::Read { watermark, results, more: false },
+        };
+        tell(&FromChild::Reply { id, reply });
+        Ok(())
+    }
+}
+
+/// Lets go of views used for a read. One the worker thread has replaced since may hold the
+/// last reference to batches a merge replaced: those are freed off this thread, which answers
+/// reads.
+fn release(views: Vec<Arc<ReadView>>) {
+    for view in views {
+        if let Some(last) = Arc::into_inner(view) {
+            sundial_dataflows::spine::drop_off_thread(last);
+        }
     }
 }
 

@@ -17,8 +17,10 @@ use timely::worker::Worker;
 
 use sundial_dataflows::control::{collect_commands, control_probe, control_stream, ControlInput, Seq};
 use sundial_dataflows::diagnostic::{exchange_check, CheckCounts};
-use sundial_dataflows::features::{assemble, render, Epoch, Rendered, Report, StateSnapshot, SNAPSHOT_VERSION};
-use sundial_dataflows::read::{read_from, read_key};
+use sundial_dataflows::features::{
+    assemble, render, Epoch, Layout, Rendered, Report, StateSnapshot, Watermarks, SNAPSHOT_VERSION,
+};
+use sundial_dataflows::read::{read_from, read_key, Snapshot};
 use sundial_dataflows::row::{parse_body, Row};
 use sundial_protocol::child::FromChild;
 use sundial_protocol::plan::SourcePlan;
@@ -240,6 +242,47 @@ struct DataflowRt {
     installed: Instant,
     /// When recent epochs completed, to compact only what completed [`HISTORY`] ago.
     completions: Completions,
+    /// What its newest [`ReadView`] was taken at: commands applied, complete epoch, compaction.
+    published: Option<(u64, Epoch, Epoch)>,
+}
+
+/// One worker thread's part of a dataflow as of its newest complete epoch, with what a key read
+/// needs besides: readable off that thread. The computation's request thread answers key reads
+/// from these (`computation::Router`), so that a read waits neither for the worker thread's
+/// current step nor for a core while the worker thread runs ingest, and the worker thread can
+/// run at a lower priority than the threads that answer reads.
+pub struct ReadView {
+    /// Commands the worker thread had applied.
+    applied: u64,
+    /// The newest epoch complete on the worker thread.
+    complete: Epoch,
+    /// The arrangement.
+    snapshot: Snapshot,
+    /// Watermarks and source times by epoch, back to the snapshot's compaction frontier.
+    watermarks: Watermarks,
+    /// The dataflow's layout.
+    layout: Arc<Layout>,
+}
+
+impl ReadView {
+    /// Whether a read at `as_of` that must follow the first `after` commands can be answered
+    /// from this view (otherwise the worker thread answers it, waiting if it must).
+    pub fn covers(&self, after: u64, as_of: Epoch) -> bool {
+        after <= self.applied && self.snapshot.since() <= as_of && as_of <= self.complete
+    }
+
+    /// The results of `keys` at `as_of` (keys with no live slot are left out), and the
+    /// watermark in force at `as_of`.
+    pub fn read(&self, keys: Vec<Key>, as_of: Epoch, results: &mut Vec<KeyResult>) -> Result<Option<i64>, String> {
+        let (watermark, now) = (self.watermarks.at(as_of), self.watermarks.now_at(as_of));
+        for key in keys {
+            let slots = self.snapshot.read_key(&key, as_of).map_err(|e| e.to_string())?;
+            if !slots.is_empty() {
+                results.push(KeyResult { features: assemble(&self.layout, &slots, watermark, now), key });
+            }
+        }
+        Ok(watermark)
+    }
 }
 
 /// When each recent epoch became the newest complete one: one entry per 10 ms at most (so an
@@ -297,6 +340,31 @@ pub struct Context {
     /// The sources' schemas as the worker threads applied them, so that ingest bodies can be
     /// parsed before they reach a worker thread (which then only logs and feeds them).
     pub schemas: std::sync::RwLock<HashMap<String, Arc<SourcePlan>>>,
+    /// Per dataflow, each local thread's newest [`ReadView`].
+    pub views: Mutex<HashMap<String, Vec<Option<Arc<ReadView>>>>>,
+}
+
+impl Context {
+    /// Makes `view` local thread `local`'s view of `dataflow` (none: the dataflow is gone). The
+    /// view it replaces is let go of off this thread: it may hold the last reference to batches
+    /// that merges have replaced since.
+    fn publish(&self, dataflow: &str, local: usize, view: Option<Arc<ReadView>>) {
+        let old = match self.views.lock() {
+            Ok(mut views) => {
+                let threads = self.threads.len();
+                let slots = views.entry(dataflow.to_string()).or_insert_with(|| vec![None; threads]);
+                let old = slots.get_mut(local).and_then(|slot| std::mem::replace(slot, view));
+                if slots.iter().all(Option::is_none) {
+                    views.remove(dataflow);
+                }
+                old
+            }
+            Err(_) => None,
+        };
+        if let Some(old) = old {
+            sundial_dataflows::spine::drop_off_thread(old);
+        }
+    }
 }
 
 /// How far the threads of a process are with one checkpoint.
@@ -486,6 +554,10 @@ pub fn run(worker: &mut Worker, ctx: Arc<Context>) -> ! {
         let commands = collect_commands(stream, &probe);
         (input, commands, counts)
     });
+    // Key reads are answered off this thread (`ReadView`): ingest and aggregation run below the
+    // threads that answer them (inherited from the thread that started timely; set again here
+    // for a worker started otherwise).
+    sundial_dataflows::priority::run_in_background();
     let jobs = ctx.jobs.lock().ok().and_then(|mut j| j.get_mut(local).and_then(Option::take));
     if let Some(slot) = ctx.threads.get(local) {
         let _ = slot.set(std::thread::current());
@@ -623,7 +695,12 @@ impl Engine {
                 }
                 self.dataflows.insert(
                     name,
-                    DataflowRt { rendered, installed: Instant::now(), completions: Completions::default() },
+                    DataflowRt {
+                        rendered,
+                        installed: Instant::now(),
+                        completions: Completions::default(),
+                        published: None,
+                    },
                 );
             }
             Command::DropDataflow { name } => {
@@ -978,6 +1055,7 @@ impl Engine {
         let ctx = Arc::clone(&self.ctx);
         let index = self.index;
         let spawned = std::thread::Builder::new().name("sundial:checkpoint".into()).spawn(move || {
+            sundial_dataflows::priority::run_in_background();
             write_checkpoint(&ctx, epoch, index, snapshots);
         });
         if let Err(e) = spawned {
@@ -1138,7 +1216,11 @@ impl Engine {
                 false
             });
         }
+        let local = self.index % ctx.threads.len().max(1);
         if !self.dropped.is_empty() {
+            for name in &self.dropped {
+                ctx.publish(name, local, None);
+            }
             if let Ok(mut frontiers) = ctx.frontiers.lock() {
                 for name in self.dropped.drain(..) {
                     frontiers.remove(&name);
@@ -1168,14 +1250,6 @@ impl Engine {
             // progress and of reads waiting for theirs; let the rest compact. The compaction
             // frontier never goes back.
             if let Some(complete) = complete_epoch(&df.rendered.probe) {
-                if let Ok(mut frontiers) = ctx.frontiers.lock() {
-                    let slots = frontiers
-                        .entry(df.rendered.layout.plan.name.clone())
-                        .or_insert_with(|| vec![None; ctx.threads.len()]);
-                    if let Some(slot) = slots.get_mut(self.index % ctx.threads.len().max(1)) {
-                        *slot = Some(complete);
-                    }
-                }
                 let holds = self.holds.entry(df.rendered.layout.plan.name.clone()).or_default();
                 let now = Instant::now();
                 holds.retain(|(_, until)| *until > now);
@@ -1203,6 +1277,25 @@ impl Engine {
                 df.rendered.trace.set_logical_compaction(Antichain::from_elem(since).borrow());
                 df.rendered.trace.set_physical_compaction(Antichain::from_elem(merge_to).borrow());
                 df.rendered.watermarks.borrow_mut().compact(since);
+                // A new view before the new frontier is reported: a read at the newest
+                // reported epoch then finds a view that covers it.
+                if df.published != Some((self.applied, complete, since)) {
+                    df.published = Some((self.applied, complete, since));
+                    let view = Arc::new(ReadView {
+                        applied: self.applied,
+                        complete,
+                        snapshot: Snapshot::of(&mut df.rendered.trace),
+                        watermarks: df.rendered.watermarks.borrow().clone(),
+                        layout: Arc::clone(&df.rendered.layout),
+                    });
+                    ctx.publish(name, local, Some(view));
+                }
+                if let Ok(mut frontiers) = ctx.frontiers.lock() {
+                    let slots = frontiers.entry(name.clone()).or_insert_with(|| vec![None; ctx.threads.len()]);
+                    if let Some(slot) = slots.get_mut(local) {
+                        *slot = Some(complete);
+                    }
+                }
             }
         }
     }
@@ -1289,7 +1382,7 @@ fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>, page: Option<
         let marks = df.rendered.watermarks.borrow();
         (marks.at(as_of), marks.now_at(as_of))
     };
-    let layout = std::rc::Rc::clone(&df.rendered.layout);
+    let layout = Arc::clone(&df.rendered.layout);
     let mut results = Vec::new();
     let mut more_keys = false;
     let outcome = match keys {
