@@ -24,9 +24,9 @@ use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
 use timely::communication::Hooks;
 use timely::WorkerConfig;
 
-use sundial_protocol::child::{FromChild, ToChild};
+use sundial_protocol::child::{read_to_child, FromChild, ToChild};
 use sundial_protocol::value::Key;
-use sundial_protocol::{read_msg, write_msg, Command, Formation, FrameError, Reply, Request};
+use sundial_protocol::{write_msg, Command, Formation, FrameError, Reply, Request};
 
 use crate::engine::{self, Context, Gather, Job, PartJob, ReadView};
 use crate::mesh;
@@ -66,7 +66,7 @@ pub fn tell(msg: &FromChild) {
 /// address to bind for timely data traffic.
 pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync) -> ! {
     let mut stdin = io::stdin().lock();
-    let formation = match read_msg::<_, ToChild>(&mut stdin) {
+    let formation = match read_to_child(&mut stdin) {
         Ok(ToChild::Form(f)) => f,
         Ok(other) => fail(&format!("expected a formation first, got {other:?}")),
         Err(FrameError::Closed) => std::process::exit(0),
@@ -462,8 +462,8 @@ fn release(views: Vec<Arc<ReadView>>) {
 
 fn serve_stdin(mut stdin: io::StdinLock<'_>, mut router: Router) -> ! {
     loop {
-        match read_msg::<_, ToChild>(&mut stdin) {
-            Ok(ToChild::Request { id, request }) => {
+        match read_to_child(&mut stdin) {
+            Ok(ToChild::Request { id, request, .. }) => {
                 if let Err(message) = router.route(id, request) {
                     tell(&FromChild::Reply { id, reply: Reply::Error { message } });
                 }

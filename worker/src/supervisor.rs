@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sundial_protocol::child::{FromChild, ToChild};
+use sundial_protocol::child::{write_request, FromChild, ToChild};
 
 use crate::metrics::WorkerMetrics;
 use sundial_protocol::{
@@ -558,7 +558,7 @@ impl Supervisor {
                 };
                 let error = match &mut self.child {
                     Some(c) if c.generation == generation && c.started => {
-                        match write_msg(&mut c.stdin, &ToChild::Request { id, request }) {
+                        match write_request(&mut c.stdin, id, request) {
                             Ok(()) => {
                                 if let Some(what) = inflight {
                                     self.inflight.insert(id, what);
@@ -667,7 +667,7 @@ impl Supervisor {
         self.next_local += 1;
         let inflight = Inflight::Ingest(source.clone());
         let request = Request::Ingest { after: 0, source, csv, body, first_line: 1, min_epoch: 0, batch };
-        match write_msg(&mut run.stdin, &ToChild::Request { id, request }) {
+        match write_request(&mut run.stdin, id, request) {
             Ok(()) => {
                 self.local.insert(id, reply);
                 self.inflight.insert(id, inflight);
