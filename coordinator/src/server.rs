@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use sundial_protocol::{
-    body_len, decode, encode, parse_handshake, Command, CoordMsg, FrameError, Reply, Request, WorkerMsg,
+    body_len, decode, encode_coord, parse_handshake, Command, CoordMsg, FrameError, Reply, Request, WorkerMsg,
 };
 
 use crate::catalog::Catalog;
@@ -271,10 +271,9 @@ impl Shared {
             inner.next_request += 1;
             let (tx, rx) = oneshot::channel();
             inner.pending.insert(id, (conn, generation, tx));
-            let sent = inner
-                .conns
-                .get(&conn)
-                .is_some_and(|c| c.send(Out::Msg(CoordMsg::Request { id, generation, request })).is_ok());
+            let sent = inner.conns.get(&conn).is_some_and(|c| {
+                c.send(Out::Msg(CoordMsg::Request { id, generation, request, body_bytes: None })).is_ok()
+            });
             if !sent {
                 inner.pending.remove(&id);
                 return Err(RequestError::NotReady("a worker process is not connected".into()));
@@ -590,8 +589,8 @@ async fn read_frame(rd: &mut OwnedReadHalf) -> Result<Vec<u8>, FrameError> {
     Ok(body)
 }
 
-async fn write_frame(wr: &mut OwnedWriteHalf, msg: &CoordMsg) -> Result<(), FrameError> {
-    let frame = encode(msg)?;
+async fn write_frame(wr: &mut OwnedWriteHalf, msg: CoordMsg) -> Result<(), FrameError> {
+    let frame = encode_coord(msg)?;
     match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame)).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())),
@@ -600,7 +599,7 @@ async fn write_frame(wr: &mut OwnedWriteHalf, msg: &CoordMsg) -> Result<(), Fram
 
 async fn refuse(wr: &mut OwnedWriteHalf, peer: SocketAddr, reason: String) {
     tracing::warn!(%peer, "refused a control connection: {reason}");
-    let _ = write_frame(wr, &CoordMsg::Refused { reason }).await;
+    let _ = write_frame(wr, CoordMsg::Refused { reason }).await;
     let _ = wr.shutdown().await;
 }
 
@@ -673,7 +672,7 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         tokio::select! {
             out = rx.recv() => match out {
                 Some(Out::Msg(msg)) => {
-                    if let Err(e) = write_frame(&mut wr, &msg).await {
+                    if let Err(e) = write_frame(&mut wr, msg).await {
                         break format!("writing to the worker: {e}");
                     }
                 }

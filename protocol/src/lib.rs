@@ -8,8 +8,10 @@
 //! The control connection is one TCP stream per worker process, opened by the worker. Every
 //! message is a *frame*: a 4-byte big-endian length followed by that many bytes of JSON (one
 //! [`WorkerMsg`] or [`CoordMsg`]). Frames larger than [`MAX_FRAME_BYTES`] are a protocol error
-//! and end the connection. JSON keeps the control plane debuggable; it carries a few messages a
-//! second, never events.
+//! and end the connection. JSON keeps the control plane debuggable. The one bulky payload, the
+//! body of an ingest request sent through the coordinator, is not in the JSON: its length is
+//! (`body_bytes`), and its raw bytes follow the frame ([`encode_coord`], [`read_coord`]; the
+//! supervisor passes bodies to its computation the same way, [`child::write_request`]).
 //!
 //! # Stages
 //!
@@ -41,7 +43,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The version of this protocol; both sides must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The magic string at the start of every handshake, so that a stray client is told apart from
 /// a worker of another version.
@@ -227,6 +229,10 @@ pub enum CoordMsg {
         generation: u64,
         /// What to do.
         request: Request,
+        /// For an ingest request framed by [`encode_coord`]: the length of its body, which
+        /// follows the frame as raw UTF-8 (see [`child::ToChild::Request`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body_bytes: Option<usize>,
     },
 }
 
@@ -556,6 +562,60 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// Takes an ingest request's body out, to be sent raw after its frame (escaping NDJSON into a
+/// JSON string and back cost a millisecond per 250 kB on each side, while reads queued behind
+/// it).
+fn take_body(request: &mut Request) -> Result<Option<String>, FrameError> {
+    let Request::Ingest { body, .. } = request else { return Ok(None) };
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    Ok(Some(std::mem::take(body)))
+}
+
+/// Reads the `len` bytes of raw body that follow `request`'s frame into it: only an ingest
+/// request has one, of at most [`MAX_FRAME_BYTES`] bytes of UTF-8.
+fn read_body<R: Read>(reader: &mut R, request: &mut Request, len: usize) -> Result<(), FrameError> {
+    let Request::Ingest { body, .. } = request else {
+        return Err(FrameError::Malformed("a body follows a request that is not an ingest".into()));
+    };
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut bytes = vec![0; len];
+    reader.read_exact(&mut bytes)?;
+    *body = String::from_utf8(bytes).map_err(|e| FrameError::Malformed(format!("an ingest body is not UTF-8: {e}")))?;
+    Ok(())
+}
+
+/// Frames a message to a worker: the body of an ingest request follows the frame raw.
+pub fn encode_coord(mut msg: CoordMsg) -> Result<Vec<u8>, FrameError> {
+    let body = match &mut msg {
+        CoordMsg::Request { request, body_bytes, .. } => {
+            let body = take_body(request)?;
+            *body_bytes = body.as_ref().map(String::len);
+            body
+        }
+        _ => None,
+    };
+    let mut frame = encode(&msg)?;
+    if let Some(body) = body {
+        frame.extend_from_slice(body.as_bytes());
+    }
+    Ok(frame)
+}
+
+/// Reads one message from the coordinator (framed by [`encode_coord`]) from a blocking reader.
+pub fn read_coord<R: Read>(reader: &mut R) -> Result<CoordMsg, FrameError> {
+    let mut msg = read_msg::<_, CoordMsg>(reader)?;
+    if let CoordMsg::Request { request, body_bytes, .. } = &mut msg {
+        if let Some(len) = body_bytes.take() {
+            read_body(reader, request, len)?;
+        }
+    }
+    Ok(msg)
+}
+
 /// Writes one message as a frame to a blocking writer, and flushes it.
 pub fn write_msg<W: Write, T: Serialize>(writer: &mut W, msg: &T) -> Result<(), FrameError> {
     let frame = encode(msg)?;
@@ -708,6 +768,40 @@ mod tests {
         assert!(matches!(read_to_child(&mut huge.as_slice()), Err(FrameError::TooLarge(_))));
     }
 
+    /// The same for requests from the coordinator to a worker.
+    #[test]
+    fn ingest_bodies_from_the_coordinator_follow_their_frame_raw() {
+        let body = "{\"a\": \"x\\\"y\"}\n{\"a\": \"ü\"}\n";
+        let request = |id, request| CoordMsg::Request { id, generation: 4, request, body_bytes: None };
+        let read = Request::Read { after: 1, dataflow: "d".into(), as_of: 5, keys: None, timeout_ms: 10, page: None };
+        let msgs = [request(1, ingest(body)), CoordMsg::Ping, request(2, read), request(3, ingest(""))];
+        let mut wire = Vec::new();
+        for msg in msgs.clone() {
+            wire.extend(encode_coord(msg).unwrap());
+        }
+        let frame_len = u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize;
+        assert_eq!(&wire[4 + frame_len..4 + frame_len + body.len()], body.as_bytes());
+        let mut reader = wire.as_slice();
+        for want in msgs {
+            assert_eq!(read_coord(&mut reader).unwrap(), want);
+        }
+        assert!(matches!(read_coord(&mut reader), Err(FrameError::Closed)));
+        let mut cut = encode_coord(request(1, ingest(body))).unwrap();
+        cut.truncate(cut.len() - 1);
+        assert!(matches!(read_coord(&mut cut.as_slice()), Err(FrameError::Io(_))));
+        let mut stray = encode(&CoordMsg::Request {
+            id: 1,
+            generation: 1,
+            request: Request::Recovered { after: 0 },
+            body_bytes: Some(1),
+        })
+        .unwrap();
+        stray.push(b'x');
+        assert!(
+            matches!(read_coord(&mut stray.as_slice()), Err(FrameError::Malformed(m)) if m.contains("not an ingest"))
+        );
+    }
+
     /// Commands cross timely processes as bincode, which has no field names: every field must
     /// be written (a `skip_serializing_if` would break the other end).
     #[test]
@@ -826,7 +920,7 @@ pub mod child {
 
     use serde::{Deserialize, Serialize};
 
-    use crate::{encode, read_msg, Formation, FrameError, Reply, Request, MAX_FRAME_BYTES};
+    use crate::{encode, read_body, read_msg, take_body, Formation, FrameError, Reply, Request};
 
     /// Supervisor to computation.
     #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -851,14 +945,8 @@ pub mod child {
 
     /// Writes request `id` to the computation: an ingest body as raw bytes after the frame.
     pub fn write_request<W: Write>(writer: &mut W, id: u64, mut request: Request) -> Result<(), FrameError> {
-        let body = match &mut request {
-            Request::Ingest { body, .. } => Some(std::mem::take(body)),
-            _ => None,
-        };
+        let body = take_body(&mut request)?;
         let body_bytes = body.as_ref().map(String::len);
-        if let Some(n) = body_bytes.filter(|n| *n > MAX_FRAME_BYTES) {
-            return Err(FrameError::TooLarge(n));
-        }
         writer.write_all(&encode(&ToChild::Request { id, request, body_bytes })?)?;
         if let Some(body) = body {
             writer.write_all(body.as_bytes())?;
@@ -872,16 +960,7 @@ pub mod child {
         let mut msg = read_msg::<_, ToChild>(reader)?;
         if let ToChild::Request { request, body_bytes, .. } = &mut msg {
             if let Some(len) = body_bytes.take() {
-                let Request::Ingest { body, .. } = request else {
-                    return Err(FrameError::Malformed("a body follows a request that is not an ingest".into()));
-                };
-                if len > MAX_FRAME_BYTES {
-                    return Err(FrameError::TooLarge(len));
-                }
-                let mut bytes = vec![0; len];
-                reader.read_exact(&mut bytes)?;
-                *body = String::from_utf8(bytes)
-                    .map_err(|e| FrameError::Malformed(format!("an ingest body is not UTF-8: {e}")))?;
+                read_body(reader, request, len)?;
             }
         }
         Ok(msg)

@@ -20,8 +20,8 @@ use sundial_protocol::child::{write_request, FromChild, ToChild};
 
 use crate::metrics::WorkerMetrics;
 use sundial_protocol::{
-    read_msg, write_msg, ComputationState, CoordMsg, Formation, FrameError, Register, Reply, Request, Running,
-    WorkerMsg, MAGIC, PROTOCOL_VERSION,
+    read_coord, read_msg, write_msg, ComputationState, CoordMsg, Formation, FrameError, Register, Reply, Request,
+    Running, WorkerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
 /// mimalloc options the computation child gets unless the environment sets them (see
@@ -470,7 +470,7 @@ impl Supervisor {
         thread::Builder::new()
             .name("sundial:coord-read".into())
             .spawn(move || loop {
-                match read_msg::<_, CoordMsg>(&mut reader) {
+                match read_coord(&mut reader) {
                     Ok(msg) => {
                         if tx.send(Event::Coord { conn: conn_id, msg }).is_err() {
                             return;
@@ -546,7 +546,7 @@ impl Supervisor {
                     self.stop_child(&reason);
                 }
             }
-            CoordMsg::Request { id, generation, request } => {
+            CoordMsg::Request { id, generation, request, .. } => {
                 let inflight = match &request {
                     Request::Ingest { source, .. } => Some(Inflight::Ingest(source.clone())),
                     // A read with no keys of this process only tells it of the read's epoch (the
