@@ -286,10 +286,44 @@ fn a_cluster_computes_what_the_model_computes() {
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(request(&http, "DELETE", "/v1/dataflows/big_spenders", "", b"").0, 200);
     let final_epoch = feeder.join().unwrap();
-    let all: Vec<_> = evs.iter().cloned().chain(more).collect();
+    let mut all: Vec<_> = evs.iter().cloned().chain(more).collect();
     assert_eq!(export(&http, "spend", Some(final_epoch)), model(&all));
     assert_eq!(request(&http, "GET", "/v1/dataflows/big_spenders/export", "", b"").0, 404);
     assert_eq!(request(&http, "DELETE", "/v1/dataflows/big_spenders", "", b"").0, 404);
+
+    // Created again under the same name with another feature: key reads, which the
+    // computations answer from what their worker threads publish, see the new dataflow only
+    // (the dropped one counted m1's large amounts, the new one counts from its creation on).
+    let (code, body) = post_json(
+        &http,
+        "/v1/dataflows",
+        &json!({"name": "big_spenders", "source": "tx", "key": "merchant",
+        "features": [{"name": "n_all", "agg": "count", "window": "global"}]}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let newest = all.iter().map(|e| e.1).max().unwrap();
+    let line = format!("{}\n", json!({"user_id": 1, "ts": newest, "amount": 1, "merchant": "m1"}));
+    let (code, text) = request(&http, "POST", "/v1/sources/tx/events", "application/x-ndjson", line.as_bytes());
+    assert_eq!(code, 200, "{text}");
+    let epoch = serde_json::from_str::<Value>(&text).unwrap()["epoch"].as_u64().unwrap();
+    all.push((1, newest, 1, "m1".to_string()));
+    let read_m1 = |query: &str| {
+        let (code, text) = request(&http, "GET", &format!("/v1/dataflows/big_spenders/keys/m1{query}"), "", b"");
+        assert_eq!(code, 200, "{text}");
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    // At the reply's epoch (waiting for it), and without `as_of` once the newest complete epoch
+    // has passed it (such a read does not wait).
+    let newest_read = wait_for(Duration::from_secs(10), "the newest complete epoch to pass the reply's", || {
+        let read = read_m1("");
+        (read["as_of"].as_u64().unwrap() >= epoch).then_some(read)
+    });
+    for read in [read_m1(&format!("?as_of={epoch}")), newest_read] {
+        let features = read["features"].as_object().unwrap();
+        assert_eq!(features.keys().collect::<Vec<_>>(), ["n_all"], "{read}");
+        assert_eq!(features["n_all"][0]["value"], 1, "{read}");
+    }
+    assert_eq!(request(&http, "DELETE", "/v1/dataflows/big_spenders", "", b"").0, 200);
 
     // A new generation gets the catalog back, and its state from the workers' ingest logs: the
     // export equals the model again, also at an epoch from before the crash.

@@ -58,21 +58,20 @@ impl Drop for Local {
 const SCHED_OTHER: u32 = 0;
 const SCHED_IDLE: u32 = 5;
 
-/// Each thread of process `pid`: its name, id and scheduling policy (`/proc`).
+/// Each thread of process `pid`: its name, id and scheduling policy (`/proc`). A thread that
+/// ends while it is read (a merge thread leaving after its idle time) is left out.
 fn thread_policies(pid: u64) -> Vec<(String, u64, u32)> {
-    let mut threads = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = entry.unwrap().path();
-        let tid: u64 = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap().trim().to_string();
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let read = |dir: std::path::PathBuf| -> Option<(String, u64, u32)> {
+        let tid: u64 = dir.file_name()?.to_str()?.parse().ok()?;
+        let name = std::fs::read_to_string(dir.join("comm")).ok()?.trim().to_string();
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
         // Fields after the name (which may hold spaces) start with the state (field 3); the
         // policy is field 41.
-        let after_name = stat.rsplit_once(") ").unwrap().1;
-        let policy = after_name.split_whitespace().nth(41 - 3).unwrap().parse().unwrap();
-        threads.push((name, tid, policy));
-    }
-    threads
+        let policy = stat.rsplit_once(") ")?.1.split_whitespace().nth(41 - 3)?.parse().ok()?;
+        Some((name, tid, policy))
+    };
+    tasks.filter_map(|entry| read(entry.ok()?.path())).collect()
 }
 
 #[test]

@@ -693,7 +693,7 @@ pub fn render_with(
                 });
                 // Epochs are applied in order, each in slices of at most `slice_events` events
                 // per activation (the operator activates itself again for the rest), so that
-                // the worker thread serves reads between the slices.
+                // the worker thread serves exports and waiting reads between the slices.
                 let mut budget = if behind.get() { usize::MAX } else { slice_events };
                 loop {
                     if current.is_none() {

@@ -50,6 +50,12 @@ impl Snapshot {
         Snapshot { batches, since: since(trace) }
     }
 
+    /// Whether every batch of `other` is one of this snapshot's too (then letting go of
+    /// `other` frees no batch while this one is kept).
+    pub fn holds_all_of(&self, other: &Snapshot) -> bool {
+        other.batches.iter().all(|b| self.batches.iter().any(|mine| Shared::ptr_eq(mine, b)))
+    }
+
     /// The oldest epoch it can be read at.
     pub fn since(&self) -> Epoch {
         self.since

@@ -61,6 +61,13 @@ impl<B> Clone for Shared<B> {
     }
 }
 
+impl<B> Shared<B> {
+    /// Whether both are the same batch.
+    pub fn ptr_eq(a: &Shared<B>, b: &Shared<B>) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
 impl<B> Deref for Shared<B> {
     type Target = B;
     fn deref(&self) -> &B {

@@ -9,9 +9,10 @@
 //! message is a *frame*: a 4-byte big-endian length followed by that many bytes of JSON (one
 //! [`WorkerMsg`] or [`CoordMsg`]). Frames larger than [`MAX_FRAME_BYTES`] are a protocol error
 //! and end the connection. JSON keeps the control plane debuggable. The one bulky payload, the
-//! body of an ingest request sent through the coordinator, is not in the JSON: its length is
-//! (`body_bytes`), and its raw bytes follow the frame ([`encode_coord`], [`read_coord`]; the
-//! supervisor passes bodies to its computation the same way, [`child::write_request`]).
+//! body of an ingest request sent through the coordinator, is not in the JSON: the frame gives
+//! its length (`body_bytes`), and its raw bytes follow the frame ([`encode_coord`],
+//! [`read_coord`]; the supervisor passes bodies to its computation the same way,
+//! [`child::write_request`]).
 //!
 //! # Stages
 //!
@@ -533,6 +534,9 @@ pub enum FrameError {
     /// The frame is not a message of this protocol.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// An ingest body that follows its frame is over [`MAX_INGEST_BODY_BYTES`].
+    #[error("an ingest body of {0} bytes is over the limit of {MAX_INGEST_BODY_BYTES} bytes")]
+    BodyTooLarge(usize),
 }
 
 /// Encodes a message as one frame (length prefix included).
@@ -567,20 +571,24 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// it).
 fn take_body(request: &mut Request) -> Result<Option<String>, FrameError> {
     let Request::Ingest { body, .. } = request else { return Ok(None) };
-    if body.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(body.len()));
+    if body.len() > MAX_INGEST_BODY_BYTES {
+        return Err(FrameError::BodyTooLarge(body.len()));
     }
     Ok(Some(std::mem::take(body)))
 }
 
 /// Reads the `len` bytes of raw body that follow `request`'s frame into it: only an ingest
-/// request has one, of at most [`MAX_FRAME_BYTES`] bytes of UTF-8.
+/// request without a body in its frame has one, of at most [`MAX_INGEST_BODY_BYTES`] bytes of
+/// UTF-8.
 fn read_body<R: Read>(reader: &mut R, request: &mut Request, len: usize) -> Result<(), FrameError> {
     let Request::Ingest { body, .. } = request else {
         return Err(FrameError::Malformed("a body follows a request that is not an ingest".into()));
     };
-    if len > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(len));
+    if !body.is_empty() {
+        return Err(FrameError::Malformed("an ingest request has a body in its frame and another after it".into()));
+    }
+    if len > MAX_INGEST_BODY_BYTES {
+        return Err(FrameError::BodyTooLarge(len));
     }
     let mut bytes = vec![0; len];
     reader.read_exact(&mut bytes)?;
@@ -764,8 +772,11 @@ mod tests {
         assert!(
             matches!(read_to_child(&mut stray.as_slice()), Err(FrameError::Malformed(m)) if m.contains("not an ingest"))
         );
-        let huge = head(ingest(""), MAX_FRAME_BYTES + 1);
-        assert!(matches!(read_to_child(&mut huge.as_slice()), Err(FrameError::TooLarge(_))));
+        let huge = head(ingest(""), MAX_INGEST_BODY_BYTES + 1);
+        assert!(matches!(read_to_child(&mut huge.as_slice()), Err(FrameError::BodyTooLarge(_))));
+        let mut twice = head(ingest("{}"), 2);
+        twice.extend_from_slice(b"{}");
+        assert!(matches!(read_to_child(&mut twice.as_slice()), Err(FrameError::Malformed(m)) if m.contains("another")));
     }
 
     /// The same for requests from the coordinator to a worker.

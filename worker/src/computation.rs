@@ -7,8 +7,10 @@
 //! 2. binds its data address and connects the mesh ([`crate::mesh`]),
 //! 3. starts `threads` timely workers ([`crate::engine`]), and reports `Started` on stdout,
 //! 4. routes requests from stdin to its worker threads: commands to worker 0 (process 0 only),
-//!    an ingest batch to one thread in turn, a key read to the thread that owns the key, and
-//!    frontier, export and late-event requests to every thread, gathering their answers,
+//!    an ingest batch to one thread in turn, and frontier, export and late-event requests to
+//!    every thread, gathering their answers. It answers key reads itself, from the views the
+//!    worker threads publish ([`ReadView`]), or hands each key to the thread that owns it when
+//!    a view does not cover the read yet,
 //! 5. exits when stdin closes (its supervisor is gone) or when any worker thread ends (a peer
 //!    died), so it never lingers in a dead computation.
 
@@ -26,7 +28,7 @@ use timely::WorkerConfig;
 
 use sundial_protocol::child::{read_to_child, FromChild, ToChild};
 use sundial_protocol::value::Key;
-use sundial_protocol::{write_msg, Command, Formation, FrameError, Reply, Request};
+use sundial_protocol::{encode, Command, Formation, FrameError, Reply, Request};
 
 use crate::engine::{self, Context, Gather, Job, PartJob, ReadView};
 use crate::mesh;
@@ -43,22 +45,28 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
 pub const MESH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes one message to the supervisor. A failure means the supervisor is gone: exit.
+///
+/// The message is encoded before stdout is locked: worker threads, which run at the lowest
+/// priority, encode large replies (export pages), and the request thread's key-read replies
+/// must not wait for that behind the lock.
 pub fn tell(msg: &FromChild) {
-    let mut out = io::stdout().lock();
-    match write_msg(&mut out, msg) {
-        Ok(()) => {}
-        // A reply that cannot be framed (too large) becomes an error reply; nothing was written.
-        Err(e @ (FrameError::TooLarge(_) | FrameError::Malformed(_))) => {
+    let frame = match encode(msg) {
+        Ok(frame) => frame,
+        // A reply that cannot be framed (too large) becomes an error reply.
+        Err(e) => {
             tracing::error!("cannot send a reply to the supervisor: {e}");
-            if let FromChild::Reply { id, .. } = msg {
-                let reply = Reply::Error { message: format!("the reply could not be sent: {e}") };
-                if write_msg(&mut out, &FromChild::Reply { id: *id, reply }).is_err() {
-                    std::process::exit(0);
-                }
+            let FromChild::Reply { id, .. } = msg else { return };
+            let reply = Reply::Error { message: format!("the reply could not be sent: {e}") };
+            match encode(&FromChild::Reply { id: *id, reply }) {
+                Ok(frame) => frame,
+                Err(_) => std::process::exit(0),
             }
         }
+    };
+    let mut out = io::stdout().lock();
+    if out.write_all(&frame).and_then(|()| out.flush()).is_err() {
         // The supervisor is gone.
-        Err(_) => std::process::exit(0),
+        std::process::exit(0);
     }
 }
 
@@ -427,24 +435,16 @@ impl Router {
             return Err(parts);
         }
         let mut results = Vec::new();
-        let mut watermark = None;
-        let mut failed = None;
-        for (view, (_, keys)) in views.iter().zip(parts) {
-            match view.read(keys, as_of, &mut results) {
-                // Every thread computes the same watermarks.
-                Ok(w) => watermark = watermark.or(w),
-                Err(message) => {
-                    failed = Some(message);
-                    break;
-                }
-            }
-        }
-        release(views);
-        let reply = match failed {
-            Some(message) => Reply::Error { message },
-            None => Reply::Read { watermark, results, more: false },
+        let outcome = views.iter().zip(parts).try_for_each(|(view, (_, keys))| view.read(keys, as_of, &mut results));
+        // Every thread computes the same watermarks; the views cover `as_of`, so it is not
+        // compacted away (an error here would be a bug, answered as an error).
+        let reply = match outcome {
+            Ok(()) => Reply::Read { watermark: views.first().and_then(|v| v.watermark(as_of)), results, more: false },
+            Err(e) => Reply::Error { message: e.to_string() },
         };
         tell(&FromChild::Reply { id, reply });
+        // After the reply: letting go of a view may hand its batches to a merge thread.
+        release(views);
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! One timely worker thread of the computation: applies the sequenced catalog commands, runs
-//! the feature dataflows, ingests its share of events, advances epochs, and serves reads.
+//! the feature dataflows, ingests its share of events, advances epochs, publishes what key reads
+//! need ([`ReadView`]), and serves exports and reads the views do not cover yet.
 //!
 //! Jobs arrive from the computation's request thread on a channel. A job that names a command
 //! sequence number (`after`) waits until this worker has applied that many commands, so a read
@@ -20,7 +21,7 @@ use sundial_dataflows::diagnostic::{exchange_check, CheckCounts};
 use sundial_dataflows::features::{
     assemble, render, Epoch, Layout, Rendered, Report, StateSnapshot, Watermarks, SNAPSHOT_VERSION,
 };
-use sundial_dataflows::read::{read_from, read_key, Snapshot};
+use sundial_dataflows::read::{read_from, ReadError, Snapshot};
 use sundial_dataflows::row::{parse_body, Row};
 use sundial_protocol::child::FromChild;
 use sundial_protocol::plan::SourcePlan;
@@ -271,18 +272,35 @@ impl ReadView {
         after <= self.applied && self.snapshot.since() <= as_of && as_of <= self.complete
     }
 
-    /// The results of `keys` at `as_of` (keys with no live slot are left out), and the
-    /// watermark in force at `as_of`.
-    pub fn read(&self, keys: Vec<Key>, as_of: Epoch, results: &mut Vec<KeyResult>) -> Result<Option<i64>, String> {
-        let (watermark, now) = (self.watermarks.at(as_of), self.watermarks.now_at(as_of));
-        for key in keys {
-            let slots = self.snapshot.read_key(&key, as_of).map_err(|e| e.to_string())?;
-            if !slots.is_empty() {
-                results.push(KeyResult { features: assemble(&self.layout, &slots, watermark, now), key });
-            }
-        }
-        Ok(watermark)
+    /// The watermark in force at `as_of`.
+    pub fn watermark(&self, as_of: Epoch) -> Option<i64> {
+        self.watermarks.at(as_of)
     }
+
+    /// Adds the results of `keys` at `as_of` to `results` (keys with no live slot are left out).
+    pub fn read(&self, keys: Vec<Key>, as_of: Epoch, results: &mut Vec<KeyResult>) -> Result<(), ReadError> {
+        let (watermark, now) = (self.watermarks.at(as_of), self.watermarks.now_at(as_of));
+        read_keys(&self.snapshot, &self.layout, keys, as_of, (watermark, now), results)
+    }
+}
+
+/// Adds the results of `keys` at `as_of` in `snapshot` to `results` (keys with no live slot are
+/// left out), with the watermark and source time in force at `as_of` (`marks`).
+fn read_keys(
+    snapshot: &Snapshot,
+    layout: &Layout,
+    keys: Vec<Key>,
+    as_of: Epoch,
+    marks: (Option<i64>, Option<i64>),
+    results: &mut Vec<KeyResult>,
+) -> Result<(), ReadError> {
+    for key in keys {
+        let slots = snapshot.read_key(&key, as_of)?;
+        if !slots.is_empty() {
+            results.push(KeyResult { features: assemble(layout, &slots, marks.0, marks.1), key });
+        }
+    }
+    Ok(())
 }
 
 /// When each recent epoch became the newest complete one: one entry per 10 ms at most (so an
@@ -346,23 +364,36 @@ pub struct Context {
 
 impl Context {
     /// Makes `view` local thread `local`'s view of `dataflow` (none: the dataflow is gone). The
-    /// view it replaces is let go of off this thread: it may hold the last reference to batches
-    /// that merges have replaced since.
+    /// view it replaces is let go of off this thread when it may hold the last reference to
+    /// batches (those merges have replaced since), here otherwise.
     fn publish(&self, dataflow: &str, local: usize, view: Option<Arc<ReadView>>) {
+        let new = view.clone();
         let old = match self.views.lock() {
-            Ok(mut views) => {
-                let threads = self.threads.len();
-                let slots = views.entry(dataflow.to_string()).or_insert_with(|| vec![None; threads]);
-                let old = slots.get_mut(local).and_then(|slot| std::mem::replace(slot, view));
-                if slots.iter().all(Option::is_none) {
-                    views.remove(dataflow);
+            Ok(mut views) => match views.get_mut(dataflow) {
+                Some(slots) => {
+                    let old = slots.get_mut(local).and_then(|slot| std::mem::replace(slot, view));
+                    if slots.iter().all(Option::is_none) {
+                        views.remove(dataflow);
+                    }
+                    old
                 }
-                old
-            }
+                None => {
+                    if view.is_some() {
+                        let mut slots = vec![None; self.threads.len()];
+                        if let Some(slot) = slots.get_mut(local) {
+                            *slot = view;
+                        }
+                        views.insert(dataflow.to_string(), slots);
+                    }
+                    None
+                }
+            },
             Err(_) => None,
         };
         if let Some(old) = old {
-            sundial_dataflows::spine::drop_off_thread(old);
+            if !new.is_some_and(|new| new.snapshot.holds_all_of(&old.snapshot)) {
+                sundial_dataflows::spine::drop_off_thread(old);
+            }
         }
     }
 }
@@ -1234,7 +1265,7 @@ impl Engine {
                 dataflows: self.dataflows.iter().map(|(name, df)| (name.clone(), df.rendered.state_size())).collect(),
             };
             if let Ok(mut all) = ctx.gauges.lock() {
-                if let Some(slot) = all.get_mut(self.index % ctx.threads.len().max(1)) {
+                if let Some(slot) = all.get_mut(local) {
                     *slot = gauges;
                 }
             }
@@ -1386,13 +1417,9 @@ fn read(df: &mut DataflowRt, as_of: Epoch, keys: Option<Vec<Key>>, page: Option<
     let mut results = Vec::new();
     let mut more_keys = false;
     let outcome = match keys {
-        Some(keys) => keys.into_iter().try_for_each(|key| {
-            let slots = read_key(&mut df.rendered.trace, &key, as_of)?;
-            if !slots.is_empty() {
-                results.push(KeyResult { features: assemble(&layout, &slots, watermark, now), key });
-            }
-            Ok(())
-        }),
+        Some(keys) => {
+            read_keys(&Snapshot::of(&mut df.rendered.trace), &layout, keys, as_of, (watermark, now), &mut results)
+        }
         None => {
             let (start, limit) = match page {
                 Some(p) => (p.start_after.as_ref(), p.limit as usize),

@@ -120,8 +120,6 @@ pub fn spawn(listener: TcpListener, events: Sender<Event>, metrics: Arc<WorkerMe
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("sundial:ingest-http".into()).spawn(move || {
-        // Ingest runs below the threads on a read's way (`sundial_dataflows::priority`).
-        sundial_dataflows::priority::run_in_background();
         runtime.block_on(async move {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,

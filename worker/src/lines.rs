@@ -48,7 +48,6 @@ pub fn spawn(listener: TcpListener, events: Sender<Event>) -> std::io::Result<()
             active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (events, active) = (events.clone(), std::sync::Arc::clone(&active));
             let spawned = std::thread::Builder::new().name("sundial:lines".into()).spawn(move || {
-                sundial_dataflows::priority::run_in_background();
                 let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 if let Err(reason) = serve(stream, &events) {
                     tracing::info!(%peer, "line connection closed: {reason}");
