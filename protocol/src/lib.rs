@@ -596,15 +596,30 @@ fn read_body<R: Read>(reader: &mut R, request: &mut Request, len: usize) -> Resu
     Ok(())
 }
 
-/// Frames a message to a worker: the body of an ingest request follows the frame raw.
-pub fn encode_coord(mut msg: CoordMsg) -> Result<Vec<u8>, FrameError> {
-    let body = match &mut msg {
-        CoordMsg::Request { request, body_bytes, .. } => {
+/// A message that may carry an ingest request whose body travels raw after the frame: the
+/// request, and the frame's record of the body's length.
+trait WithBody {
+    fn body_parts(&mut self) -> Option<(&mut Request, &mut Option<usize>)>;
+}
+
+impl WithBody for CoordMsg {
+    fn body_parts(&mut self) -> Option<(&mut Request, &mut Option<usize>)> {
+        match self {
+            CoordMsg::Request { request, body_bytes, .. } => Some((request, body_bytes)),
+            _ => None,
+        }
+    }
+}
+
+/// Frames `msg` with the body of an ingest request it carries after the frame, raw.
+fn encode_with_body<T: Serialize + WithBody>(mut msg: T) -> Result<Vec<u8>, FrameError> {
+    let body = match msg.body_parts() {
+        Some((request, body_bytes)) => {
             let body = take_body(request)?;
             *body_bytes = body.as_ref().map(String::len);
             body
         }
-        _ => None,
+        None => None,
     };
     let mut frame = encode(&msg)?;
     if let Some(body) = body {
@@ -613,15 +628,25 @@ pub fn encode_coord(mut msg: CoordMsg) -> Result<Vec<u8>, FrameError> {
     Ok(frame)
 }
 
-/// Reads one message from the coordinator (framed by [`encode_coord`]) from a blocking reader.
-pub fn read_coord<R: Read>(reader: &mut R) -> Result<CoordMsg, FrameError> {
-    let mut msg = read_msg::<_, CoordMsg>(reader)?;
-    if let CoordMsg::Request { request, body_bytes, .. } = &mut msg {
+/// Reads one message framed by [`encode_with_body`] from a blocking reader.
+fn read_with_body<R: Read, T: DeserializeOwned + WithBody>(reader: &mut R) -> Result<T, FrameError> {
+    let mut msg = read_msg::<_, T>(reader)?;
+    if let Some((request, body_bytes)) = msg.body_parts() {
         if let Some(len) = body_bytes.take() {
             read_body(reader, request, len)?;
         }
     }
     Ok(msg)
+}
+
+/// Frames a message to a worker: the body of an ingest request follows the frame raw.
+pub fn encode_coord(msg: CoordMsg) -> Result<Vec<u8>, FrameError> {
+    encode_with_body(msg)
+}
+
+/// Reads one message from the coordinator (framed by [`encode_coord`]) from a blocking reader.
+pub fn read_coord<R: Read>(reader: &mut R) -> Result<CoordMsg, FrameError> {
+    read_with_body(reader)
 }
 
 /// Writes one message as a frame to a blocking writer, and flushes it.
@@ -931,7 +956,7 @@ pub mod child {
 
     use serde::{Deserialize, Serialize};
 
-    use crate::{encode, read_body, read_msg, take_body, Formation, FrameError, Reply, Request};
+    use crate::{encode_with_body, read_with_body, Formation, FrameError, Reply, Request, WithBody};
 
     /// Supervisor to computation.
     #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -954,27 +979,25 @@ pub mod child {
         },
     }
 
-    /// Writes request `id` to the computation: an ingest body as raw bytes after the frame.
-    pub fn write_request<W: Write>(writer: &mut W, id: u64, mut request: Request) -> Result<(), FrameError> {
-        let body = take_body(&mut request)?;
-        let body_bytes = body.as_ref().map(String::len);
-        writer.write_all(&encode(&ToChild::Request { id, request, body_bytes })?)?;
-        if let Some(body) = body {
-            writer.write_all(body.as_bytes())?;
+    impl WithBody for ToChild {
+        fn body_parts(&mut self) -> Option<(&mut Request, &mut Option<usize>)> {
+            match self {
+                ToChild::Request { request, body_bytes, .. } => Some((request, body_bytes)),
+                ToChild::Form(_) => None,
+            }
         }
+    }
+
+    /// Writes request `id` to the computation: an ingest body as raw bytes after the frame.
+    pub fn write_request<W: Write>(writer: &mut W, id: u64, request: Request) -> Result<(), FrameError> {
+        writer.write_all(&encode_with_body(ToChild::Request { id, request, body_bytes: None })?)?;
         writer.flush()?;
         Ok(())
     }
 
     /// Reads one message from the supervisor, with the raw body of an ingest request.
     pub fn read_to_child<R: Read>(reader: &mut R) -> Result<ToChild, FrameError> {
-        let mut msg = read_msg::<_, ToChild>(reader)?;
-        if let ToChild::Request { request, body_bytes, .. } = &mut msg {
-            if let Some(len) = body_bytes.take() {
-                read_body(reader, request, len)?;
-            }
-        }
-        Ok(msg)
+        read_with_body(reader)
     }
 
     /// Computation to supervisor.
