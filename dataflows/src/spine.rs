@@ -287,9 +287,7 @@ where
         // The inputs are usually freed with this last reference to them: on a merge thread, so
         // that the worker thread does not spend its time dropping every update of them (if no
         // thread can be had, they are dropped here).
-        if let Err((_, job)) = run_off_thread(Box::new(move || drop(inputs))) {
-            job();
-        }
+        drop_off_thread(inputs);
     }
 
     /// Fuses spans without updates into a neighbour, and merges neighbours whose sizes call for
@@ -493,9 +491,12 @@ fn pool() -> MutexGuard<'static, Pool> {
 }
 
 /// At most this many merge threads per process (merges beyond wait in the queue): twice the
-/// cores, so that small merges need not wait for a large one, and no more.
+/// cores, so that small merges need not wait for a large one, and no more. (Asked once: the
+/// standard library reads the cgroup limits again on every call, and this is asked under the
+/// pool's lock.)
 fn max_threads() -> usize {
-    2 * std::thread::available_parallelism().map_or(2, |n| n.get()).max(1)
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| 2 * std::thread::available_parallelism().map_or(2, |n| n.get()).max(1))
 }
 
 /// Queues `job` for a merge thread, starting one when none is idle and the pool has room.
