@@ -72,13 +72,31 @@ impl Snapshot {
     /// not completed when the snapshot was taken read as incomplete: the caller checks that
     /// `as_of` was complete.
     pub fn read_key(&self, key: &Key, as_of: Epoch) -> Result<Vec<Slot>, ReadError> {
+        let mut slots = Vec::new();
+        self.read_keys([key], as_of, |_, found| slots = found)?;
+        Ok(slots)
+    }
+
+    /// Calls `f` with each of `keys`, in the order given, and its live slots at `as_of` (empty
+    /// when it has none): one cursor over the batches for all of them.
+    pub fn read_keys<K: std::borrow::Borrow<Key>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+        as_of: Epoch,
+        mut f: impl FnMut(K, Vec<Slot>),
+    ) -> Result<(), ReadError> {
         self.check(as_of)?;
         let (mut cursor, storage) = cursor_list(self.batches.clone());
-        cursor.seek_key(&storage, key);
-        match cursor.get_key(&storage) {
-            Some(k) if k == key => Ok(live_slots(&mut cursor, &storage, as_of)),
-            _ => Ok(Vec::new()),
+        for key in keys {
+            cursor.rewind_keys(&storage);
+            cursor.seek_key(&storage, key.borrow());
+            let slots = match cursor.get_key(&storage) {
+                Some(k) if k == key.borrow() => live_slots(&mut cursor, &storage, as_of),
+                _ => Vec::new(),
+            };
+            f(key, slots);
         }
+        Ok(())
     }
 
     /// Calls `f` with the keys after `start_after` (all keys when `None`) that have live slots

@@ -403,8 +403,10 @@ fn run(case: &Case) -> [(Results, Option<i64>); 2] {
             snapshots.map(|(at, snapshot)| {
                 let (wm, now) = (marks.at(at), marks.now_at(at));
                 let mut results: Vec<(u64, String, Vec<Win>)> = Vec::new();
+                let mut every_key = Vec::new();
                 snapshot
                     .read_all(at, |key, slots| {
+                        every_key.push((key.clone(), slots.clone()));
                         let Datum::UInt(user) = key.parts()[0] else { panic!("u64 keys") };
                         for (name, windows) in assemble(&layout, &slots, wm, now) {
                             if !windows.is_empty() {
@@ -417,6 +419,16 @@ fn run(case: &Case) -> [(Results, Option<i64>); 2] {
                         }
                     })
                     .unwrap();
+                // Key by key through one cursor, in another order (and a key with no slots),
+                // as key reads go: the same slots.
+                let absent = Key::One(Datum::UInt(u64::MAX));
+                let mut keys: Vec<&Key> = every_key.iter().map(|(k, _)| k).rev().collect();
+                keys.insert(keys.len() / 2, &absent);
+                let mut by_key = Vec::new();
+                snapshot.read_keys(keys, at, |key, slots| by_key.push((key.clone(), slots))).unwrap();
+                let mut want: Vec<_> = every_key.iter().rev().cloned().collect();
+                want.insert(want.len() / 2, (absent.clone(), Vec::new()));
+                assert_eq!(by_key, want);
                 (results, wm)
             })
         });

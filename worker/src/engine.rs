@@ -294,13 +294,11 @@ fn read_keys(
     marks: (Option<i64>, Option<i64>),
     results: &mut Vec<KeyResult>,
 ) -> Result<(), ReadError> {
-    for key in keys {
-        let slots = snapshot.read_key(&key, as_of)?;
+    snapshot.read_keys(keys, as_of, |key, slots| {
         if !slots.is_empty() {
             results.push(KeyResult { features: assemble(layout, &slots, marks.0, marks.1), key });
         }
-    }
-    Ok(())
+    })
 }
 
 /// When each recent epoch became the newest complete one: one entry per 10 ms at most (so an
