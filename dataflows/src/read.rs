@@ -50,10 +50,10 @@ impl Snapshot {
         Snapshot { batches, since: since(trace) }
     }
 
-    /// Whether every batch of `other` is one of this snapshot's too (then letting go of
-    /// `other` frees no batch while this one is kept).
-    pub fn holds_all_of(&self, other: &Snapshot) -> bool {
-        other.batches.iter().all(|b| self.batches.iter().any(|mine| Shared::ptr_eq(mine, b)))
+    /// Whether it holds the last reference to one of its batches (letting go of it would free
+    /// that batch).
+    pub fn holds_last_reference(&self) -> bool {
+        self.batches.iter().any(Shared::is_unique)
     }
 
     /// The oldest epoch it can be read at.

@@ -62,9 +62,9 @@ impl<B> Clone for Shared<B> {
 }
 
 impl<B> Shared<B> {
-    /// Whether both are the same batch.
-    pub fn ptr_eq(a: &Shared<B>, b: &Shared<B>) -> bool {
-        Arc::ptr_eq(&a.0, &b.0)
+    /// Whether this is the only reference to the batch.
+    pub fn is_unique(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
     }
 }
 

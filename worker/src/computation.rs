@@ -132,7 +132,6 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
         processes: formation.addresses.len(),
         jobs: Mutex::new(receivers),
         threads: (0..threads).map(|_| OnceLock::new()).collect(),
-        frontiers: Mutex::new(std::collections::HashMap::new()),
         gauges: Mutex::new(vec![engine::ThreadGauges::default(); threads]),
         data_dir,
         fsync,
@@ -185,11 +184,12 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
             let mut last: Vec<(String, u64)> = Vec::new();
             loop {
                 thread::sleep(Duration::from_millis(10));
-                let mut now: Vec<(String, u64)> = match reporter_ctx.frontiers.lock() {
-                    Ok(f) => f
+                let mut now: Vec<(String, u64)> = match reporter_ctx.views.lock() {
+                    Ok(views) => views
                         .iter()
-                        .filter_map(|(name, slots)| {
-                            let all: Option<Vec<u64>> = slots.iter().copied().collect();
+                        .filter_map(|(name, threads)| {
+                            let all: Option<Vec<u64>> =
+                                threads.iter().map(|v| v.as_ref().map(|v| v.complete())).collect();
                             all.and_then(|v| v.into_iter().min()).map(|m| (name.clone(), m))
                         })
                         .collect(),
@@ -341,8 +341,8 @@ impl Router {
                 // moves past the read's epoch at once, so that a read at an ingest reply's epoch
                 // does not wait for the other partitions' next tick. An epoch one local thread
                 // reports complete is complete everywhere: then nobody needs waking.
-                let complete = self.ctx.frontiers.lock().ok().is_some_and(|frontiers| {
-                    frontiers.get(&dataflow).is_some_and(|threads| threads.iter().flatten().any(|&c| c >= as_of))
+                let complete = self.ctx.views.lock().ok().is_some_and(|views| {
+                    views.get(&dataflow).is_some_and(|threads| threads.iter().flatten().any(|v| v.complete() >= as_of))
                 });
                 if !complete {
                     for local in 0..self.threads {
@@ -431,7 +431,7 @@ impl Router {
         });
         let Some(views) = views else { return Err(parts) };
         if !views.iter().all(|view| view.covers(after, as_of)) {
-            release(views);
+            views.into_iter().for_each(ReadView::let_go);
             return Err(parts);
         }
         let mut results = Vec::new();
@@ -444,19 +444,8 @@ impl Router {
         };
         tell(&FromChild::Reply { id, reply });
         // After the reply: letting go of a view may hand its batches to a merge thread.
-        release(views);
+        views.into_iter().for_each(ReadView::let_go);
         Ok(())
-    }
-}
-
-/// Lets go of views used for a read. One the worker thread has replaced since may hold the
-/// last reference to batches a merge replaced: those are freed off this thread, which answers
-/// reads.
-fn release(views: Vec<Arc<ReadView>>) {
-    for view in views {
-        if let Some(last) = Arc::into_inner(view) {
-            sundial_dataflows::spine::drop_off_thread(last);
-        }
     }
 }
 

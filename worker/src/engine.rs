@@ -272,6 +272,23 @@ impl ReadView {
         after <= self.applied && self.snapshot.since() <= as_of && as_of <= self.complete
     }
 
+    /// The newest epoch complete on its worker thread.
+    pub fn complete(&self) -> Epoch {
+        self.complete
+    }
+
+    /// Lets go of a reference to a view. When it is the last one and the view holds the last
+    /// reference to a batch (one that merges have replaced since), the view is freed on a merge
+    /// thread: freeing a batch's updates takes milliseconds, which neither the worker thread nor
+    /// the thread answering reads should spend.
+    pub fn let_go(view: Arc<ReadView>) {
+        if let Some(view) = Arc::into_inner(view) {
+            if view.snapshot.holds_last_reference() {
+                sundial_dataflows::spine::drop_off_thread(view);
+            }
+        }
+    }
+
     /// The watermark in force at `as_of`.
     pub fn watermark(&self, as_of: Epoch) -> Option<i64> {
         self.watermarks.at(as_of)
@@ -336,8 +353,6 @@ pub struct Context {
     pub jobs: Mutex<Vec<Option<Receiver<Job>>>>,
     /// Each worker thread's handle, for unparking it when a job arrives.
     pub threads: Vec<std::sync::OnceLock<std::thread::Thread>>,
-    /// Per dataflow, each local thread's newest complete epoch (reported to the coordinator).
-    pub frontiers: Mutex<HashMap<String, Vec<Option<Epoch>>>>,
     /// Each local thread's gauges, refreshed every [`GAUGE_INTERVAL`].
     pub gauges: Mutex<Vec<ThreadGauges>>,
     /// The worker's data dir: ingest logs in `log/t{thread}`.
@@ -356,42 +371,33 @@ pub struct Context {
     /// The sources' schemas as the worker threads applied them, so that ingest bodies can be
     /// parsed before they reach a worker thread (which then only logs and feeds them).
     pub schemas: std::sync::RwLock<HashMap<String, Arc<SourcePlan>>>,
-    /// Per dataflow, each local thread's newest [`ReadView`].
+    /// Per dataflow, each local thread's newest [`ReadView`], which also says the newest epoch
+    /// complete on that thread (reported to the coordinator).
     pub views: Mutex<HashMap<String, Vec<Option<Arc<ReadView>>>>>,
 }
 
 impl Context {
-    /// Makes `view` local thread `local`'s view of `dataflow` (none: the dataflow is gone). The
-    /// view it replaces is let go of off this thread when it may hold the last reference to
-    /// batches (those merges have replaced since), here otherwise.
+    /// Makes `view` local thread `local`'s view of `dataflow` (none: the dataflow is gone), and
+    /// lets go of the one it replaces ([`ReadView::let_go`]).
     fn publish(&self, dataflow: &str, local: usize, view: Option<Arc<ReadView>>) {
-        let new = view.clone();
-        let old = match self.views.lock() {
-            Ok(mut views) => match views.get_mut(dataflow) {
-                Some(slots) => {
-                    let old = slots.get_mut(local).and_then(|slot| std::mem::replace(slot, view));
-                    if slots.iter().all(Option::is_none) {
-                        views.remove(dataflow);
-                    }
-                    old
+        let Ok(mut views) = self.views.lock() else { return };
+        let old = match views.get_mut(dataflow) {
+            Some(slots) => slots.get_mut(local).and_then(|slot| std::mem::replace(slot, view)),
+            None => {
+                let mut slots = vec![None; self.threads.len()];
+                if let Some(slot) = slots.get_mut(local) {
+                    *slot = view;
                 }
-                None => {
-                    if view.is_some() {
-                        let mut slots = vec![None; self.threads.len()];
-                        if let Some(slot) = slots.get_mut(local) {
-                            *slot = view;
-                        }
-                        views.insert(dataflow.to_string(), slots);
-                    }
-                    None
-                }
-            },
-            Err(_) => None,
-        };
-        if let Some(old) = old {
-            if !new.is_some_and(|new| new.snapshot.holds_all_of(&old.snapshot)) {
-                sundial_dataflows::spine::drop_off_thread(old);
+                views.insert(dataflow.to_string(), slots);
+                None
             }
+        };
+        if views.get(dataflow).is_some_and(|slots| slots.iter().all(Option::is_none)) {
+            views.remove(dataflow);
+        }
+        drop(views);
+        if let Some(old) = old {
+            ReadView::let_go(old);
         }
     }
 }
@@ -545,7 +551,7 @@ struct Engine {
     deferred: VecDeque<Job>,
     /// Read holds of paged exports: dataflow → (epoch kept readable, until when).
     holds: HashMap<String, Vec<(Epoch, Instant)>>,
-    /// Dataflows dropped since the last report of frontiers.
+    /// Dataflows dropped since the last `after_step`, which removes their views.
     dropped: Vec<String>,
     /// When to refresh this thread's gauges next.
     next_gauges: Instant,
@@ -1247,13 +1253,8 @@ impl Engine {
         }
         let local = self.index % ctx.threads.len().max(1);
         if !self.dropped.is_empty() {
-            for name in &self.dropped {
-                ctx.publish(name, local, None);
-            }
-            if let Ok(mut frontiers) = ctx.frontiers.lock() {
-                for name in self.dropped.drain(..) {
-                    frontiers.remove(&name);
-                }
+            for name in self.dropped.drain(..) {
+                ctx.publish(&name, local, None);
             }
         }
         if Instant::now() >= self.next_gauges {
@@ -1306,8 +1307,8 @@ impl Engine {
                 df.rendered.trace.set_logical_compaction(Antichain::from_elem(since).borrow());
                 df.rendered.trace.set_physical_compaction(Antichain::from_elem(merge_to).borrow());
                 df.rendered.watermarks.borrow_mut().compact(since);
-                // A new view before the new frontier is reported: a read at the newest
-                // reported epoch then finds a view that covers it.
+                // The view is also this thread's frontier: a read at the newest reported epoch
+                // finds a view that covers it.
                 if df.published != Some((self.applied, complete, since)) {
                     df.published = Some((self.applied, complete, since));
                     let view = Arc::new(ReadView {
@@ -1318,12 +1319,6 @@ impl Engine {
                         layout: Arc::clone(&df.rendered.layout),
                     });
                     ctx.publish(name, local, Some(view));
-                }
-                if let Ok(mut frontiers) = ctx.frontiers.lock() {
-                    let slots = frontiers.entry(name.clone()).or_insert_with(|| vec![None; ctx.threads.len()]);
-                    if let Some(slot) = slots.get_mut(local) {
-                        *slot = Some(complete);
-                    }
                 }
             }
         }
