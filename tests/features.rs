@@ -308,9 +308,9 @@ fn a_cluster_computes_what_the_model_computes() {
     let epoch = serde_json::from_str::<Value>(&text).unwrap()["epoch"].as_u64().unwrap();
     all.push((1, newest, 1, "m1".to_string()));
     let read_m1 = |query: &str| {
-        let (code, text) = request(&http, "GET", &format!("/v1/dataflows/big_spenders/keys/m1{query}"), "", b"");
-        assert_eq!(code, 200, "{text}");
-        serde_json::from_str::<Value>(&text).unwrap()
+        let (code, read) = get(&http, &format!("/v1/dataflows/big_spenders/keys/m1{query}")).unwrap();
+        assert_eq!(code, 200, "{read}");
+        read
     };
     // At the reply's epoch (waiting for it), and without `as_of` once the newest complete epoch
     // has passed it (such a read does not wait).

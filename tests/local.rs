@@ -65,10 +65,8 @@ fn thread_policies(pid: u64) -> Vec<(String, u64, u32)> {
     let read = |dir: std::path::PathBuf| -> Option<(String, u64, u32)> {
         let tid: u64 = dir.file_name()?.to_str()?.parse().ok()?;
         let name = std::fs::read_to_string(dir.join("comm")).ok()?.trim().to_string();
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-        // Fields after the name (which may hold spaces) start with the state (field 3); the
-        // policy is field 41.
-        let policy = stat.rsplit_once(") ")?.1.split_whitespace().nth(41 - 3)?.parse().ok()?;
+        // The policy is field 41.
+        let policy = stat_fields(dir.join("stat"))?.get(41 - 3)?.parse().ok()?;
         Some((name, tid, policy))
     };
     tasks.filter_map(|entry| read(entry.ok()?.path())).collect()

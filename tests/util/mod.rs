@@ -270,13 +270,15 @@ pub fn assert_all_to_all(http: &str, peers: usize) -> Value {
 
 /// True while the process exists and is not a zombie.
 pub fn alive(pid: u64) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X"))
-        }
-        Err(_) => false,
-    }
+    let state = stat_fields(format!("/proc/{pid}/stat")).and_then(|fields| fields.into_iter().next());
+    state.is_some_and(|s| s != "Z" && s != "X")
+}
+
+/// The fields of a `/proc/.../stat` file after the name (which may hold spaces and
+/// parentheses): the state (field 3) first. `None` when it cannot be read (the task ended).
+pub fn stat_fields(path: impl AsRef<std::path::Path>) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(path).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(String::from).collect())
 }
 
 /// Pids of live processes whose command line contains `needle`.
