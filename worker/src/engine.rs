@@ -589,10 +589,9 @@ pub fn run(worker: &mut Worker, ctx: Arc<Context>) -> ! {
         let commands = collect_commands(stream, &probe);
         (input, commands, counts)
     });
-    // Key reads are answered off this thread (`ReadView`): ingest and aggregation run below the
-    // threads that answer them (inherited from the thread that started timely; set again here
-    // for a worker started otherwise).
-    sundial_dataflows::priority::run_in_background();
+    // Key reads are answered off this thread (`ReadView`). It runs below the threads that answer
+    // them, as does every thread it starts (merges, checkpoints): the policy is inherited from
+    // the thread that started timely (`computation::run`).
     let jobs = ctx.jobs.lock().ok().and_then(|mut j| j.get_mut(local).and_then(Option::take));
     if let Some(slot) = ctx.threads.get(local) {
         let _ = slot.set(std::thread::current());
@@ -1090,7 +1089,6 @@ impl Engine {
         let ctx = Arc::clone(&self.ctx);
         let index = self.index;
         let spawned = std::thread::Builder::new().name("sundial:checkpoint".into()).spawn(move || {
-            sundial_dataflows::priority::run_in_background();
             write_checkpoint(&ctx, epoch, index, snapshots);
         });
         if let Err(e) = spawned {
