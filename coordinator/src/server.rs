@@ -590,8 +590,15 @@ async fn read_frame(rd: &mut OwnedReadHalf) -> Result<Vec<u8>, FrameError> {
 }
 
 async fn write_frame(wr: &mut OwnedWriteHalf, msg: CoordMsg) -> Result<(), FrameError> {
-    let frame = encode_coord(msg)?;
-    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&frame)).await {
+    let framed = encode_coord(msg)?;
+    let write = async {
+        wr.write_all(&framed.head).await?;
+        if let Some(body) = &framed.body {
+            wr.write_all(body.as_bytes()).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())),
     }

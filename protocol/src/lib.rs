@@ -590,8 +590,11 @@ fn read_body<R: Read>(reader: &mut R, request: &mut Request, len: usize) -> Resu
     if len > MAX_INGEST_BODY_BYTES {
         return Err(FrameError::BodyTooLarge(len));
     }
-    let mut bytes = vec![0; len];
-    reader.read_exact(&mut bytes)?;
+    let mut bytes = Vec::with_capacity(len);
+    reader.take(len as u64).read_to_end(&mut bytes)?;
+    if bytes.len() < len {
+        return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
     *body = String::from_utf8(bytes).map_err(|e| FrameError::Malformed(format!("an ingest body is not UTF-8: {e}")))?;
     Ok(())
 }
@@ -611,8 +614,30 @@ impl WithBody for CoordMsg {
     }
 }
 
-/// Frames `msg` with the body of an ingest request it carries after the frame, raw.
-fn encode_with_body<T: Serialize + WithBody>(mut msg: T) -> Result<Vec<u8>, FrameError> {
+/// A frame, and the raw body of the ingest request it carries, to be written after it (not
+/// copied into it).
+#[derive(Debug)]
+pub struct Framed {
+    /// The frame, length prefix included.
+    pub head: Vec<u8>,
+    /// The body that follows it.
+    pub body: Option<String>,
+}
+
+impl Framed {
+    /// Writes the frame and the body after it, and flushes.
+    pub fn write_to<W: Write>(&self, writer: &mut W) -> Result<(), FrameError> {
+        writer.write_all(&self.head)?;
+        if let Some(body) = &self.body {
+            writer.write_all(body.as_bytes())?;
+        }
+        writer.flush()?;
+        Ok(())
+    }
+}
+
+/// Frames `msg`, taking the body of an ingest request it carries out of the frame.
+fn encode_with_body<T: Serialize + WithBody>(mut msg: T) -> Result<Framed, FrameError> {
     let body = match msg.body_parts() {
         Some((request, body_bytes)) => {
             let body = take_body(request)?;
@@ -621,11 +646,7 @@ fn encode_with_body<T: Serialize + WithBody>(mut msg: T) -> Result<Vec<u8>, Fram
         }
         None => None,
     };
-    let mut frame = encode(&msg)?;
-    if let Some(body) = body {
-        frame.extend_from_slice(body.as_bytes());
-    }
-    Ok(frame)
+    Ok(Framed { head: encode(&msg)?, body })
 }
 
 /// Reads one message framed by [`encode_with_body`] from a blocking reader.
@@ -640,7 +661,7 @@ fn read_with_body<R: Read, T: DeserializeOwned + WithBody>(reader: &mut R) -> Re
 }
 
 /// Frames a message to a worker: the body of an ingest request follows the frame raw.
-pub fn encode_coord(msg: CoordMsg) -> Result<Vec<u8>, FrameError> {
+pub fn encode_coord(msg: CoordMsg) -> Result<Framed, FrameError> {
     encode_with_body(msg)
 }
 
@@ -813,7 +834,7 @@ mod tests {
         let msgs = [request(1, ingest(body)), CoordMsg::Ping, request(2, read), request(3, ingest(""))];
         let mut wire = Vec::new();
         for msg in msgs.clone() {
-            wire.extend(encode_coord(msg).unwrap());
+            encode_coord(msg).unwrap().write_to(&mut wire).unwrap();
         }
         let frame_len = u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize;
         assert_eq!(&wire[4 + frame_len..4 + frame_len + body.len()], body.as_bytes());
@@ -822,7 +843,8 @@ mod tests {
             assert_eq!(read_coord(&mut reader).unwrap(), want);
         }
         assert!(matches!(read_coord(&mut reader), Err(FrameError::Closed)));
-        let mut cut = encode_coord(request(1, ingest(body))).unwrap();
+        let mut cut = Vec::new();
+        encode_coord(request(1, ingest(body))).unwrap().write_to(&mut cut).unwrap();
         cut.truncate(cut.len() - 1);
         assert!(matches!(read_coord(&mut cut.as_slice()), Err(FrameError::Io(_))));
         let mut stray = encode(&CoordMsg::Request {
@@ -990,9 +1012,7 @@ pub mod child {
 
     /// Writes request `id` to the computation: an ingest body as raw bytes after the frame.
     pub fn write_request<W: Write>(writer: &mut W, id: u64, request: Request) -> Result<(), FrameError> {
-        writer.write_all(&encode_with_body(ToChild::Request { id, request, body_bytes: None })?)?;
-        writer.flush()?;
-        Ok(())
+        encode_with_body(ToChild::Request { id, request, body_bytes: None })?.write_to(writer)
     }
 
     /// Reads one message from the supervisor, with the raw body of an ingest request.
