@@ -1,7 +1,7 @@
 //! Client commands for the catalog and the data: `source create`, `submit`, `drop`, `list`,
 //! `ingest`, `query`, `export`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -163,7 +163,8 @@ pub fn export(server: &str, dataflow: &str) -> anyhow::Result<()> {
 
 /// One batch of lines on its way to a worker.
 struct Batch {
-    body: String,
+    /// The header (CSV) and the lines, UTF-8.
+    body: Vec<u8>,
     /// The input line number of the batch's first event line.
     first_line: u64,
     /// Its batch id: this run's producer id and the batch's number.
@@ -295,15 +296,10 @@ pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
         let len = file.metadata().ok().map(|m| m.len());
         (Box::new(file), len)
     };
-    let mut lines = BufReader::new(reader).lines();
-    let header = if csv {
-        match lines.next() {
-            Some(line) => Some(line.context("reading the CSV header")?),
-            None => bail!("{} is empty: a CSV file needs a header", args.file),
-        }
-    } else {
-        None
-    };
+    let mut input = crate::batches::LineBatches::new(reader, args.batch_lines);
+    if csv && input.read_header().context("reading the CSV header")?.is_none() {
+        bail!("{} is empty: a CSV file needs a header", args.file);
+    }
     let path = format!("/v1/sources/{}/events", encode(&args.source));
     let content_type = if csv { "text/csv" } else { "application/x-ndjson" };
     let targets = Arc::new(Targets::new(server));
@@ -321,7 +317,7 @@ pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
         let (done_events, done_bytes) = (Arc::clone(&done_events), Arc::clone(&done_bytes));
         threads.push(std::thread::spawn(move || {
             for batch in rx {
-                let result = post_batch(&targets, index, &path, content_type, batch.body.as_bytes(), &batch.id);
+                let result = post_batch(&targets, index, &path, content_type, &batch.body, &batch.id);
                 let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                 match result {
                     Ok(reply) => {
@@ -382,41 +378,23 @@ pub fn ingest(server: &str, args: &IngestArgs) -> anyhow::Result<()> {
     let mut first_line: u64 = if csv { 2 } else { 1 };
     let mut k = 0usize;
     let mut read_error = None;
-    'read: loop {
-        let mut body = String::new();
-        if let Some(h) = &header {
-            body.push_str(h);
-            body.push('\n');
-        }
-        let (mut n, mut bytes) = (0u64, 0u64);
-        for line in lines.by_ref() {
-            match line {
-                Ok(line) => {
-                    bytes += line.len() as u64 + 1;
-                    body.push_str(&line);
-                    body.push('\n');
-                    n += 1;
-                }
-                Err(e) => {
-                    read_error = Some(e);
+    loop {
+        match input.next_batch() {
+            Ok(Some(cut)) => {
+                let id = format!("{producer}-{k}");
+                let batch = Batch { body: cut.body, first_line, lines: cut.lines, bytes: cut.bytes, id };
+                first_line += cut.lines;
+                if senders[k % senders.len()].send(batch).is_err() {
                     break;
                 }
+                k += 1;
+                report(&bar, &mut last_report, false);
             }
-            if n as usize == args.batch_lines {
+            Ok(None) => break,
+            Err(e) => {
+                read_error = Some(e);
                 break;
             }
-        }
-        if n > 0 {
-            let batch = Batch { body, first_line, lines: n, bytes, id: format!("{producer}-{k}") };
-            first_line += n;
-            if senders[k % senders.len()].send(batch).is_err() {
-                break 'read;
-            }
-            k += 1;
-            report(&bar, &mut last_report, false);
-        }
-        if n == 0 || read_error.is_some() {
-            break;
         }
     }
     std::mem::drop(senders);
