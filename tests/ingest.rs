@@ -203,6 +203,36 @@ fn workers_ingest_directly_and_the_cli_ingests_in_parallel() {
     }
     assert_eq!(export(&http, reply["epoch"].as_u64().unwrap()), model(&all), "nothing of the cut bodies was taken");
 
+    // A batch through the coordinator is answered with an epoch that covers every batch
+    // acknowledged before it, on any path: the workers' clocks need not agree, and the process
+    // taking it may be behind the one that took the batch before.
+    let mut all = all;
+    let mut t = BASE + 40 * 30_100;
+    let mut last = 0;
+    for round in 0..24 {
+        let mut batch = |endpoint: &str| {
+            t += 40;
+            let ev = (round % 200, t, round as i64);
+            all.push(ev);
+            let body = json!({"user_id": ev.0, "ts": ev.1, "amount": ev.2}).to_string();
+            let (code, text) = post(endpoint, "/v1/sources/tx/events", "application/x-ndjson", body.as_bytes());
+            assert_eq!(code, 200, "{text}");
+            serde_json::from_str::<Value>(&text).unwrap()["epoch"].as_u64().unwrap()
+        };
+        // A few batches straight to one worker (each moves its process's epoch to its clock),
+        // then one through the coordinator, which takes turns between the processes.
+        let endpoint = &endpoints[(round as usize / 2) % 2];
+        let mut direct = 0;
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(2));
+            direct = direct.max(batch(endpoint));
+        }
+        let through = batch(&http);
+        assert!(through >= direct, "round {round}: the coordinator answered epoch {through} after {direct}");
+        last = through;
+    }
+    assert_eq!(export(&http, last), model(&all), "a read at the last reply's epoch sees every batch");
+
     // While the cluster re-forms, the surviving worker's endpoint answers 503 with Retry-After.
     let survivor = status["workers"].as_array().unwrap().iter().position(|w| w["pid"] != w1.pid()).unwrap();
     w1.kill9();

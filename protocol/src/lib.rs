@@ -44,7 +44,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The version of this protocol; both sides must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The magic string at the start of every handshake, so that a stray client is told apart from
 /// a worker of another version.
@@ -307,6 +307,9 @@ pub enum Request {
         /// The source.
         source: String,
     },
+    /// The newest epoch of an ingest batch this process has acknowledged, on any path (answered
+    /// on arrival, without waiting for the worker threads).
+    Acked,
 }
 
 /// A page of an export.
@@ -457,6 +460,11 @@ pub enum Reply {
     Late {
         /// The lines.
         lines: Vec<String>,
+    },
+    /// The answer to [`Request::Acked`].
+    Acked {
+        /// The epoch (0 before the first batch).
+        epoch: u64,
     },
 }
 

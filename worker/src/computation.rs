@@ -141,6 +141,7 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
         checkpoints: Mutex::new(std::collections::HashMap::new()),
         schemas: std::sync::RwLock::new(std::collections::HashMap::new()),
         views: Mutex::new(std::collections::HashMap::new()),
+        acked: std::sync::atomic::AtomicU64::new(0),
     });
     // timely's worker and communication threads are started from a background thread, whose
     // scheduling they inherit (`sundial_dataflows::priority`): they run ingest, while this thread
@@ -330,6 +331,10 @@ impl Router {
             }
             Request::Recovered { after } => {
                 gather_all(&|| PartJob::Recovered, after, self);
+            }
+            Request::Acked => {
+                let epoch = self.ctx.acked.load(std::sync::atomic::Ordering::SeqCst);
+                tell(&FromChild::Reply { id, reply: Reply::Acked { epoch } });
             }
             Request::Late { after, source } => {
                 gather_all(&|| PartJob::Late { source: source.clone() }, after, self);

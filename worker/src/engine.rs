@@ -7,6 +7,7 @@
 //! or an ingest never overtakes the command that created its dataflow or source.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -374,6 +375,9 @@ pub struct Context {
     /// Per dataflow, each local thread's newest [`ReadView`], which also says the newest epoch
     /// complete on that thread (reported to the coordinator).
     pub views: Mutex<HashMap<String, Vec<Option<Arc<ReadView>>>>>,
+    /// The newest epoch of an ingest batch acknowledged by a thread of this process
+    /// ([`sundial_protocol::Request::Acked`]).
+    pub acked: std::sync::atomic::AtomicU64,
 }
 
 impl Context {
@@ -807,10 +811,19 @@ impl Engine {
             // Ingest waits for the log replay of a new generation.
             Job::Ingest { .. } if !self.all_recovered() => Some(job),
             Job::Ingest { id, source, csv, body, first_line, min_epoch, batch, parsed, .. } => {
-                if self.epoch < min_epoch {
-                    self.advance_to(min_epoch);
+                // At the clock, not at the last tick (up to a tick behind), and never below an
+                // epoch this process has acknowledged on any thread: a read at this batch's epoch
+                // then sees every batch acknowledged before it here, and (clocks agreeing) on the
+                // other processes.
+                let floor = min_epoch.max(self.ctx.acked.load(Ordering::SeqCst)).max(unix_ms());
+                if self.epoch < floor {
+                    self.advance_to(floor);
                 }
                 let reply = self.ingest(&source, csv, &body, first_line, batch.as_deref(), parsed);
+                if let Reply::Ingested(outcome) = &reply {
+                    // Before the reply leaves, so that `Request::Acked` answered after it counts it.
+                    self.ctx.acked.fetch_max(outcome.epoch, Ordering::SeqCst);
+                }
                 crate::computation::tell(&FromChild::Reply { id, reply });
                 None
             }
