@@ -321,10 +321,8 @@ fn sundial(
         for chunk in mine {
             r.rows.advance_to(epoch);
             r.reports.advance_to(epoch);
-            for row in chunk {
-                max_ts = max_ts.max(Some(row.time));
-                r.rows.send(row);
-            }
+            max_ts = max_ts.max(chunk.iter().map(|row| row.time).max());
+            r.rows.send(std::sync::Arc::new(chunk));
             r.reports.send(Report { partition: me as u32, max_ts, idle: max_ts.is_none() });
             epoch += 1;
             r.rows.advance_to(epoch);

@@ -313,6 +313,9 @@ impl Layout {
     }
 }
 
+/// A batch of rows of one source, shared by the dataflows that read it.
+pub type RowBatch = Arc<Vec<Row>>;
+
 /// The arrangement a dataflow maintains: key → slots, at epochs (differential's batches, merged
 /// off the worker thread: [`crate::spine`]).
 pub type SlotSpine = crate::spine::BgSpine<SlotBatch>;
@@ -378,8 +381,9 @@ pub struct Stats {
 
 /// What a rendered dataflow gives the worker.
 pub struct Rendered {
-    /// Rows of this worker's ingest partition.
-    pub rows: InputHandle<Epoch, CapacityContainerBuilder<Vec<Row>>>,
+    /// Rows of this worker's ingest partition, in batches shared by every dataflow that reads
+    /// the source (each gets the batch, not a copy of its rows).
+    pub rows: InputHandle<Epoch, CapacityContainerBuilder<Vec<RowBatch>>>,
     /// This partition's reports.
     pub reports: InputHandle<Epoch, CapacityContainerBuilder<Vec<Report>>>,
     /// The maintained arrangement.
@@ -617,14 +621,17 @@ pub fn render_with(
 ) -> Rendered {
     let layout = Arc::new(Layout::new(plan));
     let name = layout.plan.name.clone();
-    let (rows, row_stream) = scope.new_input::<Vec<Row>>();
+    let (rows, row_stream) = scope.new_input::<Vec<RowBatch>>();
     let (reports, report_stream) = scope.new_input::<Vec<Report>>();
     let watermarks = Rc::new(RefCell::new(Watermarks::default()));
     let stats = Rc::new(Cell::new(Stats::default()));
     let checkpoint = Rc::new(RefCell::new(CheckpointCell::default()));
 
     let prep = Arc::clone(&layout);
-    let events = row_stream.flat_map(move |row| prep.prepare(&row));
+    let events = row_stream.flat_map(move |batch: RowBatch| {
+        let prep = Arc::clone(&prep);
+        (0..batch.len()).filter_map(move |i| prep.prepare(&batch[i]))
+    });
     // The aggregate reads closed panes back from the arrangement it feeds (made below).
     let feeding: Rc<RefCell<Option<SlotTrace>>> = Rc::new(RefCell::new(None));
     let mut store = TraceStore { trace: Rc::clone(&feeding), upper: timely::progress::Antichain::new() };

@@ -130,9 +130,7 @@ fn send(r: &mut Rendered, e: u64) {
     r.reports.advance_to(e);
     let batch = rows(e);
     let max = batch.iter().map(|row| row.time).max();
-    for row in batch {
-        r.rows.send(row);
-    }
+    r.rows.send(std::sync::Arc::new(batch));
     r.reports.send(Report { partition: 0, max_ts: max, idle: false });
     r.rows.advance_to(e + 1);
     r.reports.advance_to(e + 1);

@@ -363,12 +363,18 @@ fn run(case: &Case) -> [(Results, Option<i64>); 2] {
         for (e, batch) in case.epochs.iter().enumerate() {
             r.rows.advance_to(epoch);
             r.reports.advance_to(epoch);
+            let mut rows = Vec::new();
             for (ev, ok) in batch[me].iter().zip(&accepted[e][me]) {
                 if *ok {
                     max_ts = max_ts.max(Some(ev.ts));
-                    r.rows.send(row(ev));
+                    rows.push(row(ev));
                 }
             }
+            // In two batches (when there are two rows or more), as successive ingest requests
+            // of one epoch arrive.
+            let second = rows.split_off(rows.len() / 2);
+            r.rows.send(std::sync::Arc::new(rows));
+            r.rows.send(std::sync::Arc::new(second));
             // A partition that has had no event declares itself idle (as after the idle timeout).
             r.reports.send(Report { partition: me as u32, max_ts, idle: max_ts.is_none() });
             epoch += 1;

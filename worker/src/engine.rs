@@ -1128,13 +1128,9 @@ impl Engine {
             .filter(|df| df.rendered.layout.plan.source.name == source)
             .filter(|df| only.is_none_or(|ids| ids.contains(&df.rendered.layout.plan.id)))
             .collect();
-        let n = readers.len();
-        let mut rows = Some(rows);
-        for (i, df) in readers.into_iter().enumerate() {
-            let batch = if i + 1 == n { rows.take().unwrap_or_default() } else { rows.clone().unwrap_or_default() };
-            for row in batch {
-                df.rendered.rows.send(row);
-            }
+        let batch = Arc::new(rows);
+        for df in readers {
+            df.rendered.rows.send(Arc::clone(&batch));
         }
     }
 
