@@ -85,9 +85,13 @@ pub struct Ev {
     pub values: Values,
 }
 
-/// One, two or more values: the first two inline, more boxed (no allocation for the usual one
-/// or two). The variant lives in a spare value of the first element's tag, so it takes two
-/// elements' room. Encoded as a sequence, like a `Vec<T>`.
+/// One, two or more values: the first two inline, more in a shared block (no allocation for the
+/// usual one or two). The variant lives in a spare value of the first element's tag, so it takes
+/// two elements' room. Encoded as a sequence, like a `Vec<T>`.
+///
+/// Three or more are behind an `Arc`, copied on write: a slot's copies (the arrangement's
+/// batches, their merges, the values retracted and inserted for a change) share one block
+/// instead of allocating, copying and freeing one each.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Inline<T> {
     /// One.
@@ -95,7 +99,7 @@ pub enum Inline<T> {
     /// Two.
     Two([T; 2]),
     /// Three or more (or none).
-    Many(Box<[T]>),
+    Many(Arc<[T]>),
 }
 
 /// The accumulators of one slot, one per feature of its group (a slot is cloned for every
@@ -108,7 +112,7 @@ pub type Values = Inline<Datum>;
 
 impl<T> Default for Inline<T> {
     fn default() -> Inline<T> {
-        Inline::Many(Box::new([]))
+        Inline::Many(Arc::new([]))
     }
 }
 
@@ -123,12 +127,13 @@ impl<T> std::ops::Deref for Inline<T> {
     }
 }
 
-impl<T> std::ops::DerefMut for Inline<T> {
+impl<T: Clone> std::ops::DerefMut for Inline<T> {
     fn deref_mut(&mut self) -> &mut [T] {
         match self {
             Inline::One(a) => std::slice::from_mut(a),
             Inline::Two(both) => both,
-            Inline::Many(all) => all,
+            // Copied first if another holder shares the block.
+            Inline::Many(all) => Arc::make_mut(all),
         }
     }
 }
@@ -143,7 +148,7 @@ impl<T> FromIterator<T> for Inline<T> {
                 Some(c) => {
                     let mut all = vec![a, b, c];
                     all.extend(it);
-                    Inline::Many(all.into_boxed_slice())
+                    Inline::Many(all.into())
                 }
             },
             _ => Inline::default(),
