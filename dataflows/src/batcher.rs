@@ -13,8 +13,9 @@ use std::cmp::Ordering;
 
 use differential_dataflow::batcher::merge::Sealer;
 use differential_dataflow::batcher::{Batcher, Extract};
-use differential_dataflow::trace::implementations::ord_neu::OrdValBatch;
+use differential_dataflow::trace::implementations::ord_neu::{BuilderInput, OrdValBatch};
 use differential_dataflow::trace::implementations::{ValBuilder, Vector};
+use differential_dataflow::trace::Builder as _;
 use timely::progress::frontier::{Antichain, AntichainRef};
 
 use sundial_protocol::value::{Datum, Key};
@@ -80,10 +81,61 @@ impl Extract for SlotBatcher {
         if !unsorted.is_empty() {
             runs.push(sort_and_consolidate(unsorted.into_iter().flatten().collect()));
         }
-        let sorted = merge_runs(runs);
-        let batch = if sorted.is_empty() { None } else { Builder::seal(&mut vec![sorted]) };
-        (batch, self.frontier.borrow())
+        (seal_runs(runs), self.frontier.borrow())
     }
+}
+
+/// Updates moved into the builder at a time when runs are merged.
+const SEAL_CHUNK: usize = 1024;
+
+/// Sorted, consolidated runs as one batch. Several runs (the epochs the aggregate finished in
+/// one step) are merged on their way into the batch, a chunk at a time: each update moves
+/// once, without a merged copy of them all first.
+fn seal_runs(runs: Vec<Vec<SlotUpdate>>) -> Option<OrdValBatch<Vector<SlotUpdate>>> {
+    seal_runs_in(runs, SEAL_CHUNK)
+}
+
+/// [`seal_runs`], moving `chunk` updates at a time.
+fn seal_runs_in(mut runs: Vec<Vec<SlotUpdate>>, chunk_len: usize) -> Option<OrdValBatch<Vector<SlotUpdate>>> {
+    runs.retain(|run| !run.is_empty());
+    if runs.len() <= 1 {
+        return runs.pop().and_then(|run| Builder::seal(&mut vec![run]));
+    }
+    // Counted over the runs one after the other: at least what the merge holds.
+    let (keys, vals, upds) = <Vec<SlotUpdate> as BuilderInput<Vec<Key>, Vec<Slot>>>::key_val_upd_counts(&runs);
+    let mut builder = Builder::with_capacity(keys, vals, upds);
+    let mut rest: Vec<std::vec::IntoIter<SlotUpdate>> = runs.into_iter().map(Vec::into_iter).collect();
+    let mut heads: Vec<Option<SlotUpdate>> = rest.iter_mut().map(Iterator::next).collect();
+    let mut chunk: Vec<SlotUpdate> = Vec::with_capacity(chunk_len);
+    loop {
+        let mut least: Option<(usize, &SlotUpdate)> = None;
+        for (i, head) in heads.iter().enumerate() {
+            if let Some(u) = head {
+                if least.is_none_or(|(_, l)| (&u.0, u.1) < (&l.0, l.1)) {
+                    least = Some((i, u));
+                }
+            }
+        }
+        let Some((i, _)) = least else { break };
+        let next = rest[i].next();
+        let Some(update) = std::mem::replace(&mut heads[i], next) else { break };
+        match chunk.last_mut() {
+            // The same change in two runs (of one epoch): one update.
+            Some(last) if last.1 == update.1 && last.0 == update.0 => last.2 += update.2,
+            _ => {
+                // The last one is final once a different one follows it.
+                if chunk.len() >= chunk_len {
+                    chunk.retain(|u| u.2 != 0);
+                    builder.push(&mut chunk);
+                    chunk.clear();
+                }
+                chunk.push(update);
+            }
+        }
+    }
+    chunk.retain(|u| u.2 != 0);
+    builder.push(&mut chunk);
+    builder.done()
 }
 
 /// One epoch's changes (as the aggregate makes them) in the order of their (key, slot), with
@@ -105,29 +157,6 @@ pub fn sort_and_consolidate(updates: Vec<SlotUpdate>) -> Vec<SlotUpdate> {
 /// sorted and consolidated.
 fn is_run(updates: &[SlotUpdate]) -> bool {
     updates.windows(2).all(|w| (&w[0].0, w[0].1) < (&w[1].0, w[1].1)) && updates.iter().all(|u| u.2 != 0)
-}
-
-/// Sorted, consolidated runs merged into one (pairwise, so each update moves about log2(runs)
-/// times).
-fn merge_runs(runs: Vec<Vec<SlotUpdate>>) -> Vec<SlotUpdate> {
-    let mut runs: std::collections::VecDeque<Vec<SlotUpdate>> = runs.into();
-    while runs.len() > 1 {
-        let (Some(a), Some(b)) = (runs.pop_front(), runs.pop_front()) else { break };
-        runs.push_back(merge_two(a, b));
-    }
-    runs.pop_front().unwrap_or_default()
-}
-
-/// Two sorted, consolidated runs merged into one.
-fn merge_two(a: Vec<SlotUpdate>, b: Vec<SlotUpdate>) -> Vec<SlotUpdate> {
-    let n = a.len() + b.len();
-    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
-    let merged = std::iter::from_fn(|| match (a.peek(), b.peek()) {
-        (Some(x), Some(y)) if (&y.0, y.1) < (&x.0, x.1) => b.next(),
-        (Some(_), _) => a.next(),
-        (None, _) => b.next(),
-    });
-    consolidated(merged, n)
 }
 
 /// `items` in the order of `cmp`, which must order first by `key`: sorts (key prefix, index)
@@ -209,6 +238,23 @@ mod tests {
         })
     }
 
+    /// A batch's updates, in its order.
+    fn contents(batch: Option<OrdValBatch<Vector<SlotUpdate>>>) -> Vec<SlotUpdate> {
+        use differential_dataflow::trace::cursor::{Cursor, Navigable};
+        let mut out = Vec::new();
+        let Some(batch) = batch else { return out };
+        let mut cursor = batch.cursor();
+        while cursor.key_valid(&batch) {
+            while cursor.val_valid(&batch) {
+                let (key, val) = (cursor.key(&batch).clone(), cursor.val(&batch).clone());
+                cursor.map_times(&batch, |t, r| out.push(((key.clone(), val.clone()), *t, *r)));
+                cursor.step_val(&batch);
+            }
+            cursor.step_key(&batch);
+        }
+        out
+    }
+
     /// Whether `prefix` agrees with `Ord` on two keys.
     fn prefix_agrees(a: &Key, b: &Key) -> bool {
         match prefix(a).cmp(&prefix(b)) {
@@ -224,11 +270,16 @@ mod tests {
         }
 
         #[test]
-        fn merged_runs_are_the_sorted_whole(runs in prop::collection::vec(prop::collection::vec(update(), 0..60), 0..5)) {
+        fn runs_sealed_together_are_the_sorted_whole(
+            runs in prop::collection::vec(prop::collection::vec(update(), 0..60), 0..5),
+            chunk in 1usize..8,
+        ) {
             let whole: Vec<SlotUpdate> = runs.iter().flatten().cloned().collect();
             let sorted: Vec<Vec<SlotUpdate>> = runs.into_iter().map(sort_and_consolidate).collect();
             prop_assert!(sorted.iter().all(|r| is_run(r)));
-            prop_assert_eq!(merge_runs(sorted), sort_and_consolidate(whole));
+            let expected = sort_and_consolidate(whole);
+            prop_assert_eq!(contents(seal_runs_in(sorted.clone(), chunk)), expected.clone());
+            prop_assert_eq!(contents(seal_runs(sorted)), expected);
         }
 
         #[test]
