@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange as ExchangePact, Pipeline};
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, Input, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle, Scope};
 
@@ -633,10 +633,25 @@ pub fn render_with(
     let checkpoint = Rc::new(RefCell::new(CheckpointCell::default()));
 
     let prep = Arc::clone(&layout);
-    let events = row_stream.flat_map(move |batch: RowBatch| {
-        let prep = Arc::clone(&prep);
-        (0..batch.len()).filter_map(move |i| prep.prepare(&batch[i]))
-    });
+    // Each input container's batches become one container of events, given whole to the
+    // exchange (not event by event through a builder).
+    let events = row_stream.unary::<CapacityContainerBuilder<Vec<Ev>>, _, _, _>(
+        Pipeline,
+        &format!("Prepare({name})"),
+        move |_, _| {
+            let mut prepared: Vec<Ev> = Vec::new();
+            move |input, output| {
+                input.for_each(|cap, batches| {
+                    for batch in batches.drain(..) {
+                        prepared.extend(batch.iter().filter_map(|row| prep.prepare(row)));
+                    }
+                    if !prepared.is_empty() {
+                        output.session(&cap).give_container(&mut prepared);
+                    }
+                });
+            }
+        },
+    );
     // The aggregate reads closed panes back from the arrangement it feeds (made below).
     let feeding: Rc<RefCell<Option<SlotTrace>>> = Rc::new(RefCell::new(None));
     let mut store = TraceStore { trace: Rc::clone(&feeding), upper: timely::progress::Antichain::new() };
