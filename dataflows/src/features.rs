@@ -75,10 +75,8 @@ pub struct Report {
 /// of the fields the features aggregate.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Ev {
-    /// The key.
+    /// The key (its hash routes the event: computed there, not sent along).
     pub key: Key,
-    /// The key's hash (routes the event).
-    pub hash: u64,
     /// Event time, ms.
     pub time: i64,
     /// One value per input of the layout (inline up to two: no allocation per event).
@@ -309,7 +307,7 @@ impl Layout {
             [a, b] => Values::Two([row.values[*a].clone(), row.values[*b].clone()]),
             many => Values::Many(many.iter().map(|&i| row.values[i].clone()).collect()),
         };
-        Some(Ev { hash: key.hash64(), key, time: row.time, values })
+        Some(Ev { key, time: row.time, values })
     }
 
     /// The types of the key fields.
@@ -679,7 +677,7 @@ pub fn render_with(
     let behind = Rc::clone(&catching_up);
     let updates = events.binary_frontier::<_, CapacityContainerBuilder<Vec<((Key, Slot), Epoch, isize)>>, _, _, _, _>(
         report_stream.broadcast(),
-        ExchangePact::new(|ev: &Ev| ev.hash),
+        ExchangePact::new(|ev: &Ev| ev.key.hash64()),
         Pipeline,
         &format!("WindowAggregate({name})"),
         move |capability, info| {
