@@ -39,6 +39,8 @@ fn segment_bytes() -> u64 {
             .map_or(SEGMENT_BYTES, |b| b.max(4096))
     })
 }
+/// An append's buffer is kept for the next one up to this size.
+const KEPT_FRAME_BYTES: usize = 16 << 20;
 /// The largest record read back; anything larger is corruption.
 const MAX_RECORD: u32 = 512 << 20;
 
@@ -261,6 +263,8 @@ pub struct Log {
     next_seq: u64,
     last_sync: Instant,
     scratch: Vec<u8>,
+    /// The buffer records are encoded into, kept between appends.
+    frame: Vec<u8>,
 }
 
 impl Log {
@@ -279,6 +283,7 @@ impl Log {
             next_seq,
             last_sync: Instant::now(),
             scratch: Vec::new(),
+            frame: Vec::new(),
         };
         let mut cut = None;
         if let Some(last) = segs.last() {
@@ -345,24 +350,45 @@ impl Log {
         late: u64,
     ) -> Result<(), LogError> {
         let record = RecordRef::Batch { epoch, source, batch, rows, rejected, late };
-        let payload = bincode::serialize(&record)
-            .map_err(|e| LogError::Io { path: self.dir.clone(), source: io::Error::other(e.to_string()) })?;
-        self.append_payload(&payload, epoch, true)
+        self.append_encoded(|frame| bincode::serialize_into(frame, &record), epoch, true)
     }
 
     /// Appends `record` and syncs it as the policy says (`sync`: this append ends an ingest
     /// reply). On error, whatever part of the record reached the file is cut off again.
     pub fn append(&mut self, record: &Record, sync: bool) -> Result<(), LogError> {
-        let payload = bincode::serialize(record)
-            .map_err(|e| LogError::Io { path: self.dir.clone(), source: io::Error::other(e.to_string()) })?;
-        self.append_payload(&payload, record.epoch(), sync)
+        self.append_encoded(|frame| bincode::serialize_into(frame, record), record.epoch(), sync)
     }
 
-    fn append_payload(&mut self, payload: &[u8], epoch: u64, sync: bool) -> Result<(), LogError> {
-        let mut frame = Vec::with_capacity(payload.len() + 8);
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-        frame.extend_from_slice(payload);
+    /// Appends the record `encode` writes. It is encoded once, straight after the frame's
+    /// length and checksum, into a buffer kept for the next append (no sizing pass, no copy of
+    /// the payload into the frame, no fresh pages per batch).
+    fn append_encoded(
+        &mut self,
+        encode: impl FnOnce(&mut Vec<u8>) -> bincode::Result<()>,
+        epoch: u64,
+        sync: bool,
+    ) -> Result<(), LogError> {
+        let mut frame = std::mem::take(&mut self.frame);
+        frame.clear();
+        frame.extend_from_slice(&[0; 8]);
+        let appended = match encode(&mut frame) {
+            Ok(()) => {
+                let payload = &frame[8..];
+                let (len, crc) = ((payload.len() as u32).to_le_bytes(), crc32c::crc32c(payload).to_le_bytes());
+                frame[..4].copy_from_slice(&len);
+                frame[4..8].copy_from_slice(&crc);
+                self.append_frame(&frame, epoch, sync)
+            }
+            Err(e) => Err(LogError::Io { path: self.dir.clone(), source: io::Error::other(e.to_string()) }),
+        };
+        // Kept for the next append unless a rare huge record made it large.
+        if frame.capacity() <= KEPT_FRAME_BYTES {
+            self.frame = frame;
+        }
+        appended
+    }
+
+    fn append_frame(&mut self, frame: &[u8], epoch: u64, sync: bool) -> Result<(), LogError> {
         let full = self
             .current
             .as_ref()
@@ -374,7 +400,7 @@ impl Log {
         let Some((file, len, _)) = self.current.as_mut() else {
             return Err(LogError::Io { path, source: io::Error::other("no open segment") });
         };
-        let written = file.write_all(&frame).and_then(|()| match self.fsync {
+        let written = file.write_all(frame).and_then(|()| match self.fsync {
             Fsync::Always => file.sync_all(),
             Fsync::Batch if sync => file.sync_data(),
             Fsync::Interval(every) if self.last_sync.elapsed() >= every => {
