@@ -800,8 +800,10 @@ impl Engine {
             }
             // Only once the log replay of this generation is done (an advance is a shortcut:
             // dropped, the read waits for the tick instead).
+            // A read's epoch may be this very millisecond (a batch enters at its worker's clock):
+            // up to a tick past the clock is allowed, or the read would wait for the next tick.
             Job::Advance { past } => {
-                let next = past.saturating_add(1).min(unix_ms());
+                let next = past.saturating_add(1).min(unix_ms() + TICK.as_millis() as u64);
                 if next > self.epoch && self.all_recovered() {
                     self.advance_to(next);
                 }
