@@ -121,6 +121,21 @@ enum Phase {
     Degraded,
 }
 
+/// Why a registration was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// In words for the operator.
+    pub reason: String,
+    /// The refusal may pass by itself: the worker should try again.
+    pub retry: bool,
+}
+
+impl Refusal {
+    fn fatal(reason: String) -> Refusal {
+        Refusal { reason, retry: false }
+    }
+}
+
 /// The cluster's membership.
 #[derive(Debug)]
 pub struct Membership {
@@ -245,19 +260,19 @@ impl Membership {
 
     /// Handles a worker's registration on connection `conn`. Returns the index it holds, or the
     /// reason it is refused.
-    pub fn register(&mut self, conn: ConnId, reg: &Register, now: Instant) -> (Result<usize, String>, Vec<Action>) {
+    pub fn register(&mut self, conn: ConnId, reg: &Register, now: Instant) -> (Result<usize, Refusal>, Vec<Action>) {
         let index = match self.pick_slot(reg) {
             Ok(i) => i,
-            Err(reason) => return (Err(reason), Vec::new()),
+            Err(refusal) => return (Err(refusal), Vec::new()),
         };
         if let Some(other) =
             self.slots.iter().enumerate().find(|(i, s)| *i != index && s.conn.is_some() && s.threads != reg.threads)
         {
             return (
-                Err(format!(
+                Err(Refusal::fatal(format!(
                     "this worker has {} threads but worker {} has {}; every worker of a cluster needs the same --threads",
                     reg.threads, other.0, other.1.threads
-                )),
+                ))),
                 Vec::new(),
             );
         }
@@ -295,17 +310,22 @@ impl Membership {
         (Ok(index), actions)
     }
 
-    fn pick_slot(&self, reg: &Register) -> Result<usize, String> {
+    fn pick_slot(&self, reg: &Register) -> Result<usize, Refusal> {
         if let Some((i, slot)) =
             self.slots.iter().enumerate().find(|(_, s)| s.worker_id.as_deref() == Some(reg.worker_id.as_str()))
         {
             if slot.conn.is_some() {
-                return Err(format!(
-                    "worker id {} is already connected as process {i} (pid {} on {}); do two workers share a data dir?",
-                    reg.worker_id,
-                    slot.pid.unwrap_or_default(),
-                    slot.host
-                ));
+                // Also what a worker restarted at once sees while its old connection's close is
+                // on its way: the worker tries again.
+                return Err(Refusal {
+                    reason: format!(
+                        "worker id {} is already connected as process {i} (pid {} on {}); do two workers share a data dir?",
+                        reg.worker_id,
+                        slot.pid.unwrap_or_default(),
+                        slot.host
+                    ),
+                    retry: true,
+                });
             }
             return Ok(i);
         }
@@ -315,7 +335,7 @@ impl Membership {
         if let Some(i) = self.slots.iter().position(|s| s.conn.is_none()) {
             return Ok(i);
         }
-        Err(format!("the cluster already has all of its {} workers connected", self.slots.len()))
+        Err(Refusal::fatal(format!("the cluster already has all of its {} workers connected", self.slots.len())))
     }
 
     /// Handles a message on a registered connection (not `Reply`, which the server routes).
@@ -658,12 +678,18 @@ mod tests {
         let mut m = Membership::new(2, Timing::default(), Persisted::default());
         join(&mut m, 1, &reg("a", 2), now);
         let (r, _) = m.register(2, &reg("a", 2), now);
-        assert!(r.unwrap_err().contains("already connected as process 0"));
+        let refusal = r.unwrap_err();
+        assert!(refusal.reason.contains("already connected as process 0"));
+        assert!(refusal.retry, "a restarted worker may be refused until its old connection closes");
         let (r, _) = m.register(3, &reg("bb", 3), now);
-        assert!(r.unwrap_err().contains("same --threads"));
+        let refusal = r.unwrap_err();
+        assert!(refusal.reason.contains("same --threads"));
+        assert!(!refusal.retry);
         join(&mut m, 4, &reg("bb", 2), now);
         let (r, _) = m.register(5, &reg("ccc", 2), now);
-        assert!(r.unwrap_err().contains("already has all of its 2 workers"));
+        let refusal = r.unwrap_err();
+        assert!(refusal.reason.contains("already has all of its 2 workers"));
+        assert!(!refusal.retry);
     }
 
     #[test]

@@ -24,6 +24,8 @@ use crate::store;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a write to a worker may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// When a worker refused for a still-connected id tries again.
+const REFUSED_RETRY_AFTER: Duration = Duration::from_millis(250);
 
 #[allow(clippy::large_enum_variant)] // moved once per message; boxing would only add allocations
 enum Out {
@@ -605,8 +607,15 @@ async fn write_frame(wr: &mut OwnedWriteHalf, msg: CoordMsg) -> Result<(), Frame
 }
 
 async fn refuse(wr: &mut OwnedWriteHalf, peer: SocketAddr, reason: String) {
+    refuse_with(wr, peer, reason, None).await
+}
+
+/// Refuses a worker's connection; `retry_after` tells it to try again (see
+/// [`CoordMsg::Refused`]).
+async fn refuse_with(wr: &mut OwnedWriteHalf, peer: SocketAddr, reason: String, retry_after: Option<Duration>) {
     tracing::warn!(%peer, "refused a control connection: {reason}");
-    let _ = write_frame(wr, CoordMsg::Refused { reason }).await;
+    let retry_after_ms = retry_after.map(|d| d.as_millis() as u64);
+    let _ = write_frame(wr, CoordMsg::Refused { reason, retry_after_ms }).await;
     let _ = wr.shutdown().await;
 }
 
@@ -651,7 +660,10 @@ async fn handle_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     };
     let (conn, index) = match registered {
         Ok(r) => r,
-        Err(reason) => return refuse(&mut wr, peer, reason).await,
+        Err(refusal) => {
+            let retry_after = refusal.retry.then_some(REFUSED_RETRY_AFTER);
+            return refuse_with(&mut wr, peer, refusal.reason, retry_after).await;
+        }
     };
 
     // Frames from the worker arrive through a channel, so that a half-read frame is never lost

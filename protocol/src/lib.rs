@@ -204,6 +204,11 @@ pub enum CoordMsg {
     Refused {
         /// Why, in words for the operator.
         reason: String,
+        /// Set when the refusal may pass by itself, and when to try again: the worker id is
+        /// still connected, which is also what a restarted worker sees until the coordinator
+        /// has noticed that its previous process's connection closed.
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
     },
     /// Liveness of the coordinator.
     Ping,

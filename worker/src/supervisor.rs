@@ -246,6 +246,11 @@ enum ConnectError {
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// How long a worker tries again while the coordinator says its id is still connected. A dead
+/// process's connection closes at once on its host, and one lost with its host goes within the
+/// default heartbeat timeout (5 s): past this, another live worker has this identity (a copied
+/// data dir).
+const REFUSED_RETRY_FOR: Duration = Duration::from_secs(6);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Supervisor {
@@ -259,6 +264,8 @@ struct Supervisor {
     conn: Option<Conn>,
     conn_seq: u64,
     backoff: Duration,
+    /// Since when the coordinator has refused this worker's id as still connected.
+    refused_since: Option<Instant>,
     next_connect: Instant,
     child: Option<ChildRun>,
     last_generation: u64,
@@ -324,6 +331,7 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
         conn: None,
         conn_seq: 0,
         backoff: BACKOFF_START,
+        refused_since: None,
         next_connect: Instant::now(),
         child: None,
         last_generation: 0,
@@ -355,6 +363,7 @@ impl Supervisor {
                         tracing::info!(index = conn.index, coordinator = %self.cfg.coordinator, "registered with the coordinator");
                         self.conn = Some(conn);
                         self.backoff = BACKOFF_START;
+                        self.refused_since = None;
                     }
                     Err(ConnectError::Fatal(reason)) => {
                         self.stop_child("the coordinator refused this worker");
@@ -455,7 +464,18 @@ impl Supervisor {
             Ok(CoordMsg::Welcome { index, heartbeat_interval_ms, heartbeat_timeout_ms }) => {
                 (index, heartbeat_interval_ms, heartbeat_timeout_ms)
             }
-            Ok(CoordMsg::Refused { reason }) => return Err(ConnectError::Fatal(reason)),
+            Ok(CoordMsg::Refused { reason, retry_after_ms: Some(ms) }) => {
+                // This worker id is still connected: as when this worker was restarted before
+                // the coordinator saw its old connection close. Past a while, another live
+                // worker uses this data dir.
+                let since = *self.refused_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > REFUSED_RETRY_FOR {
+                    return Err(ConnectError::Fatal(reason));
+                }
+                self.backoff = Duration::from_millis(ms).clamp(BACKOFF_START, BACKOFF_MAX);
+                return Err(ConnectError::Retry(format!("refused for now: {reason}")));
+            }
+            Ok(CoordMsg::Refused { reason, retry_after_ms: None }) => return Err(ConnectError::Fatal(reason)),
             Ok(other) => return Err(ConnectError::Retry(format!("unexpected handshake reply {other:?}"))),
             Err(FrameError::Closed) => {
                 return Err(ConnectError::Retry("the coordinator closed the connection during the handshake".into()))
