@@ -164,10 +164,15 @@ fn workers_killed_at_random_moments_of_a_long_ingest_lose_nothing() {
     };
     let started = Instant::now();
     let mut kills = 0;
+    // The generation the last kill ended: the next kill waits for a later one to run (the state
+    // says "running" until the coordinator has seen the kill).
+    let mut killed_generation = 0;
     while kills < 20 {
         assert!(started.elapsed() < Duration::from_secs(150), "the kill loop took too long");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while get(&http, "/v1/cluster").is_none_or(|(_, v)| v["state"] != "running") {
+        while get(&http, "/v1/cluster").is_none_or(|(_, v)| {
+            v["state"] != "running" || v["generation"].as_u64().is_none_or(|g| g <= killed_generation)
+        }) {
             if Instant::now() > deadline {
                 let tail = |name: &str| {
                     let text = std::fs::read_to_string(env.path(&format!("{name}.log"))).unwrap_or_default();
@@ -186,6 +191,7 @@ fn workers_killed_at_random_moments_of_a_long_ingest_lose_nothing() {
         }
         std::thread::sleep(Duration::from_millis(50 + rng(500)));
         let victim = rng(2) as usize;
+        killed_generation = cluster(&http)["generation"].as_u64().unwrap_or(0);
         workers[victim].kill9();
         kills += 1;
         workers[victim] = env.worker(&format!("w{victim}"), &control, 2);

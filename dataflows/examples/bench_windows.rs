@@ -321,8 +321,9 @@ fn sundial(
         for chunk in mine {
             r.rows.advance_to(epoch);
             r.reports.advance_to(epoch);
-            max_ts = max_ts.max(chunk.iter().map(|row| row.time).max());
-            r.rows.send(std::sync::Arc::new(chunk));
+            let rows: Vec<Row> = chunk.collect();
+            max_ts = max_ts.max(rows.iter().map(|row| row.time).max());
+            r.rows.send(std::sync::Arc::new(rows));
             r.reports.send(Report { partition: me as u32, max_ts, idle: max_ts.is_none() });
             epoch += 1;
             r.rows.advance_to(epoch);
