@@ -73,6 +73,9 @@ impl<R: Read> LineBatches<R> {
                 Ok(block) => block,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    // A line cut off by the error is not sent: only whole lines before it.
+                    let whole = body[start..].iter().rposition(|&b| b == b'\n').map_or(start, |i| start + i + 1);
+                    body.truncate(whole);
                     self.failed = Some(e);
                     break;
                 }
@@ -106,7 +109,10 @@ impl<R: Read> LineBatches<R> {
             let keep = body[..valid].iter().rposition(|&b| b == b'\n').map_or(start, |i| (i + 1).max(start));
             lines = body[start..keep].iter().filter(|&&b| b == b'\n').count();
             body.truncate(keep);
-            self.failed = Some(io::Error::new(io::ErrorKind::InvalidData, "stream did not contain valid UTF-8"));
+            // (A read error met first stays the one reported.)
+            if self.failed.is_none() {
+                self.failed = Some(io::Error::new(io::ErrorKind::InvalidData, "stream did not contain valid UTF-8"));
+            }
         }
         if lines == 0 {
             return match self.failed.take() {
@@ -177,6 +183,36 @@ mod tests {
         for (body, n) in &out {
             assert_eq!(body.matches('\n').count() as u64, *n);
         }
+    }
+
+    /// Gives its bytes in pieces of `step`, then fails.
+    struct Failing {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.at >= self.data.len() {
+                return Err(io::Error::other("the disk went away"));
+            }
+            let n = self.step.min(buf.len()).min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_error_sends_only_the_whole_lines_before_it() {
+        let failing = Failing { data: b"h\n1,2\n3,4\n5,".to_vec(), at: 0, step: 3 };
+        let mut batches = LineBatches::new(failing, 10);
+        assert_eq!(batches.read_header().unwrap().as_deref(), Some("h"));
+        let cut = batches.next_batch().unwrap().unwrap();
+        assert_eq!((String::from_utf8(cut.body).unwrap(), cut.lines, cut.bytes), ("h\n1,2\n3,4\n".to_string(), 2, 8));
+        assert!(batches.next_batch().unwrap_err().to_string().contains("the disk went away"));
+        assert!(batches.next_batch().unwrap().is_none());
     }
 
     #[test]

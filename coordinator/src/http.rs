@@ -352,6 +352,8 @@ async fn drop_dataflow(State(shared): State<Arc<Shared>>, Path(name): Path<Strin
 // ---- ingest -----------------------------------------------------------------------------------
 
 const INGEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an ingest waits for the processes' acknowledged epochs (answered on arrival).
+const ACKED_TIMEOUT: Duration = Duration::from_secs(2);
 
 async fn ingest(
     State(shared): State<Arc<Shared>>,
@@ -396,7 +398,10 @@ async fn ingest(
     // Meanwhile, each process's newest acknowledged epoch: batches acknowledged before this one
     // through the workers' own endpoints have epochs of their processes' clocks, which may be
     // ahead of the one taking this batch. The reply names an epoch that covers them too.
-    let acked = fan_out(&shared, &ready, |_| Request::Acked).await;
+    let acked = futures_util::future::try_join_all(
+        ready.conns.iter().map(|&conn| shared.request_to(conn, ready.generation, Request::Acked, ACKED_TIMEOUT)),
+    )
+    .await;
     let mut outcome = match ingested.await {
         Ok(Ok(Reply::Ingested(outcome))) => outcome,
         Ok(Ok(other)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
@@ -406,14 +411,15 @@ async fn ingest(
     match acked {
         Ok(replies) => {
             for reply in replies {
-                if let Reply::Acked { epoch } = reply {
-                    outcome.epoch = outcome.epoch.max(epoch);
+                match reply {
+                    Reply::Acked { epoch } => outcome.epoch = outcome.epoch.max(epoch),
+                    other => tracing::warn!("unexpected reply to Acked: {other:?}"),
                 }
             }
         }
         // The batch is in; only the cover of other paths' batches is missing (a process went
-        // away, and the cluster re-forms).
-        Err(e) => tracing::warn!("ingest reply without the other processes' acknowledged epochs: {}", e.message),
+        // away or is stalled, and the cluster re-forms).
+        Err(e) => tracing::warn!("ingest reply without the other processes' acknowledged epochs: {e}"),
     }
     shared.saw_epoch(outcome.epoch);
     Ok(Json(outcome))

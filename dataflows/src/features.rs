@@ -632,7 +632,8 @@ pub fn render_with(
 
     let prep = Arc::clone(&layout);
     // Each input container's batches become one container of events, given whole to the
-    // exchange (not event by event through a builder).
+    // exchange, which sorts them to their workers (no flat_map stage pushing them one by one
+    // through a builder first).
     let events = row_stream.unary::<CapacityContainerBuilder<Vec<Ev>>, _, _, _>(
         Pipeline,
         &format!("Prepare({name})"),

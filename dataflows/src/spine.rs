@@ -42,10 +42,12 @@ use timely::progress::{frontier::AntichainRef, Antichain, Timestamp};
 /// would cost about as much.
 pub const INLINE_MERGE_UPDATES: usize = 4096;
 
-/// With more batches than this to read through (far more than the list's logarithmic size; the
-/// inputs of a merge in flight count one each), the worker thread waits for merges in flight
-/// rather than let reads seek through ever more batches.
-pub const MAX_PIECES: usize = 64;
+/// With more batches than this to read through (the inputs of a merge in flight count one each),
+/// the worker thread waits for merges in flight rather than let reads seek through ever more
+/// batches. Twice what the list holds at its fullest in an end-to-end ingest: up to seven
+/// pieces per size class, and eight inputs per merge in flight, make about 60 at two million
+/// updates per thread.
+pub const MAX_PIECES: usize = 128;
 
 /// How many neighbouring batches of one size class merge into one: each update is copied about
 /// `log_8` times over its life instead of `log_2` with pairwise merges (merges were the largest

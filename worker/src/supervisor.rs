@@ -241,15 +241,20 @@ struct ChildRun {
 
 enum ConnectError {
     Retry(String),
+    /// Refused because this worker's id is still connected (see [`CoordMsg::Refused`]).
+    StillConnected {
+        reason: String,
+        retry_after: Duration,
+    },
     Fatal(String),
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
-/// How long a worker tries again while the coordinator says its id is still connected. A dead
-/// process's connection closes at once on its host, and one lost with its host goes within the
-/// default heartbeat timeout (5 s): past this, another live worker has this identity (a copied
-/// data dir).
+/// How long a worker tries again while the coordinator says its id is still connected, at least
+/// (or the coordinator's heartbeat timeout and a second, if longer). A dead process's connection
+/// closes at once on its host, and one lost with its host goes within the heartbeat timeout
+/// (default 5 s): past this, another live worker has this identity (a copied data dir).
 const REFUSED_RETRY_FOR: Duration = Duration::from_secs(6);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -266,6 +271,8 @@ struct Supervisor {
     backoff: Duration,
     /// Since when the coordinator has refused this worker's id as still connected.
     refused_since: Option<Instant>,
+    /// The coordinator's heartbeat timeout, as its last welcome said.
+    heartbeat_timeout_seen: Duration,
     next_connect: Instant,
     child: Option<ChildRun>,
     last_generation: u64,
@@ -332,6 +339,7 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
         conn_seq: 0,
         backoff: BACKOFF_START,
         refused_since: None,
+        heartbeat_timeout_seen: Duration::from_secs(5),
         next_connect: Instant::now(),
         child: None,
         last_generation: 0,
@@ -369,7 +377,21 @@ impl Supervisor {
                         self.stop_child("the coordinator refused this worker");
                         return Err(WorkerError::Refused(reason));
                     }
+                    Err(ConnectError::StillConnected { reason, retry_after }) => {
+                        // As when this worker was restarted before the coordinator saw its old
+                        // connection close. Past a while (the coordinator would have noticed a
+                        // dead connection by its heartbeats), another live worker has this id.
+                        let since = *self.refused_since.get_or_insert(now);
+                        let window = REFUSED_RETRY_FOR.max(self.heartbeat_timeout_seen + Duration::from_secs(1));
+                        if now.duration_since(since) > window {
+                            self.stop_child("the coordinator refused this worker");
+                            return Err(WorkerError::Refused(reason));
+                        }
+                        tracing::warn!(retry_in_ms = retry_after.as_millis() as u64, "refused for now: {reason}");
+                        self.next_connect = Instant::now() + retry_after;
+                    }
                     Err(ConnectError::Retry(reason)) => {
+                        self.refused_since = None;
                         tracing::warn!(coordinator = %self.cfg.coordinator, retry_in_ms = self.backoff.as_millis() as u64, "coordinator not reachable: {reason}");
                         self.next_connect = Instant::now() + self.backoff;
                         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
@@ -465,15 +487,8 @@ impl Supervisor {
                 (index, heartbeat_interval_ms, heartbeat_timeout_ms)
             }
             Ok(CoordMsg::Refused { reason, retry_after_ms: Some(ms) }) => {
-                // This worker id is still connected: as when this worker was restarted before
-                // the coordinator saw its old connection close. Past a while, another live
-                // worker uses this data dir.
-                let since = *self.refused_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > REFUSED_RETRY_FOR {
-                    return Err(ConnectError::Fatal(reason));
-                }
-                self.backoff = Duration::from_millis(ms).clamp(BACKOFF_START, BACKOFF_MAX);
-                return Err(ConnectError::Retry(format!("refused for now: {reason}")));
+                let retry_after = Duration::from_millis(ms).clamp(BACKOFF_START, BACKOFF_MAX);
+                return Err(ConnectError::StillConnected { reason, retry_after });
             }
             Ok(CoordMsg::Refused { reason, retry_after_ms: None }) => return Err(ConnectError::Fatal(reason)),
             Ok(other) => return Err(ConnectError::Retry(format!("unexpected handshake reply {other:?}"))),
@@ -505,12 +520,14 @@ impl Supervisor {
             .map_err(retry)?;
         let interval = Duration::from_millis(interval_ms.clamp(10, 60_000));
         let now = Instant::now();
+        let heartbeat_timeout = Duration::from_millis(timeout_ms.clamp(interval_ms.max(10), 600_000));
+        self.heartbeat_timeout_seen = heartbeat_timeout;
         Ok(Conn {
             id: conn_id,
             stream,
             index,
             heartbeat_interval: interval,
-            heartbeat_timeout: Duration::from_millis(timeout_ms.clamp(interval_ms.max(10), 600_000)),
+            heartbeat_timeout,
             last_heard: now,
             next_heartbeat: now,
         })
