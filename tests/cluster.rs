@@ -93,6 +93,23 @@ fn crashed_computation_makes_the_next_generation() {
 }
 
 #[test]
+fn a_worker_whose_data_port_was_taken_moves_to_another() {
+    let env = Env::new();
+    let Pair { coordinator: _coordinator, workers: _workers, http, status: before, .. } = env.running_pair(1);
+    let worker = &before["workers"][1];
+    let taken = worker["data_addr"].as_str().unwrap().to_string();
+    // Between two generations the port is free, and any socket may take it (here: this test).
+    std::process::Command::new("kill").arg("-9").arg(worker["computation_pid"].to_string()).status().unwrap();
+    let _holder = wait_for(FORM, "the freed data port", || std::net::TcpListener::bind(&taken).ok());
+    let after = wait_for(FORM, "a generation running on another port", || {
+        let (_, v) = get(&http, "/v1/cluster")?;
+        (v["state"] == "running" && v["workers"][1]["data_addr"].as_str() != Some(taken.as_str())).then_some(v)
+    });
+    assert_eq!(ids(&after), ids(&before), "the same workers, at the same indexes");
+    assert_all_to_all(&http, 2);
+}
+
+#[test]
 fn workers_wait_for_the_coordinator_and_survive_its_restart() {
     let env = Env::new();
     let control = format!("127.0.0.1:{}", free_port());

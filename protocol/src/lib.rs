@@ -1061,6 +1061,12 @@ pub mod child {
             /// Why.
             reason: String,
         },
+        /// The computation could not bind its data address (another socket holds the port);
+        /// it exits after this.
+        BindFailed {
+            /// Why.
+            reason: String,
+        },
         /// The answer to a request.
         Reply {
             /// The request's id.

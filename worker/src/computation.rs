@@ -83,7 +83,12 @@ pub fn run(listen: &str, data_dir: std::path::PathBuf, fsync: crate::log::Fsync)
     let generation = formation.generation;
     let listener = match TcpListener::bind(listen) {
         Ok(l) => l,
-        Err(e) => fail(&format!("cannot bind data address {listen}: {e}")),
+        Err(e) => {
+            let reason = format!("cannot bind data address {listen}: {e}");
+            tracing::error!("{reason}");
+            tell(&FromChild::BindFailed { reason });
+            std::process::exit(EXIT_START_FAILED)
+        }
     };
     let sockets = match mesh::connect(&formation, listener, MESH_TIMEOUT) {
         Ok(s) => s,

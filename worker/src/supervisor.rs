@@ -734,6 +734,16 @@ impl Supervisor {
         }
     }
 
+    /// Whether the data port was picked by the system (`--listen` with port 0, and no port in
+    /// `--advertise`), so that another may be picked.
+    fn data_port_is_ours(&self) -> bool {
+        let system_port = self.cfg.listen.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0);
+        let advertised_port = self.cfg.advertise.as_deref().is_some_and(|a| {
+            a.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        });
+        system_port && !advertised_port
+    }
+
     fn on_child(&mut self, generation: u64, msg: FromChild) {
         if self.child.as_ref().is_none_or(|c| c.generation != generation) {
             return;
@@ -742,6 +752,30 @@ impl Supervisor {
             if let Some(what) = self.inflight.remove(id) {
                 self.account(what, reply);
             }
+        }
+        if let FromChild::BindFailed { reason } = msg {
+            // The port was free when this worker picked it, but is not now: an outgoing
+            // connection of some process can take a free port between two generations. A port
+            // the system chose is chosen again, and the coordinator hears the new address by a
+            // new registration.
+            let repicked = self.data_port_is_ours()
+                && match resolve_data_address(&self.cfg.listen, self.cfg.advertise.as_deref()) {
+                    Ok((bind, data_addr)) => {
+                        tracing::warn!(old = %self.data_addr, new = %data_addr, "{reason}; the data address changes");
+                        self.bind = bind;
+                        self.data_addr = data_addr;
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!("{reason}; no other data address either: {e}");
+                        false
+                    }
+                };
+            self.on_child(generation, FromChild::Failed { reason });
+            if repicked {
+                self.drop_conn("the data address changed");
+            }
+            return;
         }
         let Some(run) = self.child.as_mut() else { return };
         match msg {
@@ -761,7 +795,7 @@ impl Supervisor {
                 tracing::debug!(generation, epoch, "checkpoint written");
                 self.send(&WorkerMsg::Checkpointed { generation, epoch });
             }
-            FromChild::Failed { reason } => {
+            FromChild::Failed { reason } | FromChild::BindFailed { reason } => {
                 run.failure_reported = true;
                 // The coordinator learns the checkpoints as they are now (one may have been set
                 // aside as damaged) before it forms the next generation.
