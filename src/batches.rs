@@ -18,10 +18,15 @@ pub struct Cut {
     pub bytes: u64,
 }
 
-/// Reads batches of at most `lines` lines from a reader.
+/// A batch is cut before it passes this many bytes (far under the servers' 64 MiB body limit,
+/// and above their 1 MiB line limit), whatever its number of lines: wide rows make few lines.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// Reads batches of at most `lines` lines and about [`MAX_BATCH_BYTES`] from a reader.
 pub struct LineBatches<R> {
     reader: BufReader<R>,
     lines: usize,
+    max_bytes: usize,
     header: Option<Vec<u8>>,
     /// An error met after the lines of the last batch returned: the next call returns it.
     failed: Option<io::Error>,
@@ -31,9 +36,16 @@ pub struct LineBatches<R> {
 impl<R: Read> LineBatches<R> {
     /// Batches of `lines` lines (at least one) from `reader`.
     pub fn new(reader: R, lines: usize) -> LineBatches<R> {
+        LineBatches::with_max_bytes(reader, lines, MAX_BATCH_BYTES)
+    }
+
+    /// Batches of `lines` lines, cut before they pass `max_bytes` (unless one line is longer:
+    /// it makes a batch of its own).
+    fn with_max_bytes(reader: R, lines: usize, max_bytes: usize) -> LineBatches<R> {
         LineBatches {
             reader: BufReader::with_capacity(1 << 20, reader),
             lines: lines.max(1),
+            max_bytes,
             header: None,
             failed: None,
             done: false,
@@ -90,15 +102,41 @@ impl<R: Read> LineBatches<R> {
                 break;
             }
             let wanted = self.lines - lines;
-            let (take, found) = match memchr::memchr_iter(b'\n', block).take(wanted).enumerate().last() {
+            let (mut take, mut found) = match memchr::memchr_iter(b'\n', block).take(wanted).enumerate().last() {
                 Some((i, at)) if i + 1 == wanted => (at + 1, wanted),
                 Some((i, _)) => (block.len(), i + 1),
                 None => (block.len(), 0),
             };
+            let room = self.max_bytes.saturating_sub(body.len());
+            let mut full = false;
+            if take > room {
+                // Only the whole lines that fit. A line begun in an earlier block is finished
+                // first, and a batch without a line yet takes one however long it is.
+                let at_line_start = body.last().is_none_or(|&b| b == b'\n');
+                let fitting = if at_line_start { block[..room].iter().rposition(|&b| b == b'\n') } else { None };
+                match fitting {
+                    Some(at) => {
+                        take = at + 1;
+                        found = memchr::memchr_iter(b'\n', &block[..take]).count();
+                        full = true;
+                    }
+                    None if at_line_start && body.len() > start => break,
+                    None => {
+                        if let Some(at) = memchr::memchr(b'\n', block) {
+                            take = at + 1;
+                            found = 1;
+                            full = true;
+                        }
+                    }
+                }
+            }
             // A line that runs on past this block is counted in the block holding its newline.
             body.extend_from_slice(&block[..take]);
             self.reader.consume(take);
             lines += found;
+            if full {
+                break;
+            }
         }
         let checked = match std::str::from_utf8(&body[start..]) {
             Ok(_) => None,
@@ -213,6 +251,30 @@ mod tests {
         assert_eq!((String::from_utf8(cut.body).unwrap(), cut.lines, cut.bytes), ("h\n1,2\n3,4\n".to_string(), 2, 8));
         assert!(batches.next_batch().unwrap_err().to_string().contains("the disk went away"));
         assert!(batches.next_batch().unwrap().is_none());
+    }
+
+    #[test]
+    fn batches_are_cut_at_their_byte_limit_in_whole_lines() {
+        let mut input = Vec::new();
+        for i in 0..1_000 {
+            input.extend_from_slice(format!("{i},{}\n", "y".repeat(i % 37)).as_bytes());
+        }
+        input.extend_from_slice(format!("long,{}\nlast\n", "z".repeat(300)).as_bytes());
+        let mut batches = LineBatches::with_max_bytes(&input[..], 500, 128);
+        assert_eq!(batches.read_header().unwrap().as_deref(), Some("0,"));
+        let mut joined = b"0,\n".to_vec();
+        let mut total = 0;
+        while let Some(cut) = batches.next_batch().unwrap() {
+            let text = String::from_utf8(cut.body).unwrap();
+            let lines: Vec<&str> = text.strip_prefix("0,\n").unwrap().lines().collect();
+            assert_eq!(lines.len() as u64, cut.lines);
+            // Over the limit only as one long line.
+            assert!(text.len() <= 128 || lines.len() == 1, "{} bytes: {text:?}", text.len());
+            joined.extend_from_slice(&text.as_bytes()[3..]);
+            total += cut.lines;
+        }
+        assert_eq!(total, 1_001);
+        assert_eq!(joined, input);
     }
 
     #[test]
