@@ -98,15 +98,22 @@ fn a_worker_whose_data_port_was_taken_moves_to_another() {
     let Pair { coordinator: _coordinator, workers: _workers, http, status: before, .. } = env.running_pair(1);
     let worker = &before["workers"][1];
     let taken = worker["data_addr"].as_str().unwrap().to_string();
-    // Between two generations the port is free, and any socket may take it (here: this test).
-    std::process::Command::new("kill").arg("-9").arg(worker["computation_pid"].to_string()).status().unwrap();
-    let _holder = wait_for(FORM, "the freed data port", || std::net::TcpListener::bind(&taken).ok());
+    // Between two generations the port is free, and any socket may take it (here: this test,
+    // while the worker is stopped, so that its next computation cannot take the port first).
+    let signal = |sig: &str, pid: u64| {
+        assert!(std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status().unwrap().success())
+    };
+    signal("-STOP", field(&before, 1, "pid"));
+    signal("-9", field(&before, 1, "computation_pid"));
+    let holder = wait_for(FORM, "the freed data port", || std::net::TcpListener::bind(&taken).ok());
+    signal("-CONT", field(&before, 1, "pid"));
     let after = wait_for(FORM, "a generation running on another port", || {
         let (_, v) = get(&http, "/v1/cluster")?;
         (v["state"] == "running" && v["workers"][1]["data_addr"].as_str() != Some(taken.as_str())).then_some(v)
     });
     assert_eq!(ids(&after), ids(&before), "the same workers, at the same indexes");
     assert_all_to_all(&http, 2);
+    drop(holder);
 }
 
 #[test]
