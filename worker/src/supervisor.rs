@@ -126,9 +126,7 @@ pub fn resolve_data_address(listen: &str, advertise: Option<&str>) -> Result<(St
     drop(probe);
     let bind = bound.to_string();
     let advertised = match advertise {
-        Some(adv) if adv.contains(':') && !adv.starts_with('[') || adv.starts_with('[') && adv.contains("]:") => {
-            adv.to_string()
-        }
+        Some(adv) if advertises_port(adv) => adv.to_string(),
         Some(host) => format!("{host}:{}", bound.port()),
         None if bound.ip().is_unspecified() => {
             return Err(WorkerError::Config(format!(
@@ -138,6 +136,11 @@ pub fn resolve_data_address(listen: &str, advertise: Option<&str>) -> Result<(St
         None => bind.clone(),
     };
     Ok((bind, advertised))
+}
+
+/// Whether an `--advertise` value names a port (`HOST:PORT`, `[V6]:PORT`), not only a host.
+fn advertises_port(advertise: &str) -> bool {
+    advertise.contains(':') && !advertise.starts_with('[') || advertise.starts_with('[') && advertise.contains("]:")
 }
 
 /// Binds `addr` (if given) for an ingest front end and starts `serve` on it. Returns the
@@ -251,10 +254,10 @@ enum ConnectError {
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
-/// How long a worker tries again while the coordinator says its id is still connected, at least
-/// (or the coordinator's heartbeat timeout and a second, if longer). A dead process's connection
-/// closes at once on its host, and one lost with its host goes within the heartbeat timeout
-/// (default 5 s): past this, another live worker has this identity (a copied data dir).
+/// How long a worker tries again while the coordinator says its id is still connected. A dead
+/// process's connection closes at once on its host, and one lost with its host goes within the
+/// default heartbeat timeout (5 s): past this, another live worker has this identity (a copied
+/// data dir).
 const REFUSED_RETRY_FOR: Duration = Duration::from_secs(6);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -271,8 +274,6 @@ struct Supervisor {
     backoff: Duration,
     /// Since when the coordinator has refused this worker's id as still connected.
     refused_since: Option<Instant>,
-    /// The coordinator's heartbeat timeout, as its last welcome said.
-    heartbeat_timeout_seen: Duration,
     next_connect: Instant,
     child: Option<ChildRun>,
     last_generation: u64,
@@ -339,7 +340,6 @@ pub fn run(cfg: SupervisorConfig) -> Result<(), WorkerError> {
         conn_seq: 0,
         backoff: BACKOFF_START,
         refused_since: None,
-        heartbeat_timeout_seen: Duration::from_secs(5),
         next_connect: Instant::now(),
         child: None,
         last_generation: 0,
@@ -382,8 +382,7 @@ impl Supervisor {
                         // connection close. Past a while (the coordinator would have noticed a
                         // dead connection by its heartbeats), another live worker has this id.
                         let since = *self.refused_since.get_or_insert(now);
-                        let window = REFUSED_RETRY_FOR.max(self.heartbeat_timeout_seen + Duration::from_secs(1));
-                        if now.duration_since(since) > window {
+                        if now.duration_since(since) > REFUSED_RETRY_FOR {
                             self.stop_child("the coordinator refused this worker");
                             return Err(WorkerError::Refused(reason));
                         }
@@ -521,7 +520,6 @@ impl Supervisor {
         let interval = Duration::from_millis(interval_ms.clamp(10, 60_000));
         let now = Instant::now();
         let heartbeat_timeout = Duration::from_millis(timeout_ms.clamp(interval_ms.max(10), 600_000));
-        self.heartbeat_timeout_seen = heartbeat_timeout;
         Ok(Conn {
             id: conn_id,
             stream,
@@ -738,10 +736,26 @@ impl Supervisor {
     /// `--advertise`), so that another may be picked.
     fn data_port_is_ours(&self) -> bool {
         let system_port = self.cfg.listen.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0);
-        let advertised_port = self.cfg.advertise.as_deref().is_some_and(|a| {
-            a.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-        });
-        system_port && !advertised_port
+        system_port && !self.cfg.advertise.as_deref().is_some_and(advertises_port)
+    }
+
+    /// After the computation could not bind the data address: the port was free when this
+    /// worker picked it, but is not now (an outgoing connection of some process can take a free
+    /// port between two generations). A port the system chose is chosen again, and the
+    /// coordinator hears the new address by a new registration.
+    fn repick_data_port(&mut self) {
+        if !self.data_port_is_ours() {
+            return;
+        }
+        match resolve_data_address(&self.cfg.listen, self.cfg.advertise.as_deref()) {
+            Ok((bind, data_addr)) => {
+                tracing::warn!(old = %self.data_addr, new = %data_addr, "the data port is taken; the data address changes");
+                self.bind = bind;
+                self.data_addr = data_addr;
+                self.drop_conn("the data address changed");
+            }
+            Err(e) => tracing::warn!("the data port is taken, and no other can be had: {e}"),
+        }
     }
 
     fn on_child(&mut self, generation: u64, msg: FromChild) {
@@ -753,30 +767,7 @@ impl Supervisor {
                 self.account(what, reply);
             }
         }
-        if let FromChild::BindFailed { reason } = msg {
-            // The port was free when this worker picked it, but is not now: an outgoing
-            // connection of some process can take a free port between two generations. A port
-            // the system chose is chosen again, and the coordinator hears the new address by a
-            // new registration.
-            let repicked = self.data_port_is_ours()
-                && match resolve_data_address(&self.cfg.listen, self.cfg.advertise.as_deref()) {
-                    Ok((bind, data_addr)) => {
-                        tracing::warn!(old = %self.data_addr, new = %data_addr, "{reason}; the data address changes");
-                        self.bind = bind;
-                        self.data_addr = data_addr;
-                        true
-                    }
-                    Err(e) => {
-                        tracing::warn!("{reason}; no other data address either: {e}");
-                        false
-                    }
-                };
-            self.on_child(generation, FromChild::Failed { reason });
-            if repicked {
-                self.drop_conn("the data address changed");
-            }
-            return;
-        }
+        let bind_failed = matches!(msg, FromChild::BindFailed { .. });
         let Some(run) = self.child.as_mut() else { return };
         match msg {
             FromChild::Started => {
@@ -803,6 +794,9 @@ impl Supervisor {
                 let checkpoints = crate::checkpoint::complete(&self.cfg.data_dir);
                 self.send(&WorkerMsg::Heartbeat { generation, state, computation_pid, checkpoints });
                 self.send(&WorkerMsg::Failed { generation, reason });
+                if bind_failed {
+                    self.repick_data_port();
+                }
             }
             FromChild::Reply { id, reply } if id >= LOCAL_IDS => {
                 if let Some(waiter) = self.local.remove(&id) {
