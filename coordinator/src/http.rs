@@ -374,7 +374,9 @@ async fn ingest(
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let csv = sundial_protocol::ingest_format(content_type)
         .map_err(|e| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e))?;
-    let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad(format!("the body is not UTF-8: {e}")))?;
+    // Taken over, not copied (the buffer is usually this request's alone).
+    let text = String::from_utf8(Vec::from(body))
+        .map_err(|e| ApiError::bad(format!("the body is not UTF-8: {}", e.utf8_error())))?;
     let batch = batch_id(&headers)?;
     let ready = shared.ready()?;
     // A request goes whole to one process, in turn (and there to one worker thread, in turn):
@@ -387,8 +389,7 @@ async fn ingest(
     };
     let conn = ready.conns[turn % ready.conns.len()];
     let min_epoch = shared.newest_epoch();
-    let request =
-        Request::Ingest { after: ready.after, source, csv, body: text.to_string(), first_line: 1, min_epoch, batch };
+    let request = Request::Ingest { after: ready.after, source, csv, body: text, first_line: 1, min_epoch, batch };
     // In a task of its own: a client that goes away does not cut the request off mid-way.
     let ingested = {
         let shared = Arc::clone(&shared);
@@ -398,10 +399,9 @@ async fn ingest(
     // Meanwhile, each process's newest acknowledged epoch: batches acknowledged before this one
     // through the workers' own endpoints have epochs of their processes' clocks, which may be
     // ahead of the one taking this batch. The reply names an epoch that covers them too.
-    let acked = futures_util::future::try_join_all(
-        ready.conns.iter().map(|&conn| shared.request_to(conn, ready.generation, Request::Acked, ACKED_TIMEOUT)),
-    )
-    .await;
+    // (The process taking the batch counts its own acknowledged epochs already.)
+    let others = |p: usize| if ready.conns[p] == conn { Ask::Skip } else { Ask::Await(ACKED_TIMEOUT) };
+    let acked = fan_out_to(&shared, &ready, others, |_| Request::Acked).await;
     let mut outcome = match ingested.await {
         Ok(Ok(Reply::Ingested(outcome))) => outcome,
         Ok(Ok(other)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("unexpected reply {other:?}"))),
@@ -419,7 +419,7 @@ async fn ingest(
         }
         // The batch is in; only the cover of other paths' batches is missing (a process went
         // away or is stalled, and the cluster re-forms).
-        Err(e) => tracing::warn!("ingest reply without the other processes' acknowledged epochs: {e}"),
+        Err(e) => tracing::warn!("ingest reply without the other processes' acknowledged epochs: {}", e.message),
     }
     shared.saw_epoch(outcome.epoch);
     Ok(Json(outcome))
@@ -479,7 +479,7 @@ async fn fan_out(
     ready: &Ready,
     request: impl Fn(usize) -> Request,
 ) -> Result<Vec<Reply>, ApiError> {
-    fan_out_to(shared, ready, |_| Ask::Await, request).await
+    fan_out_to(shared, ready, |_| Ask::Await(FAN_OUT_TIMEOUT), request).await
 }
 
 /// What a fan-out does with one process.
@@ -488,8 +488,12 @@ enum Ask {
     Skip,
     /// Send the request; nothing waits for its reply, which is given up after this long.
     Tell(Duration),
-    Await,
+    /// Send the request and wait this long at most for its reply.
+    Await(Duration),
 }
+
+/// How long a fan-out of reads and commands waits for each process.
+const FAN_OUT_TIMEOUT: Duration = Duration::from_secs(130);
 
 /// Sends one request (built by `request`) to each process `ask` does not skip, and returns the
 /// replies of those it awaits, in process order.
@@ -514,7 +518,7 @@ async fn fan_out_to(
             }
             // Awaited here, together, rather than in tasks of their own: each task would add a
             // wake-up (and often a switch between the runtime's threads) to every read.
-            Ask::Await => awaited.push(shared.request_to(conn, generation, request(p), Duration::from_secs(130))),
+            Ask::Await(timeout) => awaited.push(shared.request_to(conn, generation, request(p), timeout)),
         }
     }
     // The first error answers at once (the other requests are dropped, and with them their
@@ -577,7 +581,7 @@ async fn read_keys(
     let complete = shared.newest_complete(ready, dataflow).is_some_and(|c| c >= as_of);
     let tell = Duration::from_millis(timeout_ms.saturating_add(1_000));
     let ask = |p: usize| match (by_process.is_empty() || by_process.contains_key(&p), complete) {
-        (true, _) => Ask::Await,
+        (true, _) => Ask::Await(FAN_OUT_TIMEOUT),
         (false, true) => Ask::Skip,
         (false, false) => Ask::Tell(tell),
     };
