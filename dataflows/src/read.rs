@@ -6,7 +6,7 @@
 //! that a key can be read from it on another thread than the worker thread that maintains the
 //! trace.
 
-use differential_dataflow::trace::cursor::{cursor_list, Cursor};
+use differential_dataflow::trace::cursor::{Cursor, CursorList, Navigable};
 use differential_dataflow::trace::TraceReader;
 use timely::progress::Antichain;
 
@@ -61,6 +61,13 @@ impl Snapshot {
         self.since
     }
 
+    /// A cursor over its batches, which are the cursor's storage (not a copy of the list: the
+    /// snapshot is shared by every reader, and each batch's count would be touched per read).
+    fn cursor(&self) -> (CursorList<<Shared<SlotBatch> as Navigable>::Cursor>, &Vec<Shared<SlotBatch>>) {
+        let cursors = self.batches.iter().map(Navigable::cursor).collect();
+        (CursorList::new(cursors, &self.batches), &self.batches)
+    }
+
     fn check(&self, as_of: Epoch) -> Result<(), ReadError> {
         if as_of < self.since {
             return Err(ReadError::Compacted { as_of, since: self.since });
@@ -86,7 +93,7 @@ impl Snapshot {
         mut f: impl FnMut(K, Vec<Slot>),
     ) -> Result<(), ReadError> {
         self.check(as_of)?;
-        let (mut cursor, storage) = cursor_list(self.batches.clone());
+        let (mut cursor, storage) = self.cursor();
         for key in keys {
             cursor.rewind_keys(&storage);
             cursor.seek_key(&storage, key.borrow());
@@ -112,7 +119,7 @@ impl Snapshot {
         mut f: impl FnMut(&Key, Vec<Slot>),
     ) -> Result<bool, ReadError> {
         self.check(as_of)?;
-        let (mut cursor, storage) = cursor_list(self.batches.clone());
+        let (mut cursor, storage) = self.cursor();
         if let Some(start) = start_after {
             cursor.seek_key(&storage, start);
             if cursor.get_key(&storage) == Some(start) {
