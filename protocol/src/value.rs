@@ -91,9 +91,9 @@ impl Datum {
     /// Parses `text` as a value of `ty` (for key parts in URLs and CSV cells).
     pub fn parse(text: &str, ty: FieldType) -> Result<Datum, String> {
         match ty {
-            FieldType::I64 => trimmed(text).parse().map(Datum::Int).map_err(|_| format!("{text:?} is not an i64")),
-            FieldType::U64 => trimmed(text).parse().map(Datum::UInt).map_err(|_| format!("{text:?} is not a u64")),
-            FieldType::F64 => match trimmed(text).parse::<f64>() {
+            FieldType::I64 => text.trim().parse().map(Datum::Int).map_err(|_| format!("{text:?} is not an i64")),
+            FieldType::U64 => text.trim().parse().map(Datum::UInt).map_err(|_| format!("{text:?} is not a u64")),
+            FieldType::F64 => match text.trim().parse::<f64>() {
                 Ok(f) if f.is_finite() => Ok(Datum::Float(F64(f))),
                 _ => Err(format!("{text:?} is not a finite f64")),
             },
@@ -117,16 +117,6 @@ impl fmt::Display for Datum {
             Datum::Float(x) => write!(f, "{}", x.0),
             Datum::Str(s) => write!(f, "{s}"),
         }
-    }
-}
-
-/// `text` without surrounding whitespace; a number cell usually has none, which two byte checks
-/// tell.
-fn trimmed(text: &str) -> &str {
-    match text.as_bytes() {
-        [first, .., last] if first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric() => text,
-        [only] if only.is_ascii_alphanumeric() => text,
-        _ => text.trim(),
     }
 }
 
