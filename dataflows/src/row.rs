@@ -268,19 +268,8 @@ fn parse_csv(
     errors: &mut Vec<LineError>,
 ) {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(body.as_bytes());
-    let layout = match reader.headers() {
-        Ok(header) => match CsvLayout::from_header(header, source) {
-            Ok(layout) => layout,
-            Err(reason) => {
-                errors.push(LineError { line: first_line, reason });
-                return;
-            }
-        },
-        Err(e) => {
-            errors.push(LineError { line: first_line, reason: format!("bad CSV header: {e}") });
-            return;
-        }
-    };
+    let header = reader.headers().map_err(|e| format!("bad CSV header: {e}"));
+    let Some(layout) = header_layout(header, source, first_line, errors) else { return };
     let mut record = csv::StringRecord::new();
     loop {
         let line = first_line - 1 + reader.position().line();
@@ -307,6 +296,22 @@ fn parse_csv(
     }
 }
 
+/// The layout of a CSV body's header, or (`None`) the error of its first line.
+fn header_layout(
+    header: Result<&csv::StringRecord, String>,
+    source: &SourcePlan,
+    first_line: u64,
+    errors: &mut Vec<LineError>,
+) -> Option<CsvLayout> {
+    match header.and_then(|header| CsvLayout::from_header(header, source)) {
+        Ok(layout) => Some(layout),
+        Err(reason) => {
+            errors.push(LineError { line: first_line, reason });
+            None
+        }
+    }
+}
+
 /// Whether a CSV body is one record per line, cut at commas: no quotes, no carriage returns, no
 /// byte-order mark, and a header on the first line. Such a body is split directly, which reads
 /// it as the CSV reader does at a fraction of the cost.
@@ -329,13 +334,7 @@ fn parse_plain_csv(
     let mut ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
     let header_end = ends.next().unwrap_or(bytes.len());
     let header = csv::StringRecord::from(cells(&body[..header_end]).collect::<Vec<&str>>());
-    let layout = match CsvLayout::from_header(&header, source) {
-        Ok(layout) => layout,
-        Err(reason) => {
-            errors.push(LineError { line: first_line, reason });
-            return;
-        }
-    };
+    let Some(layout) = header_layout(Ok(&header), source, first_line, errors) else { return };
     let mut start = header_end + 1;
     for (i, end) in ends.enumerate() {
         let line = body.get(start..end).unwrap_or_default();
