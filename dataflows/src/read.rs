@@ -95,10 +95,10 @@ impl Snapshot {
         self.check(as_of)?;
         let (mut cursor, storage) = self.cursor();
         for key in keys {
-            cursor.rewind_keys(&storage);
-            cursor.seek_key(&storage, key.borrow());
-            let slots = match cursor.get_key(&storage) {
-                Some(k) if k == key.borrow() => live_slots(&mut cursor, &storage, as_of),
+            cursor.rewind_keys(storage);
+            cursor.seek_key(storage, key.borrow());
+            let slots = match cursor.get_key(storage) {
+                Some(k) if k == key.borrow() => live_slots(&mut cursor, storage, as_of),
                 _ => Vec::new(),
             };
             f(key, slots);
@@ -121,15 +121,15 @@ impl Snapshot {
         self.check(as_of)?;
         let (mut cursor, storage) = self.cursor();
         if let Some(start) = start_after {
-            cursor.seek_key(&storage, start);
-            if cursor.get_key(&storage) == Some(start) {
-                cursor.step_key(&storage);
+            cursor.seek_key(storage, start);
+            if cursor.get_key(storage) == Some(start) {
+                cursor.step_key(storage);
             }
         }
         let (mut taken, mut slots_taken) = (0, 0);
-        while let Some(key) = cursor.get_key(&storage) {
+        while let Some(key) = cursor.get_key(storage) {
             let key = key.clone();
-            let slots = live_slots(&mut cursor, &storage, as_of);
+            let slots = live_slots(&mut cursor, storage, as_of);
             if !slots.is_empty() {
                 if taken == limit || (taken > 0 && slots_taken >= max_slots) {
                     return Ok(true);
@@ -138,7 +138,7 @@ impl Snapshot {
                 f(&key, slots);
                 taken += 1;
             }
-            cursor.step_key(&storage);
+            cursor.step_key(storage);
         }
         Ok(false)
     }
